@@ -1,0 +1,3 @@
+from devinterp.cli import main
+
+raise SystemExit(main())

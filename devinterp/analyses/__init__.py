@@ -1,0 +1,23 @@
+"""Analyses of weights and training curves. Usable without Lightning (imported lazily)."""
+
+from devinterp._lazy import lazy_exports
+
+_EXPORTS = {
+    # LLC estimation (issue 3)
+    "estimate_llc": "devinterp.analyses.llc",
+    "LLCResult": "devinterp.analyses.llc",
+    # calibration (issue 4)
+    "calibrate": "devinterp.analyses.calibration",
+    "Calibration": "devinterp.analyses.calibration",
+    # circuits (issue 5)
+    "induction_scores": "devinterp.analyses.circuits",
+    "HeadScores": "devinterp.analyses.circuits",
+    "icl_score": "devinterp.analyses.circuits",
+    # transitions (issue 6)
+    "detect_transitions": "devinterp.analyses.transitions",
+    "detect_stages": "devinterp.analyses.transitions",
+    "Transition": "devinterp.analyses.transitions",
+    "essential_dynamics": "devinterp.analyses.essential_dynamics",
+}
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+__all__ = sorted(_EXPORTS)
