@@ -268,7 +268,7 @@ class TrainingLog:
 
     def crossing(self, threshold: float) -> tuple[int, float] | None:
         """``(step, seconds)`` of the first eval where the max induction score is >= ``threshold``."""
-        for step, score, sec in zip(self.eval_steps, self.max_induction, self.seconds):
+        for step, score, sec in zip(self.eval_steps, self.max_induction, self.seconds, strict=True):
             if score >= threshold:
                 return step, sec
         return None

@@ -66,7 +66,7 @@ def sdpa_induction_model(V: int = 20, T: int = 32) -> AttentionOnlyTransformer:
         model.embed.weight.copy_(embed)
         model.pos_embed.copy_(pos_embed)
         model.W_U.copy_(W_U)
-        for block, (WQ, WK, WV, WO) in zip(model.blocks, layers):
+        for block, (WQ, WK, WV, WO) in zip(model.blocks, layers, strict=True):
             block.attn.W_Q.copy_(WQ)
             block.attn.W_K.copy_(WK)
             block.attn.W_V.copy_(WV)
@@ -87,7 +87,7 @@ class MHAInductionModel(nn.Module):
         self.W_U = nn.Parameter(W_U)
         with torch.no_grad():
             self.embed.weight.copy_(embed)
-            for mha, (WQ, WK, WV, WO) in zip(self.attn, layers):
+            for mha, (WQ, WK, WV, WO) in zip(self.attn, layers, strict=True):
                 rows = [torch.cat([W[h].T for h in range(2)]) for W in (WQ, WK, WV)]
                 mha.in_proj_weight.copy_(torch.cat(rows))
                 mha.out_proj.weight.copy_(torch.cat([WO[h].T for h in range(2)], dim=1))

@@ -157,7 +157,7 @@ _SDPA_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scal
 
 def _bind_sdpa(args: tuple, kwargs: dict) -> dict:
     bound = dict(_SDPA_DEFAULTS)
-    bound.update(zip(_SDPA_ARGS, args))
+    bound.update(zip(_SDPA_ARGS, args, strict=False))
     bound.update(kwargs)
     return bound
 

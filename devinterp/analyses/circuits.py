@@ -219,7 +219,7 @@ def induction_scores(
                 heads_per_layer = tuple(info.num_heads for info in cap.layers)
                 sums = [[torch.zeros(n, dtype=torch.float64) for _ in range(3)] for n in heads_per_layer]
             for layer, pattern in enumerate(patterns):
-                for acc, part in zip(sums[layer], _pattern_sums(pattern, offset, half)):
+                for acc, part in zip(sums[layer], _pattern_sums(pattern, offset, half), strict=True):
                     acc += part.double().cpu()
             if copying:
                 _accumulate_copying(model, cap, batch, clean, patterns, heads_per_layer,
