@@ -119,9 +119,16 @@ class InductionData(Dataset):
     """Markov sequences with copied spans: n-gram statistics and induction both pay off.
 
     Each sequence of length ``n_ctx`` is drawn from a :class:`MarkovLanguage`. With probability
-    ``repeat_fraction`` a span of ``span_min..span_max`` tokens is then copied from a random earlier
-    place to a later one (overwriting), so the tokens after the start of the copy can be predicted
-    exactly by an induction head, beyond what bigram statistics give.
+    ``repeat_fraction`` it then gets repeated content, so that tokens can be predicted exactly by an
+    induction head, beyond what bigram statistics give:
+
+    - ``layout="span"``: a span of ``span_min..span_max`` tokens is copied from a random earlier
+      place to a random later one (overwriting);
+    - ``layout="periodic"``: the first ``k`` tokens (``k`` uniform in ``span_min..span_max``) are
+      repeated to fill the sequence.
+
+    The distance between copies varies, so a head attending at a fixed offset cannot fake
+    induction.
 
     Args:
         vocab_size: Number of tokens.
@@ -132,6 +139,7 @@ class InductionData(Dataset):
         span_min: Shortest copied span.
         span_max: Longest copied span (clipped to ``n_ctx // 2``).
         branching: Successors per token in the language.
+        layout: ``"span"`` or ``"periodic"`` (see above).
     """
 
     def __init__(
@@ -145,8 +153,11 @@ class InductionData(Dataset):
         span_min: int = 8,
         span_max: int = 24,
         branching: int = 4,
+        layout: str = "span",
     ):
         _positive("n_ctx", n_ctx)
+        if layout not in ("span", "periodic"):
+            raise InvalidInputError(f"layout must be 'span' or 'periodic', got {layout!r}")
         _positive("num_sequences", num_sequences)
         _positive("span_min", span_min)
         if not 0.0 <= repeat_fraction <= 1.0:
@@ -159,7 +170,7 @@ class InductionData(Dataset):
             )
         self.vocab_size, self.n_ctx, self.seed = vocab_size, n_ctx, int(seed)
         self.num_sequences, self.repeat_fraction = num_sequences, repeat_fraction
-        self.span_min, self.span_max = span_min, span_max
+        self.span_min, self.span_max, self.layout = span_min, span_max, layout
         self.language = MarkovLanguage(vocab_size, branching=branching, seed=seed)
 
     def __len__(self) -> int:
@@ -179,6 +190,11 @@ class InductionData(Dataset):
             return tokens
         B, T = tokens.shape
         copy = torch.rand(B, generator=generator) < self.repeat_fraction
+        if self.layout == "periodic":
+            period = torch.randint(self.span_min, self.span_max + 1, (B,), generator=generator)
+            pos = torch.arange(T)
+            gather = torch.where(copy[:, None], pos[None, :] % period[:, None], pos[None, :])
+            return torch.gather(tokens, 1, gather)
         length = torch.randint(self.span_min, self.span_max + 1, (B,), generator=generator)
         # source start in [0, T - 2L], destination start in [src + L, T - L]
         u1, u2 = torch.rand(B, generator=generator), torch.rand(B, generator=generator)

@@ -32,7 +32,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
@@ -75,15 +75,16 @@ class Attention(nn.Module):
                 self.register_parameter(name, None)
 
     def forward(self, x: Tensor) -> Tensor:
-        q = torch.einsum("btd,hde->bhte", x, self.W_Q)
-        k = torch.einsum("btd,hde->bhte", x, self.W_K)
-        v = torch.einsum("btd,hde->bhte", x, self.W_V)
+        B, T, d = x.shape
+        H, dh = self.n_heads, self.d_head
+        # one matmul for q, k and v: (d, 3 * H * dh), head-major within each of q, k, v
+        w = torch.cat([self.W_Q, self.W_K, self.W_V], dim=0).permute(1, 0, 2).reshape(d, 3 * H * dh)
+        qkv = (x @ w).view(B, T, 3, H, dh)
         if self.b_Q is not None:
-            q = q + self.b_Q[:, None, :]
-            k = k + self.b_K[:, None, :]
-            v = v + self.b_V[:, None, :]
-        z = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (batch, heads, T, d_head)
-        out = torch.einsum("bhte,hed->btd", z, self.W_O)
+            qkv = qkv + torch.stack([self.b_Q, self.b_K, self.b_V])
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, T, dh)
+        z = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, dh)
+        out = z.transpose(1, 2).reshape(B, T, H * dh) @ self.W_O.reshape(H * dh, d)
         return out if self.b_O is None else out + self.b_O
 
 
@@ -224,7 +225,7 @@ class InductionRecipe:
     span_min: int = 8
     span_max: int = 24
     branching: int = 4
-    extra: dict = field(default_factory=dict)
+    layout: str = "span"
 
     def build_model(self, seed: int = 0) -> AttentionOnlyTransformer:
         """A freshly initialised model for this recipe."""
@@ -240,6 +241,7 @@ class InductionRecipe:
         return InductionData(
             self.vocab_size, self.n_ctx, seed=seed, repeat_fraction=self.repeat_fraction,
             span_min=self.span_min, span_max=self.span_max, branching=self.branching,
+            layout=self.layout,
         )
 
     def build_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:

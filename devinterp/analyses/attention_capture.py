@@ -5,8 +5,10 @@ Two kinds of attention are intercepted while :func:`capture_attention` is active
 1. **Calls of** :func:`torch.nn.functional.scaled_dot_product_attention` (SDPA), however the model
    reaches it (``F.scaled_dot_product_attention``, ``from torch.nn.functional import
    scaled_dot_product_attention``, ``torch._C._nn...``): a :class:`torch.overrides.TorchFunctionMode`
-   sees every call. The original SDPA still computes the output (so the model's outputs are
-   unchanged); the pattern ``softmax(Q Kᵀ · scale + mask)`` is recomputed beside it, honouring
+   sees every call. The pattern ``softmax(Q Kᵀ · scale + mask)`` is recomputed explicitly; without
+   gradients and dropout, the call's output is then ``pattern @ V`` (what SDPA's reference "math"
+   backend computes, equal up to float rounding) so that the attention is not computed twice;
+   otherwise the original SDPA computes the output. The recomputation honours
    ``is_causal`` (top-left aligned, as SDPA), boolean (``True`` = may attend) and additive float
    ``attn_mask``, a custom ``scale`` and grouped-query attention (``enable_gqa``: key/value heads
    shared by groups of query heads). Dropout is not applied to the recorded pattern. Query shapes
@@ -138,16 +140,18 @@ def sdpa_pattern(
     scale = 1.0 / math.sqrt(q.size(-1)) if scale is None else float(scale)
     if enable_gqa and q.dim() >= 3 and k.size(-3) != q.size(-3):
         k = k.repeat_interleave(q.size(-3) // k.size(-3), dim=-3)
-    scores = torch.matmul(q, k.transpose(-2, -1)) * scale
+    scores = torch.matmul(q, k.transpose(-2, -1)).mul_(scale)
     if is_causal:
-        allowed = torch.ones(L, S, dtype=torch.bool, device=q.device).tril()
-        scores = scores.masked_fill(~allowed, float("-inf"))
+        future = torch.ones(L, S, dtype=torch.bool, device=q.device).triu_(1)
+        scores.masked_fill_(future, float("-inf"))
     if attn_mask is not None:
         if attn_mask.dtype == torch.bool:
             scores = scores.masked_fill(~attn_mask, float("-inf"))
         else:
             scores = scores + attn_mask.float()
-    return torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    pattern = torch.softmax(scores, dim=-1)
+    # a causal mask alone never empties a row (row i keeps column 0); other masks may
+    return pattern if attn_mask is None else pattern.nan_to_num_(0.0)
 
 
 _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
@@ -180,9 +184,8 @@ class _SDPAMode(TorchFunctionMode):
         kwargs = kwargs or {}
         if func is not _SDPA or self.capture._in_mha:
             return func(*args, **kwargs)
-        out = func(*args, **kwargs)  # the original computes the output (and validates the inputs)
         b = _bind_sdpa(args, kwargs)
-        q = b["query"]
+        q, v = b["query"], b["value"]
         num_heads = q.size(-3) if q.dim() >= 4 else 1
         cap = self.capture
         layer = cap._next_layer("sdpa", num_heads)
@@ -190,6 +193,13 @@ class _SDPAMode(TorchFunctionMode):
             pattern = sdpa_pattern(q, b["key"], b["attn_mask"], b["is_causal"], b["scale"],
                                    b["enable_gqa"])
             cap.patterns.append(_as_bhls(pattern.detach()))
+        if cap.record and not b["dropout_p"] and not q.requires_grad and pattern.shape[:-2] == q.shape[:-2]:
+            # reuse the pattern for the output (the math backend of SDPA computes the same thing)
+            if b["enable_gqa"] and v.dim() >= 3 and v.size(-3) != q.size(-3):
+                v = v.repeat_interleave(q.size(-3) // v.size(-3), dim=-3)
+            out = torch.matmul(pattern.to(v.dtype), v)
+        else:
+            out = func(*args, **kwargs)  # the original computes the output
         heads = cap._heads_to_ablate(layer, num_heads)
         if heads:
             out = out.clone()

@@ -169,6 +169,7 @@ def induction_scores(
     bos_token: int | None = None,
     device: str | torch.device | None = None,
     copying: bool = True,
+    copying_sequences: int | None = 16,
     batch_size: int | None = None,
 ) -> HeadScores:
     """Score every attention head of ``model`` on repeated random tokens (see the module docstring).
@@ -188,6 +189,8 @@ def induction_scores(
         bos_token: Optional token put first in every sequence.
         device: Where to run (default: the device of the model's first parameter).
         copying: Also compute the behavioural copying score (one extra forward pass per head).
+        copying_sequences: Number of sequences (the first ones) the copying score averages over,
+            to bound its cost; ``None`` = all ``num_sequences``.
         batch_size: Sequences per forward pass (default: all at once).
 
     Returns:
@@ -198,6 +201,9 @@ def induction_scores(
         InvalidInputError: Bad arguments, or the model output is not logits.
     """
     _check_common(vocab_size, seq_len, num_sequences, batch_size)
+    if copying_sequences is not None and (not isinstance(copying_sequences, int) or copying_sequences <= 0):
+        raise InvalidInputError(f"copying_sequences must be a positive integer or None, got {copying_sequences!r}")
+    n_copy = num_sequences if copying_sequences is None else min(num_sequences, copying_sequences)
     tokens = repeated_tokens(vocab_size, seq_len, num_sequences, seed=seed, bos_token=bos_token)
     tokens = tokens.to(_device_of(model, device))
     offset = int(bos_token is not None)
@@ -221,9 +227,10 @@ def induction_scores(
             for layer, pattern in enumerate(patterns):
                 for acc, part in zip(sums[layer], _pattern_sums(pattern, offset, half), strict=True):
                     acc += part.double().cpu()
-            if copying:
-                _accumulate_copying(model, cap, batch, clean, patterns, heads_per_layer,
-                                    offset + half, copy_sums)
+            n = min(len(batch), n_copy - start)
+            if copying and n > 0:
+                _accumulate_copying(model, cap, batch[:n], clean[:n], [p[:n] for p in patterns],
+                                    heads_per_layer, offset + half, copy_sums)
     nl, nh = len(heads_per_layer), max(heads_per_layer)
     arrays = {k: np.full((nl, nh), np.nan) for k in SCORE_KINDS}
     denominators = {"induction": rows_r, "duplicate_token": rows_r, "previous_token": seq_len - 1}
@@ -233,7 +240,7 @@ def induction_scores(
         arrays["duplicate_token"][layer, :n] = dup / (num_sequences * denominators["duplicate_token"])
         arrays["previous_token"][layer, :n] = prev / (num_sequences * denominators["previous_token"])
     for (layer, h), total in copy_sums.items():
-        arrays["copying"][layer, h] = total / (num_sequences * rows_r)
+        arrays["copying"][layer, h] = total / (n_copy * rows_r)
     return HeadScores(heads_per_layer=heads_per_layer, **arrays)
 
 
