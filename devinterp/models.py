@@ -204,28 +204,30 @@ class InductionRecipe:
     """Everything needed to grow an induction head in an :class:`AttentionOnlyTransformer`.
 
     The data is :class:`devinterp.data.InductionData`: sequences from a random sparse bigram
-    "language" in which a fraction ``repeat_fraction`` of the sequences carry a copied span, so
-    bigram statistics are learnt first (a plateau) and induction later (a second drop in the loss).
+    "language" (16 successors per token) whose first ``k`` tokens (``k`` uniform in 6..16) repeat
+    periodically, so bigram statistics are learnt first (a shoulder in the loss) and induction later
+    (a second, steeper drop). The optimiser is AdamW with a short linear warm-up. On one CPU thread
+    the max induction score crosses 0.6 after about 300 steps (about 10 s); see ``docs/circuits.md``.
     """
 
-    vocab_size: int = 64
-    n_ctx: int = 64
+    vocab_size: int = 32
+    n_ctx: int = 32
     n_layers: int = 2
     n_heads: int = 4
     d_model: int = 64
     layer_norm: bool = False
     init_std: float | None = None
-    lr: float = 3e-3
+    lr: float = 1e-2
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.98)
     warmup_steps: int = 20
     batch_size: int = 32
-    steps: int = 1500
+    steps: int = 600
     repeat_fraction: float = 1.0
-    span_min: int = 8
-    span_max: int = 24
-    branching: int = 4
-    layout: str = "span"
+    span_min: int = 6
+    span_max: int = 16
+    branching: int = 16
+    layout: str = "periodic"
 
     def build_model(self, seed: int = 0) -> AttentionOnlyTransformer:
         """A freshly initialised model for this recipe."""
