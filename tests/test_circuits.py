@@ -208,8 +208,9 @@ def test_scores_are_deterministic_and_restore_train_mode():
     assert isinstance(a, HeadScores)
 
 
-def test_icl_score_sign():
-    induction = sdpa_induction_model(V, T)
+@pytest.mark.parametrize("build", [sdpa_induction_model, MHAInductionModel], ids=["sdpa", "mha"])
+def test_icl_score_sign(build):
+    induction = build(V, T)
     # on repeated tokens the induction model predicts the second half: late loss << early loss
     assert icl_score(induction, vocab_size=V, seq_len=T, num_sequences=8) < -1.0
     # a model without the induction head (L1H0 ablated) has no such gain
@@ -233,6 +234,9 @@ def test_head_params_for_our_model_and_mha():
     w = m["attn.1.in_proj_weight"]
     assert w.sum() == 3 * dh * E and w[dh:2 * dh].all() and not w[:dh].any()
     assert m["attn.1.out_proj.weight"][:, dh:].all() and not m["attn.1.out_proj.weight"][:, :dh].any()
+    for mdl, masks_ in ((model, masks), (mha_model, m)):
+        params = dict(mdl.named_parameters())
+        assert all(name in params and params[name].shape == mask.shape for name, mask in masks_.items())
     with pytest.raises(InvalidInputError, match="head_params_from_projections"):
         head_params(nn.Linear(2, 2), 0, 0)
     with pytest.raises(InvalidInputError):
