@@ -135,40 +135,57 @@ class _Candidate:
 
 def _scan(x, y, sigma, prior_w, *, widths, centers, idx_c, degree, window,
           min_window_points, penalty, min_magnitude, excluded):
-    """Best (c, w) by weighted least-squares deviance over the grid; vectorised over centres."""
+    """Best (c, w) by weighted least-squares deviance over the grid, vectorised over centres.
+
+    Each centre's window is gathered into a band ``(C, L)``; the polynomial part of the normal
+    equations is shared by all widths, so a width only adds the sigmoid column.
+    """
     n = x.size
+    lo = np.minimum(np.searchsorted(x, centers - window, "left"), idx_c - min_window_points)
+    hi = np.maximum(np.searchsorted(x, centers + window, "right"), idx_c + min_window_points)
+    lo, hi = np.clip(lo, 0, n), np.clip(hi, 0, n)
+    L = int((hi - lo).max())
+    idx = lo[:, None] + np.arange(L)[None, :]
+    inside = idx < hi[:, None]
+    idx = np.minimum(idx, n - 1)
+    xb, yb = x[idx], y[idx]
+    W = np.where(inside, (prior_w / sigma**2)[idx], 0.0)
+    h = np.maximum(centers - x[lo], x[hi - 1] - centers)
+    u = (xb - centers[:, None]) / h[:, None]
+    P = np.stack([u**d for d in range(degree + 1)], axis=2)  # (C, L, p)
+    WP = P * W[:, :, None]
+    G0 = np.einsum("cli,clj->cij", WP, P)
+    b0 = np.einsum("cli,cl->ci", WP, yb)
+    p = degree + 1
+    eye = 1e-10 * np.eye(p + 1)
+    coef0 = np.linalg.solve(G0 + eye[:p, :p], b0[:, :, None])[:, :, 0]
+    yWy = (W * yb**2).sum(1)
+    rss0 = yWy - (coef0 * b0).sum(1)
+    n_w = hi - lo
+    sig_c = np.interp(centers, x, sigma)
+    allowed = np.ones(centers.size, bool)
+    for a, b in excluded:
+        allowed &= ~((centers >= a) & (centers <= b))
     best: _Candidate | None = None
-    ar = np.arange(n)
+    G1 = np.zeros((centers.size, p + 1, p + 1))
+    G1[:, :p, :p] = G0
+    b1 = np.zeros((centers.size, p + 1))
+    b1[:, :p] = b0
     for w in widths:
-        lo = np.minimum(np.searchsorted(x, centers - window, "left"), idx_c - min_window_points)
-        hi = np.maximum(np.searchsorted(x, centers + window, "right"), idx_c + min_window_points)
-        lo, hi = np.clip(lo, 0, n), np.clip(hi, 0, n)
-        mask = (ar[None, :] >= lo[:, None]) & (ar[None, :] < hi[:, None])
-        h = np.maximum(centers - x[lo], x[hi - 1] - centers)
-        W = mask * (prior_w / sigma**2)[None, :]
-        u = np.where(mask, (x[None, :] - centers[:, None]) / h[:, None], 0.0)
-        cols = [u**d for d in range(degree + 1)]
-        s = expit((x[None, :] - centers[:, None]) / w) - 0.5
-        X1 = np.stack(cols + [s], axis=2)  # (C, n, p+1)
-        WX = X1 * W[:, :, None]
-        G1 = np.einsum("cni,cnj->cij", WX, X1)
-        b1 = np.einsum("cni,cn->ci", WX, y[None, :].repeat(len(centers), 0))
-        p = degree + 1
-        eye = 1e-10 * np.eye(p + 1)
+        sg = expit((xb - centers[:, None]) / w) - 0.5
+        Ws = W * sg
+        cross = np.einsum("cli,cl->ci", P, Ws)
+        G1[:, :p, p] = cross
+        G1[:, p, :p] = cross
+        G1[:, p, p] = (Ws * sg).sum(1)
+        b1[:, p] = (Ws * yb).sum(1)
         coef1 = np.linalg.solve(G1 + eye, b1[:, :, None])[:, :, 0]
-        coef0 = np.linalg.solve(G1[:, :p, :p] + eye[:p, :p], b1[:, :p, None])[:, :, 0]
-        yWy = (W * y[None, :] ** 2).sum(1)
         rss1 = yWy - (coef1 * b1).sum(1)
-        rss0 = yWy - (coef0 * b1[:, :p]).sum(1)
-        n_w = mask.sum(1)
         phi = np.maximum(1.0, rss1 / np.maximum(n_w - p - 1, 1))
         dev = (rss0 - rss1) / phi
         A = coef1[:, -1]
-        sig_c = np.interp(centers, x, sigma)
         complete = (centers - _COMPLETE * w >= x[lo]) & (centers + _COMPLETE * w <= x[hi - 1])
-        ok = complete & (dev >= penalty) & (np.abs(A) / sig_c >= min_magnitude)
-        for a, b in excluded:
-            ok &= ~((centers >= a) & (centers <= b))
+        ok = allowed & complete & (dev >= penalty) & (np.abs(A) / sig_c >= min_magnitude)
         if not ok.any():
             continue
         i = int(np.argmax(np.where(ok, dev, -np.inf)))
