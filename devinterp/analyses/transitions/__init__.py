@@ -6,5 +6,11 @@
 """
 
 from devinterp.analyses.transitions.detect import Transition, detect_transitions
+from devinterp.analyses.transitions.llc import LLCStages, Stage, llc_stages
+from devinterp.analyses.transitions.smoothing import local_poly
+from devinterp.analyses.transitions.stages import StageBoundary, StageResult, detect_stages
 
-__all__ = ["Transition", "detect_transitions"]
+__all__ = [
+    "LLCStages", "Stage", "StageBoundary", "StageResult", "Transition",
+    "detect_stages", "detect_transitions", "llc_stages", "local_poly",
+]
