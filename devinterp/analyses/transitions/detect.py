@@ -253,7 +253,7 @@ def detect_transitions(
     n_widths: int = 7,
     max_centers: int = 150,
     penalty: float | None = None,
-    penalty_factor: float = 3.0,
+    penalty_factor: float = 3.5,
     min_magnitude: float = 4.0,
     noise_floor: float = 0.01,
     huber_k: float = 2.0,
@@ -280,7 +280,8 @@ def detect_transitions(
         n_widths: Number of widths scanned (geometric grid).
         max_centers: Centres scanned per width (all midpoints if fewer, else a uniform grid in x).
         penalty: Threshold on the evidence ``D``; default ``penalty_factor * log(n)``.
-        penalty_factor: See ``penalty`` (3 extra parameters: BIC's ``k log n``).
+        penalty_factor: See ``penalty`` (BIC with 3 extra parameters would be 3; 3.5 leaves room
+            for the scan over centres and widths).
         min_magnitude: Minimum ``|A| / sigma`` of a reported transition.
         noise_floor: Noise sd is at least this fraction of the value range (noiseless curves).
         huber_k: Huber threshold in noise sd for the robust fit and evidence.
