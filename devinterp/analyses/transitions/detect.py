@@ -164,8 +164,6 @@ def _scan(x, y, sigma, prior_w, *, widths, centers, idx_c, degree, window,
     n_w = hi - lo
     sig_c = np.interp(centers, x, sigma)
     allowed = np.ones(centers.size, bool)
-    for a, b in excluded:
-        allowed &= ~((centers >= a) & (centers <= b))
     best: _Candidate | None = None
     G1 = np.zeros((centers.size, p + 1, p + 1))
     G1[:, :p, :p] = G0
@@ -186,6 +184,8 @@ def _scan(x, y, sigma, prior_w, *, widths, centers, idx_c, degree, window,
         A = coef1[:, -1]
         complete = (centers - _COMPLETE * w >= x[lo]) & (centers + _COMPLETE * w <= x[hi - 1])
         ok = allowed & complete & (dev >= penalty) & (np.abs(A) / sig_c >= min_magnitude)
+        for c_k, w_k, gap_k in excluded:  # too close to an accepted (or rejected) transition
+            ok &= np.abs(centers - c_k) > _COMPLETE * (w + w_k) + 2.0 * gap_k
         if not ok.any():
             continue
         i = int(np.argmax(np.where(ok, dev, -np.inf)))
@@ -345,7 +345,7 @@ def _detect(series: Series, *, baseline_degree, window, min_window_points, min_s
     prior_w = np.where(z <= 2 * huber_k, 1.0, 2 * huber_k / np.maximum(z, 1e-12))
 
     found: list[Transition] = []
-    excluded: list[tuple[float, float]] = []
+    excluded: list[tuple[float, float, float]] = []  # (c, w, local gap)
     for _ in range(4 * max_transitions):
         if len(found) >= max_transitions:
             break
@@ -363,8 +363,9 @@ def _detect(series: Series, *, baseline_degree, window, min_window_points, min_s
         noise_c = float(np.interp(c, x, sigma))
         mag = abs(amp) / noise_c
         gap = _gap_at(x, c)
-        if dev < pen or mag < min_magnitude:
-            excluded.append((cand.c - max(2 * cand.w, gap), cand.c + max(2 * cand.w, gap)))
+        clash = any(abs(c - c_k) <= _COMPLETE * (w + w_k) + 2.0 * gap_k for c_k, w_k, gap_k in excluded)
+        if dev < pen or mag < min_magnitude or clash:
+            excluded.append((cand.c, cand.w, gap))
             continue
         half = 0.5 * _SPAN_10_90 * w
         found.append(Transition(
@@ -378,7 +379,7 @@ def _detect(series: Series, *, baseline_degree, window, min_window_points, min_s
             metric=metric,
         ))
         y = y - amp * (expit((x - c) / w) - 0.5)
-        excluded.append((c - max(3 * w, gap), c + max(3 * w, gap)))
+        excluded.append((c, w, gap))
     return sorted(found, key=lambda t: t.step)
 
 
