@@ -77,7 +77,7 @@ def synthetic_curve(
     drift_max: float = 40.0,
     amplitude_range: tuple[float, float] = (6.0, 14.0),
     width_range: tuple[float, float] = (0.01, 0.3),
-    min_edge_points: int = 4,
+    min_edge_points: int = 6,
 ) -> SyntheticCurve:
     """Draw one curve (see the module docstring). Same generator state, same curve."""
     if noise not in ("gaussian", "student_t"):

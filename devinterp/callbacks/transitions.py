@@ -7,7 +7,7 @@ A thin adapter over :func:`devinterp.analyses.detect_transitions`:
 - metrics the LightningModule logs itself (``self.log("loss/train", ...)``) are sampled from
   ``trainer.callback_metrics`` on a (log-spaced) schedule and recorded into that history;
 - every ``check_every`` steps (and at the end of training) each curve with at least ``min_points``
-  points is analysed; a transition not seen before (same metric, overlapping ``[start, end]`` or a
+  points is analysed; a transition not seen before (same metric and direction, overlapping ``[start, end]`` or a
   step within ``match_tolerance`` in log step) is flagged once: a text line under the TensorBoard tag
   ``transitions`` and a point ``transitions/flag = 1`` at the transition's step. No zeros are
   logged between flags: the marker series holds only the flagged steps.
@@ -40,6 +40,10 @@ class TransitionCallback(pl.Callback):
             ``log_spaced(200)`` resolved against the run's total steps.
         check_every: Run the detector every this many optimizer steps (and at train end).
         min_points: Minimum points in a curve before it is analysed.
+        settle_points: A transition is flagged only once this many points follow its fitting window
+            (``window_end``), so a change still under way at the end of the data, which the local
+            baseline can mistake for its opposite, is never flagged half-seen. The price is a delay:
+            a flag comes once training is about a factor ``e`` (the window) past the transition.
         match_tolerance: Two transitions of the same metric whose steps differ by at most this in
             log step (or whose ``[start, end]`` overlap) are the same transition.
         detector_kwargs: Keyword arguments for :func:`detect_transitions`.
@@ -51,7 +55,8 @@ class TransitionCallback(pl.Callback):
         *,
         sample_schedule: Schedule | None = None,
         check_every: int = 50,
-        min_points: int = 20,
+        min_points: int = 30,
+        settle_points: int = 8,
         match_tolerance: float = math.log(1.5),
         detector_kwargs: Mapping[str, Any] | None = None,
     ):
@@ -71,6 +76,9 @@ class TransitionCallback(pl.Callback):
         self.sample_schedule = sample_schedule or log_spaced(200)
         self.check_every = int(check_every)
         self.min_points = int(min_points)
+        if settle_points < 0:
+            raise InvalidInputError(f"settle_points must be >= 0, got {settle_points}")
+        self.settle_points = int(settle_points)
         self.match_tolerance = float(match_tolerance)
         self.detector_kwargs = kwargs
         self.transitions: list[Transition] = []
@@ -123,8 +131,9 @@ class TransitionCallback(pl.Callback):
                 found = detect_transitions(steps, values, metric=name, **self.detector_kwargs)
             except InvalidInputError:
                 continue
+            settled_before = steps[-self.settle_points - 1] if self.settle_points else steps[-1]
             for t in found:
-                if not self._seen(t):
+                if t.window_end <= settled_before and not self._seen(t):
                     self.transitions.append(t)
                     new.append(t)
                     self._flag(trainer, t)
@@ -133,7 +142,7 @@ class TransitionCallback(pl.Callback):
     def _seen(self, t: Transition) -> bool:
         lx = math.log1p(max(t.step, 0.0))
         for old in self.transitions:
-            if old.metric != t.metric:
+            if old.metric != t.metric or old.direction != t.direction:
                 continue
             if old.start <= t.end and t.start <= old.end:
                 return True

@@ -247,7 +247,7 @@ def detect_transitions(
     baseline_degree: int = 2,
     window: float = 1.0,
     min_window_points: int = 8,
-    min_side_points: int = 3,
+    min_side_points: int = 5,
     min_width: float | None = None,
     max_width: float = 0.35,
     n_widths: int = 7,
