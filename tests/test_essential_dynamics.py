@@ -59,7 +59,7 @@ def test_output_matrix_from_modules_and_state_dicts():
     model = torch.nn.Linear(4, 3)
     probe = torch.randn(5, 4)
     sds = []
-    for i in range(6):
+    for _ in range(6):
         with torch.no_grad():
             model.weight.mul_(1.1)
         sds.append({k: v.clone() for k, v in model.state_dict().items()})
