@@ -77,6 +77,7 @@ __all__ = [
     "snapshot_filename",
     "class_path",
     "jsonable",
+    "detached_copy",
 ]
 
 FORMAT_NAME = "devinterp-snapshots"
@@ -85,7 +86,7 @@ INDEX_FILE = "index.jsonl"
 RUN_FILE = "run.json"
 SNAPSHOT_DIR = "snapshots"
 _STEP_DIGITS = 12
-_NAME_RE = re.compile(r"^step_(\d{%d})\.safetensors$" % _STEP_DIGITS)
+_NAME_RE = re.compile(rf"^step_(\d{{{_STEP_DIGITS}}})\.safetensors$")
 _TMP_MARK = ".tmp-"
 _RESERVED = frozenset({"kind", "step", "file", "bytes", "sha256"})
 _ALIASES_KEY = "devinterp.aliases"
@@ -100,6 +101,10 @@ def class_path(obj: Any) -> str:
     """``package.module:Class`` of a class or of an instance's class."""
     cls = obj if isinstance(obj, type) else type(obj)
     return f"{cls.__module__}:{cls.__qualname__}"
+
+
+def _as_class_path(cls: str | type | None) -> str | None:
+    return cls if cls is None or isinstance(cls, str) else class_path(cls)
 
 
 def jsonable(value: Any) -> Any:
@@ -388,6 +393,30 @@ def _from_safetensors_bytes(data: bytes, where: str) -> dict[str, Tensor]:
     return out
 
 
+def detached_copy(state_dict: Mapping[str, Tensor], device: str | torch.device = "cpu") -> dict[str, Tensor]:
+    """A copy of ``state_dict`` on ``device`` that training can no longer modify.
+
+    Names that are the same view of one tensor (tied weights) stay the same tensor in the copy,
+    so the store still records them as aliases.
+    """
+    out: dict[str, Tensor] = {}
+    seen: dict[tuple, Tensor] = {}
+    for name, t in state_dict.items():
+        if not isinstance(t, Tensor):
+            out[name] = t
+            continue
+        t = t.detach()
+        key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+        if t.numel() > 0 and key in seen:
+            out[name] = seen[key]
+            continue
+        copy = t.to(device, copy=True)
+        if t.numel() > 0:
+            seen[key] = copy
+        out[name] = copy
+    return out
+
+
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -435,6 +464,8 @@ class SnapshotStore:
     def __init__(self, root: str | os.PathLike, *, mode: str = "r"):
         if mode not in ("r", "a"):
             raise InvalidInputError(f"mode must be 'r' (read) or 'a' (append), got {mode!r}")
+        if not isinstance(root, (str, os.PathLike)):
+            raise InvalidInputError(f"root must be a path or fsspec URL string, got {type(root).__name__}")
         self.mode = mode
         self._fs = _make_fs(root)
         self.root = self._fs.display()
@@ -865,15 +896,14 @@ class SnapshotStore:
         self._check_writable()
         now = _now()
         previous = self.run_info() if self._fs.exists(RUN_FILE) else {}
-        as_path = (lambda c: c if c is None or isinstance(c, str) else class_path(c))
         info = {
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,
             "created": previous.get("created", _iso(now)),
             "updated": _iso(now),
-            "model_class": as_path(model_class),
+            "model_class": _as_class_path(model_class),
             "hparams": jsonable(dict(hparams or {})),
-            "datamodule_class": as_path(datamodule_class),
+            "datamodule_class": _as_class_path(datamodule_class),
             "datamodule_hparams": jsonable(dict(datamodule_hparams)) if datamodule_hparams is not None else None,
             "versions": library_versions(),
         }
