@@ -42,7 +42,7 @@ def main() -> None:
         "forward (baseline)": forward,
         "induction_scores(copying=False)": lambda: induction_scores(
             model, vocab_size=V, seq_len=T, num_sequences=N, copying=False),
-        "induction_scores() [default: copying on 16 seqs]": lambda: induction_scores(
+        "induction_scores() [default: copying on 8 seqs]": lambda: induction_scores(
             model, vocab_size=V, seq_len=T, num_sequences=N),
         "induction_scores(copying_sequences=None)": lambda: induction_scores(
             model, vocab_size=V, seq_len=T, num_sequences=N, copying_sequences=None),
@@ -50,17 +50,20 @@ def main() -> None:
     for fn in cases.values():  # warm-up
         fn()
     times: dict[str, list[float]] = {name: [] for name in cases}
+    cpu: dict[str, list[float]] = {name: [] for name in cases}
     for _ in range(args.repeats):
         for name, fn in cases.items():  # interleaved
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             fn()
             times[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
     base = statistics.median(times["forward (baseline)"])
     print(f"model: 2 layers x 8 heads, d_model={args.d_model}, vocab={V}; {N} sequences x {T} tokens; "
-          f"threads={args.threads}; median of {args.repeats} (min-max)")
+          f"threads={args.threads}; median of {args.repeats} (min-max); cpu = process CPU time "
+          "(less sensitive to other jobs on a shared machine)")
     for name, ts in times.items():
-        med = statistics.median(ts)
-        print(f"{name:50s} {med:7.3f} s ({min(ts):.3f}-{max(ts):.3f})  "
+        med, cmed = statistics.median(ts), statistics.median(cpu[name])
+        print(f"{name:50s} wall {med:6.3f} s ({min(ts):.3f}-{max(ts):.3f})  cpu {cmed:6.3f} s  "
               f"x{med / base:5.1f} forward  {med / TARGET_S:5.2f} of the {TARGET_S:.0f} s target")
 
 

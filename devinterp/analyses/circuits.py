@@ -169,7 +169,7 @@ def induction_scores(
     bos_token: int | None = None,
     device: str | torch.device | None = None,
     copying: bool = True,
-    copying_sequences: int | None = 16,
+    copying_sequences: int | None = 8,
     batch_size: int | None = None,
 ) -> HeadScores:
     """Score every attention head of ``model`` on repeated random tokens (see the module docstring).
