@@ -257,3 +257,15 @@ def test_head_params_from_projections_gqa():
     assert m["o.weight"][:, 12:].all() and m["o.weight"].sum() == 16 * 4
     with pytest.raises(InvalidInputError):
         head_params_from_projections(Attn(), q="q", k="nope", v="v", o="o", head=0, num_heads=4)
+
+
+def test_capture_with_gradients_and_ablation_backpropagates():
+    model = AttentionOnlyTransformer(16, 2, 2, 16, 12, seed=0)
+    tokens = torch.randint(16, (2, 12), generator=torch.Generator().manual_seed(0))
+    with capture_attention(model, ablate=[(0, 1)]) as cap:
+        loss = model(tokens).logsumexp(-1).mean()
+        loss.backward()
+    assert cap.num_layers == 2 and cap.patterns[0].shape == (2, 2, 12, 12)
+    # the ablated head gets no gradient through its output projection
+    assert torch.all(model.blocks[0].attn.W_O.grad[1] == 0)
+    assert model.blocks[0].attn.W_O.grad[0].abs().sum() > 0

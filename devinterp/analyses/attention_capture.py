@@ -24,7 +24,8 @@ Two kinds of attention are intercepted while :func:`capture_attention` is active
    ``is_causal`` and dropout (in training mode).
 
 Layers are numbered in the order their attention runs within one forward pass of the model (the
-count restarts at every call of the model). Ablating head ``h`` of layer ``l`` zeroes that head's
+count restarts at every call of the model). The SDPA interception sees every SDPA call made in the
+process while the context is active (not only those of ``model``): run nothing else meanwhile. Ablating head ``h`` of layer ``l`` zeroes that head's
 output before the output projection (for SDPA: the slice ``h`` of its output along the head axis).
 Everything is restored on exit, also after an exception.
 """
