@@ -10,8 +10,9 @@ and drift ``d = nβ∇L + γ(w − w*)``, one step with step size ε is
 
 so the thermostat raises the friction while the kinetic energy per coordinate exceeds its
 equilibrium value ε/2 and lowers it otherwise, absorbing unknown minibatch gradient noise.
-With ``A = ξ = 1`` the first step is exactly SGLD with step size ε. Mask on drift, noise and the
-kinetic energy (D counts the sampled coordinates only).
+``A`` and ``ξ`` play the role of ``h·A`` and ``h·ξ`` of the paper (h the time step) and must stay
+small (default A = 0.01, ξ starts at A, as in devinterp's SGNHT): at ξ ≈ 1 the discretization
+overshoots. Mask on drift, noise and the kinetic energy (D counts the sampled coordinates only).
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ class SGNHTInfo(NamedTuple):
 
 
 def init(params: Tensor, anchor: Tensor | None = None, mask: Tensor | None = None, *,
-         diffusion: float = 1.0) -> SGNHTState:
+         diffusion: float = 0.01) -> SGNHTState:
     """Start chains at rest with the thermostat at the diffusion constant ``A``."""
     base = sgld.init(params, anchor, mask)
     thermostat = torch.full(base.params.shape[:-1], float(diffusion), dtype=base.params.dtype,
@@ -55,7 +56,7 @@ def init(params: Tensor, anchor: Tensor | None = None, mask: Tensor | None = Non
 
 
 def step(generator: Generators, state: SGNHTState, grads: Tensor, *, step_size: float,
-         localization: float, nbeta: float, diffusion: float = 1.0, noise: Tensor | None = None
+         localization: float, nbeta: float, diffusion: float = 0.01, noise: Tensor | None = None
          ) -> tuple[SGNHTState, SGNHTInfo]:
     """One SGNHT step.
 
