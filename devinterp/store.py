@@ -1,0 +1,975 @@
+"""The snapshot store: weights over training, safe to load, crash-safe, resumable.
+
+This is the only module that knows the on-disk format::
+
+    <root>/
+      run.json                                  how to rebuild the model (written at fit start)
+      index.jsonl                               append-only log, one JSON record per line
+      snapshots/step_000000000000.safetensors   one file per snapshot, zero-padded so names sort
+      snapshots/step_000000000001.safetensors
+      ...
+
+Index records (one JSON object per line, never rewritten):
+
+- ``{"kind": "snapshot", "step", "file", "bytes", "sha256", "epoch", "samples_seen", "train_loss",
+  "wall_time", ...user meta}``: a committed snapshot. A later record for the same step wins.
+- ``{"kind": "truncate", "after": S, "wall_time"}``: every snapshot with step > S written *before*
+  this record is superseded (a run resumed from a checkpoint at step S writes it).
+- ``{"kind": "drop", "step": S, "wall_time"}``: the snapshot at S is superseded (written before a
+  step is saved a second time, so that its file can be replaced safely).
+
+Crash safety: the weights go to a temporary file in ``snapshots/``, which is flushed, fsynced and
+atomically renamed; the directory is fsynced; only then is the index line appended (flush + fsync).
+A kill at any moment therefore leaves either no record (an orphan file, ignored) or a record whose
+file is complete. Readers tolerate a torn last index line and ignore temporary and orphan files;
+a file that is missing, truncated or fails its checksum raises :class:`CorruptSnapshotError` naming
+it, never a silent skip.
+
+Local paths use plain ``os`` calls (so fsync and rename are real); any other fsspec URL
+(``memory://``, ``s3://`` with the filesystem installed...) goes through fsspec, with the same
+format and ordering but only the durability guarantees of that filesystem.
+
+Tied (shared) tensors: safetensors refuses tensors that share memory, so every name that is the
+exact same view of another tensor is stored once and recorded as an alias in the file's metadata;
+loading restores the aliases as the same tensor object, so tied models load with ``load_into``.
+"""
+
+from __future__ import annotations
+
+import bisect
+import datetime as _dt
+import hashlib
+import json
+import math
+import os
+import queue
+import re
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from devinterp.errors import (
+    CorruptSnapshotError,
+    EmptyStoreError,
+    InvalidInputError,
+    SnapshotNotFoundError,
+    StateDictMismatchError,
+    StoreError,
+    StoreNotFoundError,
+)
+
+__all__ = [
+    "FORMAT_VERSION",
+    "Snapshot",
+    "SnapshotStore",
+    "VerifyReport",
+    "Problem",
+    "BackgroundSaver",
+    "snapshot_filename",
+    "class_path",
+    "jsonable",
+    "detached_copy",
+]
+
+FORMAT_NAME = "devinterp-snapshots"
+FORMAT_VERSION = 1
+INDEX_FILE = "index.jsonl"
+RUN_FILE = "run.json"
+SNAPSHOT_DIR = "snapshots"
+_STEP_DIGITS = 12
+_NAME_RE = re.compile(rf"^step_(\d{{{_STEP_DIGITS}}})\.safetensors$")
+_TMP_MARK = ".tmp-"
+_RESERVED = frozenset({"kind", "step", "file", "bytes", "sha256"})
+_ALIASES_KEY = "devinterp.aliases"
+
+
+def snapshot_filename(step: int) -> str:
+    """Relative path of the snapshot file for ``step``, e.g. ``snapshots/step_000000012345.safetensors``."""
+    return f"{SNAPSHOT_DIR}/step_{int(step):0{_STEP_DIGITS}d}.safetensors"
+
+
+def class_path(obj: Any) -> str:
+    """``package.module:Class`` of a class or of an instance's class."""
+    cls = obj if isinstance(obj, type) else type(obj)
+    return f"{cls.__module__}:{cls.__qualname__}"
+
+
+def _as_class_path(cls: str | type | None) -> str | None:
+    return cls if cls is None or isinstance(cls, str) else class_path(cls)
+
+
+def jsonable(value: Any) -> Any:
+    """A JSON-safe copy of ``value``: containers recurse, scalars pass, tensors/arrays become lists,
+    non-finite floats become strings, anything else its ``repr``."""
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else repr(value)
+    if isinstance(value, Mapping):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, Tensor):
+        return jsonable(value.detach().cpu().tolist()) if value.numel() <= 64 else repr(value)
+    if hasattr(value, "tolist") and hasattr(value, "dtype"):  # numpy arrays and scalars
+        return jsonable(value.tolist())
+    if isinstance(value, type):
+        return class_path(value)
+    return repr(value)
+
+
+# --------------------------------------------------------------------------------------------
+# results
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """The weights of a model at one training step.
+
+    Attributes:
+        step: The optimizer step (``trainer.global_step``) at which the weights were taken.
+        state_dict: Name -> tensor, as from ``module.state_dict()`` (tied names share one tensor).
+        meta: The snapshot's index record (``epoch``, ``samples_seen``, ``train_loss``,
+            ``wall_time``, ``file``, ``bytes``, ``sha256`` and any user meta), read-only.
+    """
+
+    step: int
+    state_dict: dict[str, Tensor] = field(repr=False)
+    meta: Mapping[str, Any] = field(default_factory=dict, repr=False)
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing :meth:`SnapshotStore.verify` found wrong, attached to the file it concerns."""
+
+    file: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.file}: {self.message}"
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    """Result of :meth:`SnapshotStore.verify`.
+
+    Attributes:
+        root: The store that was checked.
+        checked: Number of snapshot files read and checked.
+        problems: What is wrong (missing, truncated or corrupt files, unreadable index/run file).
+        notes: Harmless findings (orphan or temporary files left by an interrupted write,
+            superseded snapshots still on disk, a torn last index line).
+    """
+
+    root: str
+    checked: int
+    problems: tuple[Problem, ...]
+    notes: tuple[Problem, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def scalars(self) -> dict[str, float]:
+        return {"verify/checked": float(self.checked), "verify/problems": float(len(self.problems))}
+
+    def __str__(self) -> str:
+        head = f"{self.root}: {self.checked} snapshot(s) checked, {len(self.problems)} problem(s)"
+        lines = [head] + [f"  PROBLEM {p}" for p in self.problems] + [f"  note    {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# file systems: local (os, real fsync) and fsspec
+
+
+class _LocalFS:
+    def __init__(self, root: str):
+        self.root = os.path.abspath(os.path.expanduser(root))
+
+    def _p(self, rel: str) -> str:
+        return os.path.join(self.root, *rel.split("/")) if rel else self.root
+
+    def display(self, rel: str = "") -> str:
+        return self._p(rel)
+
+    def exists(self, rel: str = "") -> bool:
+        return os.path.exists(self._p(rel))
+
+    def isdir(self, rel: str = "") -> bool:
+        return os.path.isdir(self._p(rel))
+
+    def makedirs(self, rel: str = "") -> None:
+        os.makedirs(self._p(rel), exist_ok=True)
+
+    def read(self, rel: str) -> bytes:
+        with open(self._p(rel), "rb") as f:
+            return f.read()
+
+    def size(self, rel: str) -> int:
+        return os.path.getsize(self._p(rel))
+
+    def listdir(self, rel: str = "") -> list[str]:
+        try:
+            return sorted(os.listdir(self._p(rel)))
+        except FileNotFoundError:
+            return []
+
+    def _fsync_dir(self, rel_dir: str) -> None:
+        try:
+            fd = os.open(self._p(rel_dir), os.O_RDONLY)
+        except OSError:  # e.g. platforms without directory fds
+            return
+        try:
+            os.fsync(fd)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+    def write_atomic(self, rel: str, data: bytes) -> None:
+        path = self._p(rel)
+        directory, name = os.path.split(path)
+        tmp = os.path.join(directory, f".{name}{_TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        self._fsync_dir(rel.rpartition("/")[0])
+
+    def append(self, rel: str, data: bytes) -> None:
+        with open(self._p(rel), "ab") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def truncate(self, rel: str, length: int) -> None:
+        with open(self._p(rel), "r+b") as f:
+            f.truncate(length)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+class _FsspecFS:
+    def __init__(self, url: str):
+        import fsspec
+
+        self.url = url
+        self.fs, self.root = fsspec.core.url_to_fs(url)
+        self.root = self.root.rstrip("/")
+
+    def _p(self, rel: str) -> str:
+        return f"{self.root}/{rel}" if rel else self.root
+
+    def display(self, rel: str = "") -> str:
+        return f"{self.url.rstrip('/')}/{rel}" if rel else self.url
+
+    def exists(self, rel: str = "") -> bool:
+        return self.fs.exists(self._p(rel))
+
+    def isdir(self, rel: str = "") -> bool:
+        return self.fs.isdir(self._p(rel))
+
+    def makedirs(self, rel: str = "") -> None:
+        self.fs.makedirs(self._p(rel), exist_ok=True)
+
+    def read(self, rel: str) -> bytes:
+        return self.fs.cat_file(self._p(rel))
+
+    def size(self, rel: str) -> int:
+        return int(self.fs.size(self._p(rel)))
+
+    def listdir(self, rel: str = "") -> list[str]:
+        try:
+            entries = self.fs.ls(self._p(rel), detail=False)
+        except FileNotFoundError:
+            return []
+        return sorted(e.rstrip("/").rsplit("/", 1)[-1] for e in entries)
+
+    def write_atomic(self, rel: str, data: bytes) -> None:
+        directory, _, name = rel.rpartition("/")
+        tmp = f"{directory}/.{name}{_TMP_MARK}{uuid.uuid4().hex[:8]}" if directory else f".{name}{_TMP_MARK}{uuid.uuid4().hex[:8]}"
+        with self.fs.open(self._p(tmp), "wb") as f:
+            f.write(data)
+        self.fs.mv(self._p(tmp), self._p(rel))
+
+    def append(self, rel: str, data: bytes) -> None:
+        try:
+            with self.fs.open(self._p(rel), "ab") as f:
+                f.write(data)
+        except (NotImplementedError, ValueError, OSError):
+            old = self.read(rel) if self.exists(rel) else b""
+            self.write_atomic(rel, old + data)
+
+    def truncate(self, rel: str, length: int) -> None:
+        self.write_atomic(rel, self.read(rel)[:length])
+
+
+def _make_fs(root: str | os.PathLike) -> _LocalFS | _FsspecFS:
+    if isinstance(root, os.PathLike):
+        return _LocalFS(os.fspath(root))
+    root = str(root)
+    if root.startswith("file://"):
+        return _LocalFS(root[len("file://"):])
+    if "://" in root:
+        return _FsspecFS(root)
+    return _LocalFS(root)
+
+
+# --------------------------------------------------------------------------------------------
+# (de)serialisation of state dicts
+
+
+def _to_safetensors_bytes(state_dict: Mapping[str, Tensor], step: int) -> bytes:
+    from safetensors.torch import save
+
+    bad = [k for k, v in state_dict.items() if not isinstance(v, Tensor)]
+    if bad:
+        raise InvalidInputError(
+            f"a snapshot holds tensors only; these entries are not tensors: {bad[:10]}"
+            + (" ..." if len(bad) > 10 else "")
+        )
+    aliases: dict[str, str] = {}
+    views: dict[tuple, str] = {}
+    storages: set[int] = set()
+    tensors: dict[str, Tensor] = {}
+    for name in sorted(state_dict):
+        t = state_dict[name].detach()
+        if t.numel() > 0 and t.device.type != "meta":
+            ptr = t.untyped_storage().data_ptr()
+            view = (t.device, ptr, t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+            if view in views:  # exactly the same tensor under another name: tied weights
+                aliases[name] = views[view]
+                continue
+            views[view] = name
+        t = t.cpu().contiguous()
+        if t.numel() > 0:
+            ptr = t.untyped_storage().data_ptr()
+            if ptr in storages:  # a different view of shared memory: store a copy
+                t = t.clone()
+                ptr = t.untyped_storage().data_ptr()
+            storages.add(ptr)
+        tensors[name] = t
+    metadata = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION), "step": str(int(step))}
+    if aliases:
+        metadata[_ALIASES_KEY] = json.dumps(aliases, sort_keys=True)
+    return save(tensors, metadata=metadata)
+
+
+def _from_safetensors_bytes(data: bytes, where: str) -> dict[str, Tensor]:
+    from safetensors import safe_open  # noqa: F401  (import error surfaces here, not as corruption)
+    from safetensors.torch import load
+
+    try:
+        tensors = load(data)
+        header_len = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8 : 8 + header_len])
+    except Exception as exc:  # safetensors raises its own SafetensorError / various
+        raise CorruptSnapshotError(f"{where} is not a readable safetensors file ({exc})") from exc
+    meta = header.get("__metadata__") or {}
+    aliases = json.loads(meta.get(_ALIASES_KEY, "{}"))
+    out: dict[str, Tensor] = dict(tensors)
+    for alias, target in aliases.items():
+        if target not in out:
+            raise CorruptSnapshotError(f"{where}: alias {alias!r} points to missing tensor {target!r}")
+        out[alias] = out[target]
+    return out
+
+
+def detached_copy(state_dict: Mapping[str, Tensor], device: str | torch.device = "cpu") -> dict[str, Tensor]:
+    """A copy of ``state_dict`` on ``device`` that training can no longer modify.
+
+    Names that are the same view of one tensor (tied weights) stay the same tensor in the copy,
+    so the store still records them as aliases.
+    """
+    out: dict[str, Tensor] = {}
+    seen: dict[tuple, Tensor] = {}
+    for name, t in state_dict.items():
+        if not isinstance(t, Tensor):
+            out[name] = t
+            continue
+        t = t.detach()
+        key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+        if t.numel() > 0 and key in seen:
+            out[name] = seen[key]
+            continue
+        copy = t.to(device, copy=True)
+        if t.numel() > 0:
+            seen[key] = copy
+        out[name] = copy
+    return out
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _now() -> float:
+    return time.time()
+
+
+def _iso(ts: float) -> str:
+    return _dt.datetime.fromtimestamp(ts, tz=_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries that matter to read the store back."""
+    out = {"python": sys.version.split()[0], "torch": torch.__version__}
+    for mod in ("devinterp", "lightning", "safetensors", "numpy"):
+        try:
+            out[mod] = str(__import__(mod).__version__)
+        except Exception:  # not installed: simply not recorded
+            continue
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# the store
+
+
+class SnapshotStore:
+    """A folder (local or fsspec URL) of snapshots of one training run.
+
+    Args:
+        root: Local path or fsspec URL (``memory://run1``, ``s3://bucket/run1``...).
+        mode: ``"r"`` to read an existing store (the default), ``"a"`` to create it if needed and
+            append snapshots.
+
+    Raises:
+        StoreNotFoundError: In mode ``"r"``, ``root`` does not exist or holds no store.
+
+    Example:
+        >>> store = SnapshotStore("runs/x/snapshots")        # doctest: +SKIP
+        >>> store.steps()[:3], store.latest().step            # doctest: +SKIP
+        >>> store.load_into(model, 100)                       # doctest: +SKIP
+    """
+
+    def __init__(self, root: str | os.PathLike, *, mode: str = "r"):
+        if mode not in ("r", "a"):
+            raise InvalidInputError(f"mode must be 'r' (read) or 'a' (append), got {mode!r}")
+        if not isinstance(root, (str, os.PathLike)):
+            raise InvalidInputError(f"root must be a path or fsspec URL string, got {type(root).__name__}")
+        self.mode = mode
+        self._fs = _make_fs(root)
+        self.root = self._fs.display()
+        self._readonly = mode == "r"
+        self._ckpt_files: dict[int, str] | None = None  # set by from_lightning_checkpoints
+        self._ckpt_run: dict[str, Any] | None = None
+        self._entries: dict[int, dict[str, Any]] = {}
+        self._steps: list[int] = []
+        self._torn_tail = False
+        self._recovered = False
+        if mode == "a":
+            self._fs.makedirs(SNAPSHOT_DIR)
+        else:
+            if not self._fs.exists():
+                raise StoreNotFoundError(f"no snapshot store at {self.root}: the path does not exist")
+            if not (self._fs.exists(INDEX_FILE) or self._fs.exists(RUN_FILE)):
+                hint = ""
+                if any(n.endswith(".ckpt") for n in self._fs.listdir()):
+                    hint = (" It holds Lightning .ckpt files: open it with "
+                            "SnapshotStore.from_lightning_checkpoints(path) (the CLI does this itself).")
+                raise StoreNotFoundError(
+                    f"{self.root} holds no snapshot store (no {INDEX_FILE} or {RUN_FILE}).{hint}"
+                )
+        self.refresh()
+
+    # ---- opening ----------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> SnapshotStore:
+        """Open ``path`` read-only: a snapshot store, or else a folder of Lightning ``.ckpt`` files."""
+        fs = _make_fs(path)
+        if not fs.exists():
+            raise StoreNotFoundError(f"no snapshot store at {fs.display()}: the path does not exist")
+        if fs.exists(INDEX_FILE) or fs.exists(RUN_FILE):
+            return cls(path, mode="r")
+        if any(n.endswith(".ckpt") for n in fs.listdir()):
+            return cls.from_lightning_checkpoints(path)
+        raise StoreNotFoundError(
+            f"{fs.display()} holds neither a snapshot store ({INDEX_FILE}) nor Lightning .ckpt files"
+        )
+
+    @classmethod
+    def from_lightning_checkpoints(cls, dirpath: str | os.PathLike) -> SnapshotStore:
+        """A read-only view over a folder of ``.ckpt`` files written by Lightning's ``ModelCheckpoint``.
+
+        Each file is read with ``torch.load(weights_only=True)`` (no arbitrary pickle); its step is
+        ``global_step`` and its weights are ``state_dict``, whose keys are the LightningModule's (e.g.
+        ``model.layer.weight`` if the module holds the network as ``self.model``): nothing is
+        stripped, so load them into the same LightningModule class, or strip the prefix yourself.
+        Files at the same step (``last.ckpt`` next to ``epoch=..-step=...ckpt``) count once. The
+        checkpoint's ``hyper_parameters`` are exposed as :meth:`run_info` ``["hparams"]``.
+
+        Raises:
+            StoreNotFoundError: ``dirpath`` does not exist or holds no ``.ckpt`` file.
+            CorruptSnapshotError: A ``.ckpt`` file cannot be read (named in the message).
+        """
+        fs = _make_fs(dirpath)
+        if not fs.exists():
+            raise StoreNotFoundError(f"no checkpoint folder at {fs.display()}: the path does not exist")
+        names = [n for n in fs.listdir() if n.endswith(".ckpt")]
+        if not names:
+            raise StoreNotFoundError(f"{fs.display()} holds no Lightning .ckpt files")
+        self = cls.__new__(cls)
+        self.mode = "r"
+        self._fs = fs
+        self.root = fs.display()
+        self._readonly = True
+        self._torn_tail = False
+        self._recovered = False
+        self._ckpt_files = {}
+        self._ckpt_run = None
+        entries: dict[int, dict[str, Any]] = {}
+        # "last*.ckpt" duplicates another file's step: prefer the named one.
+        for name in sorted(names, key=lambda n: (n.startswith("last"), n)):
+            ckpt = self._load_ckpt(name)
+            step = ckpt.get("global_step")
+            if not isinstance(step, int):
+                raise CorruptSnapshotError(f"{fs.display(name)} has no integer 'global_step'")
+            if "state_dict" not in ckpt:
+                raise CorruptSnapshotError(f"{fs.display(name)} has no 'state_dict'")
+            if self._ckpt_run is None and "hyper_parameters" in ckpt:
+                self._ckpt_run = {
+                    "format": "lightning-checkpoints",
+                    "model_class": None,
+                    "hparams": jsonable(dict(ckpt["hyper_parameters"])),
+                    "hparams_name": ckpt.get("hparams_name"),
+                    "versions": {"lightning": ckpt.get("pytorch-lightning_version")},
+                }
+            if step in entries:
+                entries[step].setdefault("also", []).append(name)
+                continue
+            entries[step] = {
+                "kind": "snapshot",
+                "step": step,
+                "file": name,
+                "bytes": fs.size(name),
+                "epoch": ckpt.get("epoch"),
+            }
+            self._ckpt_files[step] = name
+        self._entries = entries
+        self._steps = sorted(entries)
+        return self
+
+    def _load_ckpt(self, name: str) -> dict[str, Any]:
+        where = self._fs.display(name)
+        try:
+            if isinstance(self._fs, _LocalFS):
+                return torch.load(where, map_location="cpu", weights_only=True, mmap=True)
+            import io
+
+            return torch.load(io.BytesIO(self._fs.read(name)), map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise CorruptSnapshotError(
+                f"{where} cannot be read as a Lightning checkpoint with weights_only=True ({exc})"
+            ) from exc
+
+    # ---- reading the index ------------------------------------------------------------------
+
+    def refresh(self) -> None:
+        """Re-read the index (to see snapshots another process appended since opening)."""
+        if self._ckpt_files is not None:
+            return
+        entries: dict[int, dict[str, Any]] = {}
+        self._torn_tail = False
+        data = self._fs.read(INDEX_FILE) if self._fs.exists(INDEX_FILE) else b""
+        lines = data.split(b"\n")
+        # The last element is b"" when the file ends with a newline; otherwise it is a torn write.
+        for lineno, raw in enumerate(lines, start=1):
+            if not raw.strip():
+                continue
+            last = lineno == len(lines)
+            try:
+                rec = json.loads(raw)
+                if not isinstance(rec, dict) or "kind" not in rec:
+                    raise ValueError("not an index record")
+            except ValueError as exc:
+                if last:  # torn final line from an interrupted append: never committed
+                    self._torn_tail = True
+                    continue
+                raise CorruptSnapshotError(
+                    f"{self._fs.display(INDEX_FILE)} line {lineno} is not a valid index record ({exc})"
+                ) from exc
+            kind = rec["kind"]
+            if kind == "snapshot":
+                entries[int(rec["step"])] = rec
+            elif kind == "truncate":
+                after = int(rec["after"])
+                for s in [s for s in entries if s > after]:
+                    del entries[s]
+            elif kind == "drop":
+                entries.pop(int(rec["step"]), None)
+            # unknown kinds from newer versions are ignored on purpose
+        self._entries = entries
+        self._steps = sorted(entries)
+
+    # ---- queries ----------------------------------------------------------------------------
+
+    @property
+    def readonly(self) -> bool:
+        return self._readonly
+
+    def steps(self) -> list[int]:
+        """Steps with a snapshot, ascending."""
+        return list(self._steps)
+
+    def __len__(self) -> int:
+        return len(self._steps)
+
+    def __contains__(self, step: object) -> bool:
+        return isinstance(step, int) and step in self._entries
+
+    def __iter__(self) -> Iterator[Snapshot]:
+        """Snapshots in step order (each loaded when reached)."""
+        for step in list(self._steps):
+            yield self.load(step)
+
+    def __repr__(self) -> str:
+        kind = "lightning-checkpoints" if self._ckpt_files is not None else "store"
+        return f"SnapshotStore({self.root!r}, {kind}, {len(self)} snapshots)"
+
+    def meta(self, step: int) -> Mapping[str, Any]:
+        """The index record of the snapshot at ``step``, without loading its weights."""
+        return MappingProxyType(dict(self._entry(step)))
+
+    def file_path(self, step: int) -> str:
+        """Full path or URL of the snapshot file at ``step``."""
+        return self._fs.display(self._entry(step)["file"])
+
+    def _entry(self, step: int) -> dict[str, Any]:
+        if not self._steps:
+            raise EmptyStoreError(f"the snapshot store at {self.root} holds no snapshot yet")
+        if step not in self._entries:
+            i = bisect.bisect_left(self._steps, step)
+            near = self._steps[max(0, i - 3) : i + 3]
+            raise SnapshotNotFoundError(
+                f"no snapshot at step {step} in {self.root}; nearby steps: {near} "
+                f"({len(self._steps)} snapshots, steps {self._steps[0]}..{self._steps[-1]})"
+            )
+        return self._entries[step]
+
+    def latest(self) -> Snapshot:
+        """The snapshot with the largest step. Raises :class:`EmptyStoreError` if there is none."""
+        if not self._steps:
+            raise EmptyStoreError(f"the snapshot store at {self.root} holds no snapshot yet")
+        return self.load(self._steps[-1])
+
+    def load(self, step: int, *, device: str | torch.device = "cpu") -> Snapshot:
+        """Load the snapshot at ``step``, checking its checksum.
+
+        Raises:
+            EmptyStoreError: The store holds no snapshot.
+            SnapshotNotFoundError: No snapshot at ``step`` (the message lists nearby steps).
+            CorruptSnapshotError: The file is missing, truncated or fails its checksum.
+        """
+        rec = self._entry(step)
+        if self._ckpt_files is not None:
+            ckpt = self._load_ckpt(rec["file"])
+            sd = {k: v for k, v in ckpt["state_dict"].items() if isinstance(v, Tensor)}
+        else:
+            data = self._read_checked(rec)
+            sd = _from_safetensors_bytes(data, self._fs.display(rec["file"]))
+        if torch.device(device).type != "cpu":
+            moved: dict[int, Tensor] = {}
+            sd = {k: moved.setdefault(id(v), v.to(device)) for k, v in sd.items()}
+        return Snapshot(step=int(step), state_dict=sd, meta=MappingProxyType(dict(rec)))
+
+    def _read_checked(self, rec: Mapping[str, Any]) -> bytes:
+        where = self._fs.display(rec["file"])
+        try:
+            data = self._fs.read(rec["file"])
+        except FileNotFoundError as exc:
+            raise CorruptSnapshotError(
+                f"{where} is missing although {INDEX_FILE} lists it (step {rec['step']})"
+            ) from exc
+        if "bytes" in rec and len(data) != rec["bytes"]:
+            raise CorruptSnapshotError(
+                f"{where} is truncated or altered: {len(data)} bytes on disk, {rec['bytes']} recorded"
+            )
+        if "sha256" in rec and _sha256(data) != rec["sha256"]:
+            raise CorruptSnapshotError(f"{where} fails its sha256 checksum: the file is corrupt")
+        return data
+
+    def load_into(self, model: torch.nn.Module, step: int | None = None, *, strict: bool = True) -> Snapshot:
+        """Copy the weights at ``step`` (default: the latest) into ``model``.
+
+        Raises:
+            StateDictMismatchError: Keys missing or unexpected (when ``strict``) or shapes differ;
+                every mismatch is listed.
+        """
+        snap = self.latest() if step is None else self.load(step)
+        target = model.state_dict()
+        missing = sorted(set(target) - set(snap.state_dict))
+        unexpected = sorted(set(snap.state_dict) - set(target))
+        shapes = sorted(
+            f"{k}: snapshot {tuple(snap.state_dict[k].shape)} vs model {tuple(target[k].shape)}"
+            for k in set(target) & set(snap.state_dict)
+            if tuple(target[k].shape) != tuple(snap.state_dict[k].shape)
+        )
+        if shapes or (strict and (missing or unexpected)):
+            parts = []
+            if missing and strict:
+                parts.append(f"missing from the snapshot ({len(missing)}): {missing}")
+            if unexpected and strict:
+                parts.append(f"not in the model ({len(unexpected)}): {unexpected}")
+            if shapes:
+                parts.append(f"shape mismatches ({len(shapes)}): {shapes}")
+            raise StateDictMismatchError(
+                f"snapshot at step {snap.step} ({self.file_path(snap.step)}) does not fit "
+                f"{type(model).__name__}: " + "; ".join(parts)
+            )
+        model.load_state_dict(snap.state_dict, strict=strict)
+        return snap
+
+    def run_info(self) -> dict[str, Any]:
+        """The run file (model class path, hyper-parameters, versions...); ``{}`` if none."""
+        if self._ckpt_files is not None:
+            return dict(self._ckpt_run or {})
+        if not self._fs.exists(RUN_FILE):
+            return {}
+        try:
+            return json.loads(self._fs.read(RUN_FILE))
+        except ValueError as exc:
+            raise CorruptSnapshotError(f"{self._fs.display(RUN_FILE)} is not valid JSON ({exc})") from exc
+
+    # ---- verification -----------------------------------------------------------------------
+
+    def verify(self) -> VerifyReport:
+        """Read every live snapshot file and check size, checksum and readability.
+
+        Never raises for a damaged store: every problem is listed by file in the report.
+        """
+        problems: list[Problem] = []
+        notes: list[Problem] = []
+        checked = 0
+        if self._ckpt_files is None:
+            try:
+                self.refresh()
+            except CorruptSnapshotError as exc:
+                return VerifyReport(self.root, 0, (Problem(INDEX_FILE, str(exc)),))
+            if self._torn_tail:
+                notes.append(Problem(INDEX_FILE, "torn last line (interrupted write, ignored)"))
+            try:
+                self.run_info()
+            except CorruptSnapshotError as exc:
+                problems.append(Problem(RUN_FILE, str(exc)))
+        for step in self._steps:
+            rec = self._entries[step]
+            checked += 1
+            try:
+                self.load(step)
+            except CorruptSnapshotError as exc:
+                problems.append(Problem(rec["file"], str(exc)))
+        if self._ckpt_files is None:
+            live = {self._entries[s]["file"] for s in self._steps}
+            for name in self._fs.listdir(SNAPSHOT_DIR):
+                rel = f"{SNAPSHOT_DIR}/{name}"
+                if rel in live:
+                    continue
+                if _TMP_MARK in name:
+                    notes.append(Problem(rel, "temporary file from an interrupted write (ignored)"))
+                elif _NAME_RE.match(name):
+                    notes.append(Problem(rel, "not in the index: orphan or superseded snapshot (ignored)"))
+                else:
+                    notes.append(Problem(rel, "unknown file (ignored)"))
+        return VerifyReport(self.root, checked, tuple(problems), tuple(notes))
+
+    # ---- writing ----------------------------------------------------------------------------
+
+    def _check_writable(self) -> None:
+        if self._readonly:
+            raise StoreError(f"{self.root} is open read-only; open it with SnapshotStore(path, mode='a') to write")
+        if not self._recovered:
+            self._recover()
+
+    def _recover(self) -> None:
+        """Before the first append: cut a torn (uncommitted) last index line so later lines parse."""
+        self._recovered = True
+        if not self._fs.exists(INDEX_FILE):
+            return
+        data = self._fs.read(INDEX_FILE)
+        if not data or data.endswith(b"\n"):
+            return
+        cut = data.rfind(b"\n") + 1
+        tail = data[cut:]
+        try:
+            complete = isinstance(json.loads(tail), dict)
+        except ValueError:
+            complete = False
+        if complete:  # the record was fully written, only its newline is missing
+            self._fs.append(INDEX_FILE, b"\n")
+        else:
+            self._fs.truncate(INDEX_FILE, cut)
+        self.refresh()
+
+    def _append(self, record: Mapping[str, Any]) -> None:
+        line = json.dumps(record, sort_keys=False, allow_nan=False, separators=(",", ":")) + "\n"
+        self._fs.append(INDEX_FILE, line.encode())
+
+    def save(self, step: int, state_dict: Mapping[str, Tensor], meta: Mapping[str, Any] | None = None) -> Mapping[str, Any]:
+        """Write the snapshot at ``step`` durably, then commit it to the index.
+
+        Args:
+            step: Training step (>= 0).
+            state_dict: Name -> tensor (any device; tied names are stored once).
+            meta: Extra JSON-able fields for the index record, e.g. ``epoch``, ``samples_seen``,
+                ``train_loss``, ``wall_time`` (defaults to now). Reserved: kind, step, file,
+                bytes, sha256.
+
+        Returns:
+            The committed index record.
+        """
+        self._check_writable()
+        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+            raise InvalidInputError(f"step must be a non-negative integer, got {step!r}")
+        meta = dict(meta or {})
+        clash = sorted(_RESERVED & set(meta))
+        if clash:
+            raise InvalidInputError(f"meta keys {clash} are reserved by the store; rename them")
+        data = _to_safetensors_bytes(state_dict, step)
+        rel = snapshot_filename(step)
+        if step in self._entries:
+            # The old record must stop pointing at the file before the file is replaced.
+            self._append({"kind": "drop", "step": step, "wall_time": _now()})
+            del self._entries[step]
+            self._steps.remove(step)
+        self._fs.write_atomic(rel, data)
+        record = {"kind": "snapshot", "step": step, "file": rel, "bytes": len(data), "sha256": _sha256(data)}
+        record.update({"epoch": None, "samples_seen": None, "train_loss": None, "wall_time": _now()})
+        record.update(jsonable(meta))
+        self._append(record)
+        self._entries[step] = record
+        bisect.insort(self._steps, step)
+        return MappingProxyType(record)
+
+    def truncate_after(self, step: int) -> list[int]:
+        """Supersede every snapshot with a step greater than ``step`` (append-only).
+
+        Used when a run resumes from a checkpoint at ``step``: what the interrupted run wrote later
+        is replaced by the resumed run's snapshots. Returns the superseded steps.
+        """
+        self._check_writable()
+        later = [s for s in self._steps if s > step]
+        if later:
+            self._append({"kind": "truncate", "after": int(step), "wall_time": _now()})
+            for s in later:
+                del self._entries[s]
+            self._steps = [s for s in self._steps if s <= step]
+        return later
+
+    def write_run(
+        self,
+        *,
+        model_class: str | type | None = None,
+        hparams: Mapping[str, Any] | None = None,
+        datamodule_class: str | type | None = None,
+        datamodule_hparams: Mapping[str, Any] | None = None,
+        extra: Mapping[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """Write ``run.json`` (atomically). A rewrite (on resume) keeps the original creation time.
+
+        Args:
+            model_class: ``package.module:Class`` (or the class itself) that rebuilds the model.
+            hparams: The model's hyper-parameters (made JSON-safe).
+            datamodule_class: Same for the datamodule, when there is one.
+            datamodule_hparams: The datamodule's hyper-parameters.
+            extra: Anything else worth keeping (e.g. the snapshot schedule).
+        """
+        self._check_writable()
+        now = _now()
+        previous = self.run_info() if self._fs.exists(RUN_FILE) else {}
+        info = {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "created": previous.get("created", _iso(now)),
+            "updated": _iso(now),
+            "model_class": _as_class_path(model_class),
+            "hparams": jsonable(dict(hparams or {})),
+            "datamodule_class": _as_class_path(datamodule_class),
+            "datamodule_hparams": jsonable(dict(datamodule_hparams)) if datamodule_hparams is not None else None,
+            "versions": library_versions(),
+        }
+        if extra:
+            info.update(jsonable(dict(extra)))
+        self._fs.write_atomic(RUN_FILE, (json.dumps(info, indent=2, sort_keys=False) + "\n").encode())
+        return info
+
+
+# --------------------------------------------------------------------------------------------
+# background writing
+
+
+class BackgroundSaver:
+    """Writes snapshots to a store from a worker thread, in submission order.
+
+    The caller hands over tensors it will not modify (copies); serialising, hashing and fsync
+    happen off the training thread. The queue is bounded, so a slow disk slows training down
+    instead of filling memory. An error in the worker is raised on the next :meth:`submit`,
+    :meth:`flush` or :meth:`close`.
+
+    Args:
+        store: A store opened with ``mode="a"``.
+        max_pending: Snapshots that may wait in memory before ``submit`` blocks.
+    """
+
+    def __init__(self, store: SnapshotStore, *, max_pending: int = 2):
+        if max_pending < 1:
+            raise InvalidInputError(f"max_pending must be >= 1, got {max_pending}")
+        self.store = store
+        self._queue: queue.Queue = queue.Queue(maxsize=max_pending)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._work, name="devinterp-snapshot-writer", daemon=True)
+        self._thread.start()
+
+    def _work(self) -> None:
+        while True:
+            item = self._queue.get()
+            try:
+                if item is None:
+                    return
+                if self._error is None:
+                    self.store.save(*item)
+            except BaseException as exc:  # kept and re-raised in the training thread
+                self._error = exc
+            finally:
+                self._queue.task_done()
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise StoreError(f"writing a snapshot to {self.store.root} failed: {err}") from err
+
+    def submit(self, step: int, state_dict: Mapping[str, Tensor], meta: Mapping[str, Any] | None = None) -> None:
+        self._raise()
+        if not self._thread.is_alive():
+            raise StoreError("the snapshot writer is closed")
+        self._queue.put((step, state_dict, meta))
+
+    def flush(self) -> None:
+        """Block until every submitted snapshot is committed."""
+        self._queue.join()
+        self._raise()
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+        self._raise()
