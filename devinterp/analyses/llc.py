@@ -151,7 +151,7 @@ class LLCResult:
 def _acceptance_steps(num_burnin: int, num_draws: int, checks: int) -> list[int]:
     if checks <= 0:
         return []
-    checks = min(checks, num_draws)
+    checks = min(checks, max(1, num_draws // 30))  # at most ~3% extra gradient evaluations
     return sorted({num_burnin + int(i) for i in np.linspace(0, num_draws - 1, checks)})
 
 
@@ -192,9 +192,10 @@ def estimate_llc(model: nn.Module | SamplingTarget, data: Any = None, loss_fn: L
         seed: seed of the chains' generators; same seed, same result.
         device: where to sample; None: the model's device.
         vectorize: ``True``: all chains in one ``torch.func.vmap`` call per step; ``False``: a
-            model copy per chain; ``"auto"``: time both on a few steps (cached per structure).
+            model copy per chain; ``"auto"``: the loop on CPU, else time both on a few steps (cached per structure).
         num_acceptance_checks: post-burn-in steps (evenly spread) at which the MALA acceptance
-            is estimated, each costing one extra gradient evaluation; 0 disables.
+            is estimated, each costing one extra gradient evaluation (capped at
+            ``num_draws // 30``); 0 disables.
         check_every: check for divergence every this many steps (and at the end).
 
     Returns:
