@@ -1,6 +1,6 @@
 """``LLCCallback``: estimate the local learning coefficient at scheduled training steps.
 
-A thin adapter over :func:`devinterp.analyses.estimate_llc`: it resolves its schedule at fit start
+A thin adapter over :func:`devinterp.analyses.estimate_llc`: it resolves its schedule when training starts
 (step 0 is estimated then), and at each scheduled step copies the current weights, estimates the
 LLC on the copy and publishes the result through :func:`devinterp.callbacks._logging.log_scalars`.
 The training run is never disturbed: the live model's weights, gradients, ``requires_grad`` flags,
@@ -71,7 +71,7 @@ class LLCCallback(pl.Callback):
             ``lambda m, batch: m.training_loss(batch)`` or a plain function calling ``m(x)`` both
             work); ``batch`` has the structure a DataLoader over ``data`` gives.
         schedule: When to estimate, in optimizer steps (default ``log_spaced(20)`` up to the run's
-            total steps); resolved at fit start. Step 0 is always estimated at fit start when
+            total steps); resolved when training starts. Step 0 is always estimated then when
             training starts from scratch.
         calibrate: ``True``: calibrate the sampler once, at the first estimate, with
             :func:`devinterp.analyses.calibrate` on that copy of the weights, and reuse the
@@ -133,7 +133,7 @@ class LLCCallback(pl.Callback):
                 raise InvalidInputError(
                     f"{key!r} is set by LLCCallback itself; pass it as the callback's own argument"
                 )
-        bad = set(estimate_kwargs) - set(inspect.signature(estimate_llc).parameters)
+        bad = set(estimate_kwargs) - set(_accepted(estimate_llc, estimate_kwargs))
         if bad:
             raise InvalidInputError(
                 f"unknown estimate_llc argument(s) {sorted(bad)}; see devinterp.analyses.estimate_llc"
@@ -170,7 +170,8 @@ class LLCCallback(pl.Callback):
         self._last_step: int | None = None
 
     # -- Lightning hooks ----------------------------------------------------------------------
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # on_train_start, not on_fit_start: by now a resumed run's global_step is restored
         total = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
         if total is None:
             try:
@@ -179,7 +180,7 @@ class LLCCallback(pl.Callback):
             except (TypeError, ValueError, OverflowError, RuntimeError):
                 total = None
         self._resolved = self.schedule.resolve(total) | at([0])
-        if trainer.global_step == 0 and self._last_step != 0:
+        if trainer.global_step == 0 and self._last_step is None:
             self._estimate(trainer, pl_module, 0)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
@@ -219,7 +220,10 @@ class LLCCallback(pl.Callback):
 
     @staticmethod
     def _copy(model: nn.Module, eval_mode: bool) -> nn.Module:
-        """A private copy of ``model`` (a LightningModule is copied without its trainer)."""
+        """A private copy of ``model`` with its ``requires_grad`` flags, without gradients.
+
+        A LightningModule is copied without its trainer (``LightningModule.__getstate__``).
+        """
         grads = {name: p.grad for name, p in model.named_parameters()}
         for p in model.parameters():  # gradients are not part of the copy
             p.grad = None
@@ -228,8 +232,6 @@ class LLCCallback(pl.Callback):
         finally:
             for name, p in model.named_parameters():
                 p.grad = grads[name]
-        for p in replica.parameters():
-            p.requires_grad_(True)
         return replica.eval() if eval_mode else replica
 
     def _calibrate_once(self, replica: nn.Module) -> None:
