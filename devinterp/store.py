@@ -41,6 +41,7 @@ import datetime as _dt
 import hashlib
 import json
 import math
+import operator
 import os
 import queue
 import re
@@ -635,7 +636,10 @@ class SnapshotStore:
         return len(self._steps)
 
     def __contains__(self, step: object) -> bool:
-        return isinstance(step, int) and step in self._entries
+        try:
+            return operator.index(step) in self._entries
+        except TypeError:
+            return False
 
     def __iter__(self) -> Iterator[Snapshot]:
         """Snapshots in step order (each loaded when reached)."""

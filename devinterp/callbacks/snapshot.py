@@ -79,9 +79,14 @@ class SnapshotCallback(Callback):
         self._resolved: Schedule | None = None
         self._last_step = -1
         self._samples_seen: int | None = 0
-        self._batch_size: int | None = None
+        self._restored = False
 
     # ---- public ---------------------------------------------------------------------------
+
+    @property
+    def state_key(self) -> str:
+        # Two snapshot callbacks in one trainer keep separate states in a checkpoint.
+        return self._generate_state_key(dirpath=self.dirpath, schedule=repr(self.schedule))
 
     @property
     def resolved_dirpath(self) -> str | None:
@@ -116,6 +121,8 @@ class SnapshotCallback(Callback):
         self._last_step = step
         if step == 0:
             self._samples_seen = 0
+        elif not self._restored:  # resumed from a checkpoint written without this callback
+            self._samples_seen = None
         if trainer.is_global_zero:
             self.store = SnapshotStore(dirpath, mode="a")
             dm = trainer.datamodule if getattr(trainer, "datamodule", None) is not None else None
@@ -175,6 +182,7 @@ class SnapshotCallback(Callback):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._restored = True
         self._restored_dirpath = state_dict.get("dirpath")
         self._samples_seen = state_dict.get("samples_seen")
 
