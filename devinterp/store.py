@@ -375,7 +375,6 @@ def _to_safetensors_bytes(state_dict: Mapping[str, Tensor], step: int) -> bytes:
 
 
 def _from_safetensors_bytes(data: bytes, where: str) -> dict[str, Tensor]:
-    from safetensors import safe_open  # noqa: F401  (import error surfaces here, not as corruption)
     from safetensors.torch import load
 
     try:
