@@ -78,7 +78,7 @@ def test_bad_arguments():
     with pytest.raises(ScheduleError, match="Schedule"):
         SnapshotCallback(schedule=[1, 2, 3])
     with pytest.raises(InvalidInputError):
-        SnapshotCallback(max_pending=0)
+        SnapshotCallback(max_pending_bytes=0)
 
 
 def test_unbounded_run_needs_a_bounded_schedule(tmp_path):
