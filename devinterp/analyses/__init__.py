@@ -13,11 +13,20 @@ _EXPORTS = {
     "induction_scores": "devinterp.analyses.circuits",
     "HeadScores": "devinterp.analyses.circuits",
     "icl_score": "devinterp.analyses.circuits",
+    "head_params": "devinterp.analyses.head_params",
+    "head_params_from_projections": "devinterp.analyses.head_params",
+    "capture_attention": "devinterp.analyses.attention_capture",
     # transitions (issue 6)
     "detect_transitions": "devinterp.analyses.transitions",
     "detect_stages": "devinterp.analyses.transitions",
     "Transition": "devinterp.analyses.transitions",
-    "essential_dynamics": "devinterp.analyses.essential_dynamics",
+    "essential_dynamics": "devinterp.analyses.dynamics",
+    "EssentialDynamics": "devinterp.analyses.dynamics",
+    "llc_stages": "devinterp.analyses.transitions",
+    "Stage": "devinterp.analyses.transitions",
+    "StageBoundary": "devinterp.analyses.transitions",
+    "StageResult": "devinterp.analyses.transitions",
+    "LLCStages": "devinterp.analyses.transitions",
 }
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 __all__ = sorted(_EXPORTS)
