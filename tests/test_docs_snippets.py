@@ -1,4 +1,4 @@
-"""Run every fenced ```python block in docs/*.md that follows a line ``<!-- test -->``."""
+"""Run every fenced ```python block in README.md and docs/*.md that follows a line ``<!-- test -->``."""
 
 import re
 import runpy
@@ -6,13 +6,14 @@ from pathlib import Path
 
 import pytest
 
-DOCS = Path(__file__).resolve().parents[1] / "docs"
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs"
 _BLOCK = re.compile(r"^<!-- test -->[ \t]*\n(?:[ \t]*\n)*```python[^\n]*\n(.*?)^```", re.M | re.S)
 
 
 def snippets() -> list:
     out = []
-    for md in sorted(DOCS.glob("*.md")):
+    for md in [ROOT / "README.md", *sorted(DOCS.glob("*.md"))]:
         for i, match in enumerate(_BLOCK.finditer(md.read_text()), start=1):
             out.append(pytest.param(match.group(1), id=f"{md.name}:{i}"))
     return out
