@@ -20,6 +20,8 @@ def register(subparsers) -> None:
                    help="output directory (default: runs/demo; a previous demo there is replaced)")
     p.add_argument("--quick", action="store_true", help="a short run (about a minute)")
     p.add_argument("--seed", type=int, default=0, metavar="N", help="random seed (default 0)")
+    p.add_argument("--threads", type=int, default=1, metavar="N",
+                   help="torch threads (default 1: fastest for this tiny model)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=run)
 
@@ -27,7 +29,8 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from devinterp.demo import run_demo
 
-    result = run_demo(args.out, quick=args.quick, seed=args.seed, progress=not args.no_progress)
+    result = run_demo(args.out, quick=args.quick, seed=args.seed, threads=args.threads,
+                        progress=not args.no_progress)
     print()
     print("\n".join(result.summary_lines()))
     return 0
