@@ -508,15 +508,15 @@ def _with_drift(row: PilotRow, losses: np.ndarray | None, smaller: PilotRow,
 
 
 def calibrate(model: nn.Module | SamplingTarget, data: Any = None, loss_fn: LossFn | None = None,
-              *, num_steps: int = 400, num_pilot_chains: int = 2, grid_size: int = 7,
+              *, num_steps: int = 400, num_pilot_chains: int = 2, grid_size: int = 6,
               grid_top: float = 2.0, step_sizes: list[float] | None = None,
               localization: float = 1.0, nbeta: float | None = None,
               batch_size: int | None = None, sampler: str = "sgld",
               sampler_kwargs: Mapping[str, Any] | None = None, params: ParamSelection = None,
               min_acceptance: float = 0.9, max_below: float = 0.3, drift_tol: float = 0.15,
-              num_chains: int = 4, target_ess: float = 400.0, min_draws: int = 1000,
+              num_chains: int = 4, target_ess: float = 400.0, min_draws: int = 2000,
               max_draws: int = 20000, min_burnin: int = 200, max_burnin: int = 20000,
-              max_localization_rounds: int = 2, seed: int = 0,
+              max_localization_rounds: int = 2, max_extra_levels: int = 12, seed: int = 0,
               device: str | torch.device | None = None,
               vectorize: bool | str = "auto") -> Calibration:
     """Choose step size, localization, burn-in and draws for ``estimate_llc`` from pilot chains.
@@ -547,6 +547,8 @@ def calibrate(model: nn.Module | SamplingTarget, data: Any = None, loss_fn: Loss
         target_ess: effective samples (all chains) the chosen ``num_draws`` should give.
         min_draws, max_draws, min_burnin, max_burnin: bounds of the chosen lengths.
         max_localization_rounds: how many times γ may be raised tenfold.
+        max_extra_levels: how many halvings may extend the grid down when every step size is
+            too large (diverges or has a low acceptance).
         seed: seed of the pilots (same seed, same calibration).
         device: where to sample.
         vectorize: as for ``estimate_llc``.
@@ -592,20 +594,29 @@ def calibrate(model: nn.Module | SamplingTarget, data: Any = None, loss_fn: Loss
             grid = sorted((float(e) for e in step_sizes), reverse=True)
         else:
             grid = [grid_top / h / 2**k for k in range(grid_size)]
-        rows = []
-        for eps in grid:
-            row, losses = _pilot(target, step_size=eps, localization=gamma, nbeta=nbeta,
-                                 num_chains=num_pilot_chains, num_steps=num_steps,
-                                 sampler=sampler, seed=seed, sampler_kwargs=sampler_kwargs)
-            rows.append(row)
-            traces[(eps, gamma)] = losses
-        for i in range(len(rows) - 1):
-            a, b = rows[i], rows[i + 1]
-            rows[i] = _with_drift(a, traces[(a.step_size, gamma)], b,
-                                  traces[(b.step_size, gamma)], target.init_loss)
+        rows: list[PilotRow] = []
+        extra_levels = 0
+        while True:
+            for eps in grid:
+                row, losses = _pilot(target, step_size=eps, localization=gamma, nbeta=nbeta,
+                                     num_chains=num_pilot_chains, num_steps=num_steps,
+                                     sampler=sampler, seed=seed, sampler_kwargs=sampler_kwargs)
+                if rows:
+                    prev = rows[-1]
+                    rows[-1] = _with_drift(prev, traces[(prev.step_size, gamma)], row, losses,
+                                           target.init_loss)
+                rows.append(row)
+                traces[(eps, gamma)] = losses
+            chosen, reason = _choose(rows, min_acceptance=min_acceptance, max_below=max_below,
+                                     drift_tol=drift_tol)
+            last = rows[-1]
+            # every step size too large (divergence or low acceptance): extend the grid down
+            too_large = last.diverged or not (last.acceptance >= min_acceptance)
+            if chosen is not None or not too_large or extra_levels >= max_extra_levels:
+                break
+            grid = [last.step_size / 2]
+            extra_levels += 1
         table.extend(rows)
-        chosen, reason = _choose(rows, min_acceptance=min_acceptance, max_below=max_below,
-                                 drift_tol=drift_tol)
         if chosen is not None:
             break
         live = [r for r in rows if not r.diverged]
@@ -753,3 +764,75 @@ def _validate(**kw: Any) -> None:
                              or not (e > 0 and math.isfinite(e)) for e in s):
             raise InvalidInputError(f"step_sizes must be a non-empty list of positive numbers, "
                                     f"got {s!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# warnings used by estimate_llc
+# --------------------------------------------------------------------------------------------
+#: A reused calibration is suspect when the estimate's MALA acceptance leaves this band.
+REUSE_ACCEPTANCE_BAND = (0.6, 0.995)
+#: ... or when more than this fraction of draws lies below L(w*).
+REUSE_MAX_BELOW = 0.3
+#: w* is flagged as not a minimum when more than this fraction of draws lies below L(w*).
+NOT_MINIMUM_BELOW = 0.5
+#: ... or when the loss falls during the draws by this many standard errors and this fraction of
+#: the excess loss.
+NOT_MINIMUM_TREND_Z = -4.0
+NOT_MINIMUM_TREND_REL = 0.05
+
+
+def minimum_warning(result: Any) -> str | None:
+    """A message when an ``LLCResult`` shows that w* is not near a local minimum, else None.
+
+    Signs: λ̂ < 0; more than ``NOT_MINIMUM_BELOW`` of the draws below ``L_n(w*)``; or the
+    loss falling during the draws (trend z < ``NOT_MINIMUM_TREND_Z`` and by more than
+    ``NOT_MINIMUM_TREND_REL`` of the excess loss).
+    """
+    d = result.diagnostics
+    draws = np.asarray(result.loss_trace, dtype=np.float64)
+    signs = []
+    if result.mean < 0:
+        signs.append(f"λ̂ = {result.mean:.4g} is negative")
+    if d.frac_below_init > NOT_MINIMUM_BELOW:
+        signs.append(f"{d.frac_below_init:.0%} of the draws lie below L(w*)")
+    half = draws.shape[1] // 2
+    if half >= 4:
+        drop = float(draws[:, :half].mean() - draws[:, -half:].mean())
+        excess = abs(float(draws.mean()) - result.init_loss)
+        scale = max(excess, 1e-12)
+        if d.trend_z < NOT_MINIMUM_TREND_Z and drop / scale > NOT_MINIMUM_TREND_REL:
+            signs.append(f"the loss falls during sampling (trend z = {d.trend_z:.1f})")
+    if not signs:
+        return None
+    gamma = result.config.localization
+    return ("w* does not look like a local minimum: " + "; ".join(signs) + ". SGLD keeps "
+            "finding lower loss, so λ̂ measures the descent, not the local geometry. What to do: "
+            "train longer (until the loss plateaus); or raise the localization (e.g. "
+            f"localization={gamma * 10:g}) to keep the chains near w*; or use a smaller "
+            "step_size; or estimate the data-refined LLC on data where w* is trained")
+
+
+def reuse_warning(result: Any, calibration: Calibration) -> str | None:
+    """A message when a reused calibration shows signs of no longer fitting, else None.
+
+    Signs: the MALA acceptance outside ``REUSE_ACCEPTANCE_BAND``; more than ``REUSE_MAX_BELOW``
+    of the draws below ``L_n(w*)``; a different number of samples; or ``L_n(w*)`` more than 10×
+    (or less than 1/10 of) the one calibrated at.
+    """
+    d = result.diagnostics
+    signs = []
+    lo, hi = REUSE_ACCEPTANCE_BAND
+    if math.isfinite(d.acceptance) and not lo <= d.acceptance <= hi:
+        signs.append(f"MALA acceptance {d.acceptance:.3f} outside [{lo}, {hi}]")
+    if d.frac_below_init > REUSE_MAX_BELOW:
+        signs.append(f"{d.frac_below_init:.0%} of draws below L(w*)")
+    if result.config.n != calibration.n:
+        signs.append(f"n = {result.config.n}, calibrated with n = {calibration.n}")
+    a, b = abs(result.init_loss), abs(calibration.init_loss)
+    if a > 0 and b > 0 and not 0.1 <= a / b <= 10:
+        signs.append(f"L(w*) = {result.init_loss:.4g}, calibrated at {calibration.init_loss:.4g}")
+    if not signs:
+        return None
+    return ("the reused calibration (step_size=" f"{calibration.step_size:.3g}) may no longer fit "
+            "this model: " + "; ".join(signs) + ". Calibrate again at this snapshot "
+            "(estimate_llc(..., step_size='auto') or calibrate(...)) and reuse the new one")
