@@ -200,7 +200,7 @@ class Calibration:
         for row in self.table:
             mark = "*" if (row.step_size == self.step_size
                            and row.localization == self.localization) else " "
-            status = ("diverged@%d" % row.diverged_step) if row.diverged else (
+            status = f"diverged@{row.diverged_step}" if row.diverged else (
                 "ok" if row.plateau else "no plateau")
             lines.append(
                 f"{mark} {row.step_size:>10.3g} {row.localization:>7.3g} {_f(row.llc, 9, '.3f')} "
@@ -364,7 +364,7 @@ def burnin_length(losses: np.ndarray, *, num_blocks: int = 20, z: float = 3.0,
 
     The ``(chains, T)`` trace (averaged over chains) is cut into ``num_blocks`` blocks. The
     final level F is the mean of the last third of the blocks and its noise s the standard
-    deviation of those block means. The burn-in ends at the first block from which every later
+    deviation of those block means, estimated from successive differences (a trend is not noise). The burn-in ends at the first block from which every later
     block mean stays within ``max(z·s, rel_tol·|F − first block|)`` of F.
 
     Returns:
@@ -382,7 +382,9 @@ def burnin_length(losses: np.ndarray, *, num_blocks: int = 20, z: float = 3.0,
     means = x[:, :size * blocks].mean(axis=0).reshape(blocks, size).mean(axis=1)
     tail = means[-(blocks // 3):]
     final = float(tail.mean())
-    noise = float(tail.std(ddof=1))
+    # noise of one block mean from successive differences, so that a trend in the tail does not
+    # count as noise
+    noise = float(np.diff(tail).std(ddof=1) / math.sqrt(2)) if len(tail) > 2 else float(tail.std())
     tol = max(z * noise, rel_tol * abs(final - means[0]), 1e-12 * max(abs(final), 1.0))
     inside = np.abs(means - final) <= tol
     start = blocks
