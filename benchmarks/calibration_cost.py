@@ -50,10 +50,13 @@ def mlp_problem(n: int = 8192, seed: int = 0):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--only", default="", help="run only the models whose name starts so")
     args = ap.parse_args()
     torch.set_num_threads(1)
     dln = make_dln_problem([10] * 5, 5, 10_000, 0, noise_std=0.0)
     models = {"dln [10]*5 r=5": (dln.model, dln.data, dln.loss_fn), "mlp 32-64-64-4": mlp_problem()}
+    if args.only:
+        models = {k: v for k, v in models.items() if k.startswith(args.only)}
     for name, (model, data, loss_fn) in models.items():
         target = prepare_target(model, data, loss_fn, batch_size=512)
         ratios = []

@@ -651,6 +651,13 @@ def calibrate(model: nn.Module | SamplingTarget, data: Any = None, loss_fn: Loss
         chosen, [r for r in table if r.localization == gamma], traces, num_steps=num_steps,
         num_chains=num_chains, target_ess=target_ess, min_draws=min_draws, max_draws=max_draws,
         min_burnin=min_burnin, max_burnin=max_burnin)
+    # the estimate should cost at least what its calibration did (pilot chain-steps)
+    pilot_cost = num_pilot_chains * sum(
+        (r.diverged_step if r.diverged else num_steps) for r in table)
+    floor = int(math.ceil(pilot_cost / num_chains)) - num_burnin
+    if floor > num_draws:
+        num_draws = int(min(floor, max_draws))
+        extra += f"; num_draws raised to {num_draws} so the estimate costs at least the pilots"
     reason = f"{reason}; {extra}"
     if gamma != localization:
         reason += (f"; localization raised from {localization:g} to {gamma:g} because draws fell "
