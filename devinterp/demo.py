@@ -19,7 +19,7 @@ import math
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -59,8 +59,13 @@ class DemoConfig:
         llc_points: Log-spaced LLC estimates from ``llc_start`` (plus step 0).
         llc_start: First log-spaced LLC step.
         llc_samples: Sequences in the fixed LLC data set (n).
-        llc_chains, llc_draws, llc_burnin: SGLD chains and their lengths.
-        llc_step_size, llc_localization, llc_batch_size: SGLD ε, γ and minibatch size.
+        llc_calibrate: Calibrate the sampler once, at step 0 (off by default: see docs/demo.md) (``devinterp.analyses.calibrate``,
+            pilot chains of ``llc_calibration_steps`` steps), and reuse it for every estimate;
+            ``llc_draws``/``llc_burnin`` then bound the chain lengths it may choose (from
+            ``llc_min_length``). Without it, ``llc_step_size`` and those lengths are used as is.
+        llc_chains, llc_draws, llc_burnin: SGLD chains and their (maximal) lengths.
+        llc_step_size, llc_localization, llc_batch_size: SGLD ε (without calibration), γ and the
+            minibatch size.
         snapshot_points: Log-spaced weight snapshots (plus step 0).
         loss_points: Log-spaced samples of ``loss/train`` for the transition detector.
         check_every: How often the transition detector runs.
@@ -73,6 +78,9 @@ class DemoConfig:
     llc_points: int = 32
     llc_start: int = 8
     llc_samples: int = 512
+    llc_calibrate: bool = False
+    llc_calibration_steps: int = 200
+    llc_min_length: int = 50
     llc_chains: int = 2
     llc_draws: int = 100
     llc_burnin: int = 100
@@ -102,7 +110,8 @@ def demo_config(*, quick: bool = False) -> DemoConfig:
     if not quick:
         return DemoConfig()
     return DemoConfig(steps=600, circuit_points=40, circuit_every=10, llc_points=8, llc_start=10,
-                      llc_samples=256, llc_draws=60, llc_burnin=60, llc_step_size=3e-4,
+                      llc_samples=256, llc_calibration_steps=100, llc_min_length=40,
+                      llc_draws=60, llc_burnin=60, llc_step_size=3e-4,
                       snapshot_points=20, loss_points=150, check_every=100)
 
 
@@ -277,6 +286,7 @@ def run_demo(
     quick: bool = False,
     seed: int = 0,
     config: DemoConfig | None = None,
+    calibrate: bool | None = None,
     threads: int | None = 1,
     progress: bool = True,
     echo: Callable[[str], None] = print,
@@ -288,6 +298,7 @@ def run_demo(
         quick: The short configuration (see :func:`demo_config`).
         seed: Seeds the model, the data, the scoring sequences and the LLC chains.
         config: Overrides ``quick``.
+        calibrate: Overrides ``config.llc_calibrate`` (calibrate the LLC sampler once, at step 0).
         threads: Torch intra-op threads during the run (restored afterwards); ``None`` leaves
             torch's default. The model is tiny: one thread was 3-7x faster than two on a loaded
             2-core machine (threads fight over cores for microsecond-sized operations).
@@ -301,11 +312,14 @@ def run_demo(
         raise InvalidInputError(f"seed must be a non-negative integer, got {seed!r}")
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise InvalidInputError(f"threads must be a positive integer or None, got {threads!r}")
+    cfg = config or demo_config(quick=quick)
+    if calibrate is not None:
+        cfg = replace(cfg, llc_calibrate=bool(calibrate))
     previous_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        return _run(out, quick=quick, seed=seed, cfg=config or demo_config(quick=quick),
+        return _run(out, quick=quick, seed=seed, cfg=cfg,
                     progress=progress, echo=echo)
     finally:
         torch.set_num_threads(previous_threads)
@@ -337,13 +351,18 @@ def _run(out, *, quick: bool, seed: int, cfg: DemoConfig, progress: bool,
 
     heads = [f"L{layer}H{head}" for layer in range(recipe.n_layers) for head in range(recipe.n_heads)]
     induction_tags = [f"induction/{h}" for h in heads]
-    llc_cb = LLCCallback(
-        (llc_tokens,), token_loss, log_spaced(cfg.llc_points, start=cfg.llc_start),
-        calibrate=False, model_getter=lambda m: m.model,
-        num_chains=cfg.llc_chains, num_draws=cfg.llc_draws, num_burnin=cfg.llc_burnin,
-        step_size=cfg.llc_step_size, localization=cfg.llc_localization,
-        batch_size=cfg.llc_batch_size, seed=seed,
-    )
+    llc_common = dict(num_chains=cfg.llc_chains, localization=cfg.llc_localization,
+                      batch_size=cfg.llc_batch_size, seed=seed)
+    if cfg.llc_calibrate:  # once, at step 0; the chain lengths it picks are bounded by the budget
+        llc_settings = dict(calibrate=True, calibrate_kwargs=dict(
+            num_steps=cfg.llc_calibration_steps, min_burnin=cfg.llc_min_length,
+            max_burnin=cfg.llc_burnin, min_draws=cfg.llc_min_length, max_draws=cfg.llc_draws,
+            target_ess=2 * cfg.llc_min_length), **llc_common)
+    else:
+        llc_settings = dict(calibrate=False, step_size=cfg.llc_step_size,
+                            num_draws=cfg.llc_draws, num_burnin=cfg.llc_burnin, **llc_common)
+    llc_cb = LLCCallback((llc_tokens,), token_loss, log_spaced(cfg.llc_points, start=cfg.llc_start),
+                         model_getter=lambda m: m.model, **llc_settings)
     transitions_cb = TransitionCallback(
         ["loss/train", "llc/mean", "icl_score", *induction_tags],
         sample_schedule=log_spaced(cfg.loss_points), check_every=cfg.check_every,
@@ -368,6 +387,8 @@ def _run(out, *, quick: bool, seed: int, cfg: DemoConfig, progress: bool,
          f"output in {out}")
     trainer.fit(module, loader)
     llc_seconds = sum(r.diagnostics.seconds for _, r in llc_cb.results)
+    if llc_cb.calibration is not None:
+        llc_seconds += float(getattr(llc_cb.calibration, "seconds", 0.0))
 
     # --- summary ------------------------------------------------------------------------------
     history = metric_history(trainer)

@@ -34,6 +34,8 @@ __all__ = ["LLCCallback", "calibration_available"]
 
 #: Text tag under which an estimate's warnings (and skipped estimates) are written.
 WARNINGS_TAG = "llc/warnings"
+#: Text tag of the calibration's table, choice and reason (written once, when it is made).
+CALIBRATION_TAG = "llc/calibration"
 
 
 def _calibration_module():
@@ -99,7 +101,9 @@ class LLCCallback(pl.Callback):
     :meth:`LLCResult.scalars` (``llc/mean``, ``llc/std``, ``llc/stderr``, ``llc/init_loss``,
     ``llc/rhat``, ``llc/ess``, ...) and ``llc/lower``/``llc/upper`` (:func:`devinterp.tensorboard.llc_band`,
     the band of the custom-scalars margin chart). The estimate's warnings, if any, go to the
-    TensorBoard text tag ``llc/warnings``. ``results`` holds ``(step, LLCResult)`` of this fit.
+    TensorBoard text tag ``llc/warnings``. A calibration made here publishes its
+    ``Calibration.scalars()`` (``calibration/step_size``, ...) at its step and its table and reason
+    as the text ``llc/calibration``. ``results`` holds ``(step, LLCResult)`` of this fit.
     """
 
     def __init__(
@@ -234,13 +238,16 @@ class LLCCallback(pl.Callback):
                 p.grad = grads[name]
         return replica.eval() if eval_mode else replica
 
-    def _calibrate_once(self, replica: nn.Module) -> None:
+    def _calibrate_once(self, trainer: pl.Trainer, replica: nn.Module, step: int) -> None:
         module = _calibration_module()
         kwargs = {**{k: v for k, v in self.estimate_kwargs.items() if k != "step_size"},
                   **self.calibrate_kwargs}
         self.calibration = module.calibrate(replica, self.data, self.loss_fn,
                                             **_accepted(module.calibrate, kwargs))
         self._calibrate = False
+        if hasattr(self.calibration, "scalars"):
+            log_scalars(trainer, self.calibration.scalars(), step)
+        log_text(trainer, CALIBRATION_TAG, f"```\n{self.calibration}\n```", step=step)
 
     def _estimate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
         replica = self._copy(self._target_model(pl_module), self.eval_mode)
@@ -249,7 +256,7 @@ class LLCCallback(pl.Callback):
         try:
             with torch.random.fork_rng(devices=devices), torch.enable_grad():
                 if self._calibrate and self.calibration is None:
-                    self._calibrate_once(replica)
+                    self._calibrate_once(trainer, replica, step)
                 kwargs = dict(self.estimate_kwargs)
                 if self.calibration is not None:
                     kwargs["calibration"] = self.calibration
