@@ -204,3 +204,31 @@ def test_a_diverging_estimate_is_skipped_with_a_warning(tmp_path):
     with pytest.warns(RuntimeWarning, match="skipped"):
         _fit(tmp_path, [cb], steps=2)
     assert cb.results == []
+
+
+def test_real_calibration_once_and_published(tmp_path, monkeypatch):
+    calibration = pytest.importorskip("devinterp.analyses.calibration")
+    calls = []
+    real = calibration.calibrate
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(calibration, "calibrate", spy)
+    cb = LLCCallback(_data(), mse, at([3]), model_getter=lambda m: m.net, num_chains=2,
+                     batch_size=32, seed=1,
+                     calibrate_kwargs=dict(num_steps=100, min_draws=40, max_draws=60,
+                                           min_burnin=20, max_burnin=40, target_ess=40))
+    trainers = []
+    _fit(tmp_path, [cb], steps=3, trainer_out=trainers)
+    assert len(calls) == 1 and calls[0]["seed"] == 1 and calls[0]["batch_size"] == 32
+    cal = cb.calibration
+    assert [s for s, _ in cb.results] == [0, 3]
+    for _, r in cb.results:
+        assert r.config.step_size == cal.step_size and r.config.num_draws == cal.num_draws
+    history = metric_history(trainers[0])
+    assert history["calibration/step_size"] == [(0, cal.step_size)]
+    restored = LLCCallback(_data(), mse, model_getter=lambda m: m.net, num_chains=2)
+    restored.load_state_dict(cb.state_dict())
+    assert restored.calibration.to_dict() == cal.to_dict()
