@@ -40,8 +40,9 @@ ParamSelection = (
     str | Sequence[str] | Callable[[str, nn.Parameter], bool] | Mapping[str, Tensor] | None
 )
 
-#: Samples of noise + minibatch data drawn ahead per chunk, in float32 elements (64 MB).
-_CHUNK_ELEMENTS = 16 * 2**20
+#: Noise and minibatch indices drawn ahead per chunk, in elements (4 MB of float32: small
+#: enough to stay in cache on CPU).
+_CHUNK_ELEMENTS = 2**20
 _MAX_CHUNK_STEPS = 256
 #: Explosion threshold: a loss above ``L(w*) + EXPLODE_FACTOR * scale`` counts as diverged.
 EXPLODE_FACTOR = 1e3
