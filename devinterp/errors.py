@@ -69,3 +69,16 @@ class AttentionNotFoundError(DevinterpError, RuntimeError):
 # --- command line / post-hoc ----------------------------------------------------------------
 class FactoryError(DevinterpError, ValueError):
     """A ``package.module:factory`` path does not import, or the factory returned nothing usable."""
+
+
+# --- warnings -------------------------------------------------------------------------------
+class DevinterpWarning(UserWarning):
+    """Base class of the warnings devinterp emits (filter them with ``warnings.filterwarnings``)."""
+
+
+class NotAtMinimumWarning(DevinterpWarning):
+    """The LLC was estimated at weights that do not look like a local minimum."""
+
+
+class CalibrationWarning(DevinterpWarning):
+    """A (reused) SGLD calibration shows signs of no longer fitting the model, or none passed."""
