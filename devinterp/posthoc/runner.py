@@ -529,10 +529,10 @@ def run_job(job: Job, comm: Comm | None = None, *, log: Callable[[str], None] | 
                 if tb is not None:
                     tb.flush()
                 if bar is not None:
-                    bar.update(sum(1 for i in range(world) if k * world + i < len(items)))
                     last = next((r for r in reversed(batch) if r.ok and "llc/mean" in r.scalars), None)
                     if last is not None:
                         bar.set_postfix(step=last.step, llc=f"{last.scalars['llc/mean']:.4g}", refresh=False)
+                    bar.update(sum(1 for i in range(world) if k * world + i < len(items)))
             if fatal:
                 break
     except BaseException:
