@@ -17,7 +17,13 @@ _EXPORTS = {
     "detect_transitions": "devinterp.analyses.transitions",
     "detect_stages": "devinterp.analyses.transitions",
     "Transition": "devinterp.analyses.transitions",
-    "essential_dynamics": "devinterp.analyses.essential_dynamics",
+    "essential_dynamics": "devinterp.analyses.dynamics",
+    "EssentialDynamics": "devinterp.analyses.dynamics",
+    "llc_stages": "devinterp.analyses.transitions",
+    "Stage": "devinterp.analyses.transitions",
+    "StageBoundary": "devinterp.analyses.transitions",
+    "StageResult": "devinterp.analyses.transitions",
+    "LLCStages": "devinterp.analyses.transitions",
 }
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 __all__ = sorted(_EXPORTS)

@@ -1,0 +1,201 @@
+"""Seeded synthetic training curves with known transitions, for tests and benchmarks.
+
+A curve is ``drift(x) + sum_k A_k * sigmoid((x - c_k) / w_k) + noise`` on a log-spaced, jittered
+step grid, with ``x = log(step + 1)``:
+
+- steps: ``n_points`` values from ``10`` to ``10**U(3.5, 5.5)``, geometric with random jitter
+  (irregular spacing), rounded to distinct integers where the grid allows, else kept as floats;
+- drift (noise-sd units): one of power-law decay ``D (t+1)^-alpha`` (loss-like), linear in log step,
+  quadratic in log step, or a very broad tanh (width >= 25% of the log range); total size
+  ``|D| ~ U(0, drift_max)``;
+- transitions: ``0..2`` sigmoids, amplitude ``U(6, 14)`` noise sd with random sign, width
+  log-uniform in ``[0.01, 0.3]`` log-step units (so from sharper than the sampling to a factor ~3.7
+  in steps for 10-90%), midpoints in the middle 70% of the log range (with at least
+  ``min_edge_points`` points outside), two midpoints at least ``0.2`` of the range and
+  ``6 * max(w)`` apart;
+- noise: Gaussian, or Student-t with ``df`` degrees of freedom scaled to unit sd;
+- finally the whole curve is scaled by a random factor and shifted (detectors must be scale-free).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.special import expit
+
+DRIFTS = ("power", "linear", "quadratic", "broad_tanh")
+
+
+@dataclass(frozen=True)
+class SyntheticCurve:
+    """A generated curve and its ground truth.
+
+    Attributes:
+        steps: Training steps (sorted, distinct).
+        values: Observed values.
+        midpoints: True transition midpoints, as steps.
+        widths: True logistic widths in log-step units.
+        amplitudes: True signed amplitudes in noise sd.
+        noise_sd: Noise sd in the units of ``values``.
+        noise: ``"gaussian"`` or ``"student_t"``.
+        drift: The drift family.
+    """
+
+    steps: np.ndarray
+    values: np.ndarray
+    midpoints: tuple[float, ...]
+    widths: tuple[float, ...]
+    amplitudes: tuple[float, ...]
+    noise_sd: float
+    noise: str
+    drift: str
+
+
+def log_steps(rng: np.random.Generator, n_points: int, start: float, stop: float,
+              jitter: float = 0.4) -> np.ndarray:
+    """Geometric grid with each point moved by up to ``jitter`` of a spacing; ints when distinct."""
+    x = np.linspace(math.log(start), math.log(stop), n_points)
+    dx = x[1] - x[0]
+    x[1:-1] += rng.uniform(-jitter, jitter, n_points - 2) * dx
+    steps = np.exp(np.sort(x))
+    rounded = np.round(steps)
+    if np.all(np.diff(rounded) > 0):
+        return rounded
+    return steps
+
+
+def synthetic_curve(
+    rng: np.random.Generator,
+    *,
+    n_points: int,
+    n_transitions: int,
+    noise: str = "gaussian",
+    df: float = 3.0,
+    drift: str | None = None,
+    drift_max: float = 40.0,
+    amplitude_range: tuple[float, float] = (6.0, 14.0),
+    width_range: tuple[float, float] = (0.01, 0.3),
+    min_edge_points: int = 6,
+) -> SyntheticCurve:
+    """Draw one curve (see the module docstring). Same generator state, same curve."""
+    if noise not in ("gaussian", "student_t"):
+        raise ValueError(f"noise must be 'gaussian' or 'student_t', got {noise!r}")
+    if n_transitions not in (0, 1, 2):
+        raise ValueError(f"n_transitions must be 0, 1 or 2, got {n_transitions}")
+    stop = 10 ** rng.uniform(3.5, 5.5)
+    steps = log_steps(rng, n_points, 10.0, stop)
+    x = np.log(steps + 1.0)
+    x0, x1 = x[0], x[-1]
+    span = x1 - x0
+    t = (x - x0) / span
+    drift = drift or DRIFTS[rng.integers(len(DRIFTS))]
+    D = rng.uniform(0, drift_max) * rng.choice([-1.0, 1.0])
+    if drift == "power":
+        alpha = rng.uniform(0.2, 1.0)
+        base = np.exp(-alpha * (x - x0))
+        base = D * (base - base[-1]) / (base[0] - base[-1])
+    elif drift == "linear":
+        base = D * t
+    elif drift == "quadratic":
+        base = D * (t - rng.uniform(0, 1)) ** 2
+    elif drift == "broad_tanh":
+        base = D * np.tanh((t - rng.uniform(0.2, 0.8)) / rng.uniform(0.25, 0.6))
+    else:
+        raise ValueError(f"drift must be one of {DRIFTS}, got {drift!r}")
+    widths = np.exp(rng.uniform(math.log(width_range[0]), math.log(width_range[1]), n_transitions))
+    lo_x = max(x0 + 0.15 * span, x[min_edge_points])
+    hi_x = min(x1 - 0.15 * span, x[-min_edge_points - 1])
+    centers: list[float] = []
+    for _ in range(1000):
+        centers = sorted(rng.uniform(lo_x, hi_x, n_transitions).tolist())
+        if n_transitions < 2 or centers[1] - centers[0] >= max(0.2 * span, 6 * widths.max()):
+            break
+    amps = rng.uniform(*amplitude_range, n_transitions) * rng.choice([-1.0, 1.0], n_transitions)
+    y = base.copy()
+    for c, w, a in zip(centers, widths, amps, strict=True):
+        y += a * expit((x - c) / w)
+    if noise == "gaussian":
+        eps = rng.standard_normal(n_points)
+    else:
+        eps = rng.standard_t(df, n_points) / math.sqrt(df / (df - 2))
+    y += eps
+    scale, shift = 10 ** rng.uniform(-2, 2), rng.normal(0, 5)
+    return SyntheticCurve(
+        steps=steps, values=shift + scale * y,
+        midpoints=tuple(float(np.exp(c) - 1.0) for c in centers),
+        widths=tuple(float(w) for w in widths), amplitudes=tuple(float(a) for a in amps),
+        noise_sd=float(scale), noise=noise, drift=drift,
+    )
+
+
+def curve_suite(seed: int, n_curves: int, *, min_points: int = 20, max_points: int = 2000,
+                noises: tuple[str, ...] = ("gaussian", "student_t")) -> list[SyntheticCurve]:
+    """``n_curves`` curves: point counts log-uniform in ``[min_points, max_points]``, noise types and
+    transition counts 0/1/2 cycled evenly."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n_curves):
+        n = int(round(math.exp(rng.uniform(math.log(min_points), math.log(max_points)))))
+        out.append(synthetic_curve(rng, n_points=n, n_transitions=i % 3, noise=noises[(i // 3) % len(noises)]))
+    return out
+
+
+@dataclass(frozen=True)
+class Score:
+    """Matching of flags to true transitions over a suite."""
+
+    true_positives: int
+    false_positives: int
+    false_negatives: int
+    drift_only_curves: int
+    drift_only_flags: int
+
+    @property
+    def recall(self) -> float:
+        d = self.true_positives + self.false_negatives
+        return self.true_positives / d if d else 1.0
+
+    @property
+    def precision(self) -> float:
+        d = self.true_positives + self.false_positives
+        return self.true_positives / d if d else 1.0
+
+    @property
+    def false_flags_per_drift_curve(self) -> float:
+        return self.drift_only_flags / self.drift_only_curves if self.drift_only_curves else 0.0
+
+
+def hit_tolerance(width: float) -> float:
+    """A flag hits a true transition when ``|log(flag+1) - log(mid+1)| <= log(1.5) + width``."""
+    return math.log(1.5) + width
+
+
+def match(curve: SyntheticCurve, flagged_steps) -> tuple[int, int, int]:
+    """Greedy one-to-one matching (closest first): ``(tp, fp, fn)`` for one curve."""
+    flags = [math.log(s + 1.0) for s in flagged_steps]
+    truth = [math.log(m + 1.0) for m in curve.midpoints]
+    pairs = sorted(
+        (abs(f - t), i, j) for i, f in enumerate(flags) for j, t in enumerate(truth)
+        if abs(f - t) <= hit_tolerance(curve.widths[j])
+    )
+    used_f, used_t = set(), set()
+    for _, i, j in pairs:
+        if i not in used_f and j not in used_t:
+            used_f.add(i)
+            used_t.add(j)
+    tp = len(used_t)
+    return tp, len(flags) - tp, len(truth) - tp
+
+
+def score(curves, flagged) -> Score:
+    """Score a list of curves against the flagged steps for each."""
+    tp = fp = fn = dc = df_ = 0
+    for curve, steps in zip(curves, flagged, strict=True):
+        a, b, c = match(curve, steps)
+        tp, fp, fn = tp + a, fp + b, fn + c
+        if not curve.midpoints:
+            dc += 1
+            df_ += len(steps)
+    return Score(tp, fp, fn, dc, df_)

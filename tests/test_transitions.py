@@ -1,0 +1,176 @@
+import math
+
+import numpy as np
+import pytest
+from scipy.special import expit
+
+from devinterp.analyses import Transition, detect_stages, detect_transitions
+from devinterp.analyses.synthetic import curve_suite, score, synthetic_curve
+from devinterp.analyses.transitions import llc_stages
+from devinterp.errors import InvalidInputError
+
+
+def _curve(seed=0, n=200, mid=1000.0, width=0.1, amp=8.0, drift=10.0, df=None):
+    rng = np.random.default_rng(seed)
+    steps = np.unique(np.round(np.geomspace(10, 1e5, n)))
+    x = np.log(steps + 1)
+    noise = rng.standard_normal(steps.size) if df is None else rng.standard_t(df, steps.size)
+    y = drift * (x - x[0]) / (x[-1] - x[0]) + amp * expit((x - math.log(mid + 1)) / width) + noise
+    return steps, y
+
+
+def test_finds_one_sigmoid_with_step_units_and_evidence():
+    steps, y = _curve()
+    (t,) = detect_transitions(steps, y)
+    assert isinstance(t, Transition)
+    assert abs(math.log(t.step / 1000.0)) < math.log(1.2)
+    assert t.start < t.step < t.end and t.direction == "rise"
+    assert float(t.step).is_integer()  # integer steps in, integer step out
+    assert 5 < t.magnitude < 12 and t.confidence > 0.99 and t.evidence > t.penalty
+
+
+def test_fall_is_fall_and_scale_invariant():
+    steps, y = _curve(amp=-9.0)
+    a = detect_transitions(steps, y)
+    b = detect_transitions(steps, 1e-3 * y + 7.0)
+    assert [t.direction for t in a] == ["fall"]
+    assert a[0].step == b[0].step and a[0].magnitude == pytest.approx(b[0].magnitude, rel=1e-6)
+
+
+def test_unsorted_input_is_sorted_and_same_seed_same_result():
+    steps, y = _curve(seed=3)
+    perm = np.random.default_rng(1).permutation(steps.size)
+    assert detect_transitions(steps[perm], y[perm]) == detect_transitions(steps, y)
+
+
+def test_pure_drift_and_heavy_tails_give_no_flag():
+    for seed in range(5):
+        steps, y = _curve(seed=seed, amp=0.0, drift=30.0, df=3)
+        assert detect_transitions(steps, y) == []
+
+
+def test_stderr_is_used():
+    steps, y = _curve(seed=2, amp=6.0)
+    stderr = np.ones(steps.size)
+    stderr[steps > 3000] = 10.0  # late points very uncertain: the scale follows stderr
+    y = y + np.where(steps > 3000, np.random.default_rng(5).normal(0, 10, steps.size), 0.0)
+    found = detect_transitions(steps, y, stderr=stderr)
+    assert len(found) == 1 and abs(math.log(found[0].step / 1000)) < math.log(1.3)
+
+
+def test_induction_like_sharp_rise_with_few_points():
+    # score rises from ~0.05 to ~0.8 over a factor ~2 in steps, 30 log-spaced points
+    rng = np.random.default_rng(0)
+    steps = np.unique(np.round(np.geomspace(10, 20000, 30)))
+    x = np.log(steps)
+    y = 0.05 + 0.75 * expit((x - math.log(900)) / 0.15) + rng.normal(0, 0.02, steps.size)
+    (t,) = detect_transitions(steps, y)
+    half = steps[np.argmax(y > 0.05 + 0.375)]
+    assert t.direction == "rise" and 1 / 1.5 <= t.step / half <= 1.5
+
+
+def test_loss_bump_then_drop():
+    # loss decays as a power law with a plateau that ends in a drop at ~2000 steps
+    rng = np.random.default_rng(1)
+    steps = np.unique(np.round(np.geomspace(1, 50000, 150)))
+    x = np.log(steps + 1)
+    y = 4 * (steps + 1) ** -0.1 - 0.6 * expit((x - math.log(2000)) / 0.12) + rng.normal(0, 0.03, steps.size)
+    found = detect_transitions(steps, y)
+    assert [t.direction for t in found] == ["fall"]
+    assert abs(math.log(found[0].step / 2000)) < math.log(1.3)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(steps=[1, 2, 3], values=[1, 2]), "same length"),
+        (dict(steps=list(range(5)), values=[0.0] * 5), "at least"),
+        (dict(steps=list(range(30)), values=[0.0] * 29 + [float("nan")]), "NaN"),
+        (dict(steps=[1] * 30, values=[0.0] * 30), "distinct"),
+        (dict(steps=list(range(30)), values=[0.0] * 30, stderr=[0.0] * 30), "stderr"),
+        (dict(steps=list(range(-2, 28)), values=[0.0] * 30), "log_offset"),
+    ],
+)
+def test_invalid_input_raises(kwargs, match):
+    with pytest.raises(InvalidInputError, match=match):
+        detect_transitions(kwargs.pop("steps"), kwargs.pop("values"), **kwargs)
+
+
+def test_invalid_parameters_raise():
+    steps, y = _curve()
+    with pytest.raises(InvalidInputError):
+        detect_transitions(steps, y, baseline_degree=-1)
+    with pytest.raises(InvalidInputError):
+        detect_transitions(steps, y, window=0)
+
+
+def test_synthetic_generator_is_seeded():
+    a = synthetic_curve(np.random.default_rng(4), n_points=50, n_transitions=2, noise="student_t")
+    b = synthetic_curve(np.random.default_rng(4), n_points=50, n_transitions=2, noise="student_t")
+    assert np.array_equal(a.values, b.values) and a.midpoints == b.midpoints and len(a.midpoints) == 2
+
+
+def test_accuracy_on_synthetic_suite():
+    """240 curves, 20-2000 points, Gaussian and Student-t(3) noise, 0-2 transitions (seed 0)."""
+    curves = curve_suite(0, 240)
+    flagged = [[t.step for t in detect_transitions(c.steps, c.values)] for c in curves]
+    s = score(curves, flagged)
+    assert s.drift_only_curves == 80
+    assert s.recall >= 0.9, s
+    assert s.precision >= 0.9, s
+    assert s.false_flags_per_drift_curve <= 0.1, s
+
+
+@pytest.mark.slow
+def test_accuracy_on_large_synthetic_suite():
+    curves = curve_suite(7, 1200)
+    flagged = [[t.step for t in detect_transitions(c.steps, c.values)] for c in curves]
+    s = score(curves, flagged)
+    assert s.recall >= 0.9 and s.precision >= 0.9 and s.false_flags_per_drift_curve <= 0.1, s
+
+
+# --- LLC stages --------------------------------------------------------------------------------
+def _llc_curve(seed=0):
+    rng = np.random.default_rng(seed)
+    steps = np.unique(np.round(np.geomspace(10, 50000, 120)))
+    x = np.log(steps + 1)
+    llc = 5 + 20 * expit((x - math.log(500)) / 0.3) - 8 * expit((x - math.log(8000)) / 0.3)
+    return steps, llc + rng.normal(0, 0.5, steps.size)
+
+
+def test_llc_stages_rise_then_fall():
+    steps, llc = _llc_curve()
+    res = llc_stages(steps, llc, stderr=np.full(steps.size, 0.5))
+    assert [s.kind for s in res.stages] == ["type A", "type B"]
+    (b,) = res.boundaries
+    assert 800 < b < 5000  # the critical point on the plateau between the rise and the fall
+    assert res.stages[0].end == b == res.stages[1].start
+
+
+def test_llc_stages_two_rises_split_at_plateau_and_flat_curve_is_one_stage():
+    rng = np.random.default_rng(2)
+    steps = np.unique(np.round(np.geomspace(10, 50000, 150)))
+    x = np.log(steps + 1)
+    llc = 10 * expit((x - math.log(100)) / 0.2) + 10 * expit((x - math.log(10000)) / 0.2)
+    res = llc_stages(steps, llc + rng.normal(0, 0.3, steps.size))
+    assert [s.kind for s in res.stages] == ["type A", "type A"]
+    assert 300 < res.boundaries[0] < 3000
+    flat = llc_stages(steps, 3 + rng.normal(0, 0.3, steps.size))
+    assert len(flat.stages) == 1 and flat.boundaries == ()
+
+
+def test_detect_stages_reports_agreeing_metrics():
+    steps, llc = _llc_curve()
+    x = np.log(steps + 1)
+    rng = np.random.default_rng(3)
+    loss = 3 - 1 * expit((x - math.log(520)) / 0.2) + rng.normal(0, 0.05, steps.size)
+    ind = 0.05 + 0.75 * expit((x - math.log(480)) / 0.1) + rng.normal(0, 0.03, steps.size)
+    res = detect_stages({"llc": (steps, llc), "loss": (steps, loss), "induction/L1H3": (steps, ind)})
+    first = res.boundaries[0]
+    assert first.metrics == ("induction/L1H3", "llc", "loss") and first.agreement == 1.0
+    assert abs(math.log(first.step / 500)) < math.log(1.3)
+    assert len(res.stages) == len(res.boundaries) + 1 and res.stages[0].kind == "type A"
+    strict = detect_stages({"llc": (steps, llc), "loss": (steps, loss)}, min_agreement=2)
+    assert len(strict.boundaries) == 1  # the LLC-only fall at 8000 lacks a second metric
+    with pytest.raises(InvalidInputError):
+        detect_stages({"loss": (steps,)})
