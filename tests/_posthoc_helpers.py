@@ -72,3 +72,19 @@ class WrongModel(torch.nn.Module):
         super().__init__()
         self.inp = torch.nn.Linear(4, width + 1)
         self.out = torch.nn.Linear(width + 1, 4, bias=False)
+
+
+def make_run(root, max_steps: int = 24, every_n: int = 3, ckpt_every: int = 8):
+    """Train TinyModule with a SnapshotCallback store (``root/store``) and ModelCheckpoint (``root/ckpt``)."""
+    import lightning.pytorch as pl
+    from _snapshot_models import TinyModule, loader, trainer
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from devinterp.callbacks import SnapshotCallback
+    from devinterp.schedules import every
+
+    pl.seed_everything(0, verbose=False)
+    cbs = [SnapshotCallback(root / "store", schedule=every(every_n), background=False),
+           ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=ckpt_every, save_top_k=-1)]
+    trainer(root, max_steps, cbs).fit(TinyModule(), loader())
+    return root

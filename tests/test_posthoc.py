@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _posthoc_helpers import WeightNorm
-from _snapshot_models import TinyModule, loader, trainer
+from _posthoc_helpers import WeightNorm, make_run
+from _snapshot_models import TinyModule
 
 from devinterp.errors import (
     EmptyStoreError,
@@ -40,18 +40,7 @@ HERE = Path(__file__).resolve().parent
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
-    import lightning.pytorch as pl
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
-    from devinterp.callbacks import SnapshotCallback
-    from devinterp.schedules import every
-
-    root = tmp_path_factory.mktemp("posthoc_run")
-    pl.seed_everything(0, verbose=False)
-    cbs = [SnapshotCallback(root / "store", schedule=every(3), background=False),
-           ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=8, save_top_k=-1)]
-    trainer(root, 24, cbs).fit(TinyModule(), loader())
-    return root
+    return make_run(tmp_path_factory.mktemp("posthoc_run"))
 
 
 @pytest.fixture
