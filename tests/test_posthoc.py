@@ -354,3 +354,30 @@ def test_llc_analysis_on_snapshots(store_copy):
     direct = estimate_llc(model, tiny_data(), module_loss, num_chains=2, num_draws=30, num_burnin=10,
                           step_size=1e-3, seed=derive_seed(0, 24, "llc"), vectorize=False)
     assert next(r for r in recs if r.step == 24).scalars["llc/mean"] == pytest.approx(direct.mean, rel=1e-9)
+
+
+def test_circuit_analysis_on_a_transformer_store(tmp_path):
+    pytest.importorskip("devinterp.analyses.circuits")
+    from devinterp.models import AttentionOnlyTransformer
+
+    from devinterp.analyses import icl_score, induction_scores
+    from devinterp.posthoc import CircuitAnalysis
+
+    hp = {"vocab_size": 16, "n_layers": 2, "n_heads": 2, "d_model": 16, "n_ctx": 24}
+    store = SnapshotStore(tmp_path / "s", mode="a")
+    store.write_run(model_class=AttentionOnlyTransformer, hparams=hp)
+    for step in (0, 10, 20):
+        store.save(step, AttentionOnlyTransformer(**hp, seed=step).state_dict())
+    s = _analyze(tmp_path / "s", [CircuitAnalysis(num_sequences=4)])  # vocab and length from run.json
+    assert s.computed == 3
+    rec = next(r for r in ResultsFile(tmp_path / "s" / "analysis" / "results.jsonl").read() if r.step == 10)
+    model = AttentionOnlyTransformer(**hp, seed=10)
+    direct = induction_scores(model, vocab_size=16, seq_len=24, num_sequences=4, seed=0, copying=False).scalars()
+    assert set(direct) <= set(rec.scalars)
+    assert all(rec.scalars[k] == pytest.approx(v, abs=1e-6) for k, v in direct.items())
+    icl = icl_score(model, None, vocab_size=16, seq_len=24, num_sequences=4, seed=0)
+    assert rec.scalars["icl_score"] == pytest.approx(icl, abs=1e-6)
+    with pytest.raises(Exception, match="--vocab-size"):
+        store.write_run(model_class=AttentionOnlyTransformer, hparams={})
+        _analyze(tmp_path / "s", [CircuitAnalysis(num_sequences=4)], force=True,
+                 model=lambda: AttentionOnlyTransformer(**hp))
