@@ -13,6 +13,9 @@ _EXPORTS = {
     "induction_scores": "devinterp.analyses.circuits",
     "HeadScores": "devinterp.analyses.circuits",
     "icl_score": "devinterp.analyses.circuits",
+    "head_params": "devinterp.analyses.head_params",
+    "head_params_from_projections": "devinterp.analyses.head_params",
+    "capture_attention": "devinterp.analyses.attention_capture",
     # transitions (issue 6)
     "detect_transitions": "devinterp.analyses.transitions",
     "detect_stages": "devinterp.analyses.transitions",
