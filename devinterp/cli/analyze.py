@@ -135,16 +135,16 @@ def _devices(value: str) -> int | str:
     return n
 
 
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
 def run(args: argparse.Namespace) -> int:
     from devinterp.posthoc.distributed import launch
 
     job = build_job(args)
-
-    def log(msg: str) -> None:
-        print(msg, file=sys.stderr, flush=True)
-
     summary = launch(job, devices=_devices(args.devices), num_nodes=args.num_nodes,
-                     accelerator=args.accelerator, strategy="ddp", log=log)
+                     accelerator=args.accelerator, strategy="ddp", log=_log)
     if summary is None:  # not global rank zero
         return 0
     for t in summary.transitions:

@@ -15,7 +15,9 @@ Fabric detects).
 from __future__ import annotations
 
 import os
+import pickle
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -75,7 +77,8 @@ def _work(fabric: Any, job: Job, log: Callable[[str], None] | None, local_proces
 
 
 def launch(job: Job, *, devices: int | str = 1, num_nodes: int = 1, accelerator: str = "cpu",
-           strategy: str = "ddp", log: Callable[[str], None] | None = None) -> RunSummary | None:
+           strategy: str = "ddp", log: Callable[[str], None] | None = None,
+           timeout_s: float = 7 * 24 * 3600) -> RunSummary | None:
     """Run ``job`` on ``devices`` processes per node × ``num_nodes`` nodes.
 
     Args:
@@ -86,6 +89,7 @@ def launch(job: Job, *, devices: int | str = 1, num_nodes: int = 1, accelerator:
         strategy: ``"ddp"`` (re-runs the command line for the other local processes; what the CLI
             uses) or ``"ddp_spawn"`` (spawns; for Python code). Ignored with one process.
         log: Where rank zero prints status lines (e.g. ``print``); None: quiet.
+        timeout_s: Timeout of the collectives (one round waits for its slowest snapshot).
 
     Returns:
         The :class:`RunSummary` on global rank zero; None on the other ranks (``"ddp_spawn"``
@@ -103,7 +107,21 @@ def launch(job: Job, *, devices: int | str = 1, num_nodes: int = 1, accelerator:
     kwargs: dict[str, Any] = dict(accelerator=accelerator, devices=1 if devices == "auto" and accelerator == "cpu" else devices,
                                   num_nodes=num_nodes)
     if not single:
-        kwargs["strategy"] = strategy
+        from lightning.fabric.strategies import DDPStrategy
+
+        # One round waits for the slowest snapshot of the round (an LLC of a big model can take
+        # hours): the collectives must not time out at torch's default 30 minutes.
+        kwargs["strategy"] = DDPStrategy(start_method="popen" if strategy == "ddp" else "spawn",
+                                         timeout=timedelta(seconds=timeout_s))
     fabric = Fabric(**kwargs)
     local = devices if isinstance(devices, int) else 1
-    return fabric.launch(_work, job, log, local)
+    # Lightning walks launch arguments and results with apply_to_collection, which rejects frozen
+    # dataclasses: hand them over pickled.
+    out = fabric.launch(_work_pickled, pickle.dumps((job, log, local)))
+    return pickle.loads(out) if out is not None else None
+
+
+def _work_pickled(fabric: Any, payload: bytes) -> bytes | None:
+    job, log, local = pickle.loads(payload)
+    summary = _work(fabric, job, log, local)
+    return pickle.dumps(summary) if summary is not None else None
