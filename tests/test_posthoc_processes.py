@@ -125,3 +125,25 @@ def test_two_processes_give_the_same_results_as_one(run_dir, tmp_path):
         assert r.scalars == by_key[r.key], (r.key, r.scalars, by_key[r.key])
     assert json.loads((tmp_path / "two" / "results.json").read_text()) == json.loads(
         (tmp_path / "one" / "results.json").read_text())
+
+
+@pytest.mark.slow
+def test_python_api_spawns_two_processes(run_dir, tmp_path):
+    """``analyze(devices=2)`` from Python (ddp_spawn) gives the records of a 1-process run."""
+    script = tmp_path / "spawn.py"
+    script.write_text(
+        "from _posthoc_helpers import WeightNorm\n"
+        "from devinterp.posthoc import analyze\n"
+        "if __name__ == '__main__':\n"
+        f"    s = analyze({str(run_dir / 'store')!r}, [WeightNorm(scale=3.0)], out_dir={str(tmp_path / 'two')!r},\n"
+        "                devices=2, transitions=False)\n"
+        "    print('SUMMARY', s.computed, s.world_size)\n")
+    proc = subprocess.run([sys.executable, str(script)], env=_env(), capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    assert "SUMMARY 9 2" in proc.stdout
+    from _posthoc_helpers import WeightNorm
+
+    analyze(run_dir / "store", [WeightNorm(scale=3.0)], out_dir=str(tmp_path / "one"), transitions=False)
+    one = {r.key: r.scalars for r in ResultsFile(tmp_path / "one" / "results.jsonl").read()}
+    two = {r.key: r.scalars for r in ResultsFile(tmp_path / "two" / "results.jsonl").read()}
+    assert one == two
