@@ -1,0 +1,329 @@
+"""Local learning coefficient (LLC) estimation with SGMCMC.
+
+Lau et al., "The Local Learning Coefficient: A Singularity-Aware Complexity Measure"
+(arXiv 2308.12108). Chains sample the localized tempered posterior
+
+    p(w) ∝ exp(−nβ·L_n(w) − γ/2·‖w − w*‖²)
+
+from w*, and per chain
+
+    λ̂_c = nβ · (mean of the post-burn-in minibatch losses − L_n(w*)),
+
+with L_n(w*) the loss on the full data. The estimate is the mean of λ̂_c over chains. Burn-in draws
+are recorded separately and never averaged in.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from devinterp.analyses import diagnostics as diag
+from devinterp.analyses.sampling import (
+    LossFn,
+    ParamSelection,
+    SamplingTarget,
+    default_nbeta,
+    prepare_target,
+    sample_chains,
+)
+from devinterp.errors import InvalidInputError
+
+#: Warn when more than this fraction of draws lies below L_n(w*).
+BELOW_INIT_WARN = 0.3
+#: Warn when the mean MALA acceptance lies outside this band.
+ACCEPTANCE_BAND = (0.5, 0.995)
+#: Warn when split R-hat exceeds this.
+RHAT_WARN = 1.1
+#: Warn when the second half of the draws differs from the first by more than this many
+#: standard errors *and* by more than TREND_REL_WARN of the excess loss.
+TREND_Z_WARN = 4.0
+TREND_REL_WARN = 0.05
+#: Warn when the effective sample size (all chains) is below this.
+ESS_WARN = 40.0
+
+
+@dataclass(frozen=True)
+class LLCConfig:
+    """The hyper-parameters an estimate used (all resolved: no None)."""
+
+    num_chains: int
+    num_draws: int
+    num_burnin: int
+    step_size: float
+    localization: float
+    nbeta: float
+    batch_size: int
+    sampler: str
+    sampler_kwargs: tuple[tuple[str, Any], ...]
+    seed: int
+    device: str
+    mode: str
+    n: int
+    num_params: int
+    param_names: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class LLCDiagnostics:
+    """Health of the chains behind an estimate.
+
+    Attributes:
+        rhat: split R-hat of the draws' losses (≈1 when chains agree; NaN with < 4 draws).
+        ess: effective sample size of the losses, summed over chains.
+        ess_per_chain: per-chain effective sample sizes.
+        frac_below_init: fraction of draws with a minibatch loss below L_n(w*).
+        acceptance: mean MALA acceptance probability over checked steps (NaN for SGNHT or when
+            none was checked); about 0.9 is healthy.
+        acceptance_per_chain: the same per chain.
+        trend_z: second-half minus first-half mean of the draws, in standard errors.
+        seconds: wall time of the sampling loop.
+    """
+
+    rhat: float
+    ess: float
+    ess_per_chain: tuple[float, ...]
+    frac_below_init: float
+    acceptance: float
+    acceptance_per_chain: tuple[float, ...]
+    trend_z: float
+    seconds: float
+
+
+@dataclass(frozen=True)
+class LLCResult:
+    """An LLC estimate with its chains' traces and diagnostics.
+
+    Attributes:
+        mean: λ̂, the mean over chains of the per-chain estimates.
+        std: standard deviation of the per-chain estimates (ddof=1; NaN with one chain).
+        stderr: standard error of ``mean``: the larger of the between-chain ``std/√C`` and the
+            within-chain error ``nβ·√(Σ_c Var_c/ESS_c)/C`` that accounts for autocorrelation.
+        per_chain: λ̂_c for each chain.
+        loss_trace: ``(chains, draws)`` minibatch losses after burn-in (read-only).
+        burnin_trace: ``(chains, burn-in)`` minibatch losses during burn-in (read-only).
+        init_loss: L_n(w*) on the full data.
+        config: the hyper-parameters used.
+        diagnostics: R-hat, ESS, draws below L_n(w*), MALA acceptance, trend.
+        warnings: human-readable problems found, each with what to do.
+    """
+
+    mean: float
+    std: float
+    stderr: float
+    per_chain: tuple[float, ...]
+    loss_trace: np.ndarray = field(repr=False)
+    burnin_trace: np.ndarray = field(repr=False)
+    init_loss: float
+    config: LLCConfig
+    diagnostics: LLCDiagnostics
+    warnings: tuple[str, ...] = ()
+
+    def llc_trace(self) -> np.ndarray:
+        """Running estimate ``nβ·(mean of draws up to t − L_n(w*))`` per chain, ``(C, draws)``."""
+        counts = np.arange(1, self.loss_trace.shape[1] + 1)
+        running = np.cumsum(self.loss_trace, axis=1) / counts
+        return self.config.nbeta * (running - self.init_loss)
+
+    def scalars(self) -> dict[str, float]:
+        """Flat ``{"llc/...": value}`` for loggers."""
+        d = self.diagnostics
+        return {
+            "llc/mean": self.mean,
+            "llc/std": self.std,
+            "llc/stderr": self.stderr,
+            "llc/init_loss": self.init_loss,
+            "llc/rhat": d.rhat,
+            "llc/ess": d.ess,
+            "llc/frac_below_init": d.frac_below_init,
+            "llc/acceptance": d.acceptance,
+            "llc/trend_z": d.trend_z,
+            "llc/num_warnings": float(len(self.warnings)),
+        }
+
+
+def _acceptance_steps(num_burnin: int, num_draws: int, checks: int) -> list[int]:
+    if checks <= 0:
+        return []
+    checks = min(checks, max(1, num_draws // 30))  # at most ~3% extra gradient evaluations
+    return sorted({num_burnin + int(i) for i in np.linspace(0, num_draws - 1, checks)})
+
+
+def estimate_llc(model: nn.Module | SamplingTarget, data: Any = None, loss_fn: LossFn | None = None,
+                 *, num_chains: int = 4, num_draws: int = 1000, num_burnin: int = 500,
+                 step_size: float = 1e-4, localization: float = 1.0, nbeta: float | None = None,
+                 batch_size: int | None = None, sampler: str = "sgld",
+                 sampler_kwargs: Mapping[str, Any] | None = None, params: ParamSelection = None,
+                 seed: int = 0, device: str | torch.device | None = None,
+                 vectorize: bool | str = "auto", num_acceptance_checks: int = 32,
+                 check_every: int = 100) -> LLCResult:
+    """Estimate the local learning coefficient of ``model`` at its current weights.
+
+    ``λ̂ = nβ·(mean post-burn-in minibatch loss − L_n(w*))`` averaged over chains; see the module
+    docstring. The model's weights, ``requires_grad`` flags and train/eval mode and the global
+    RNG state are left as they were.
+
+    Args:
+        model: the network at w* (its current train/eval mode is used: call ``eval()`` first to
+            switch off dropout), or a :class:`SamplingTarget` from ``prepare_target`` to reuse
+            (then ``data``, ``loss_fn``, ``params``, ``batch_size``, ``device`` are ignored).
+        data: a Dataset, a DataLoader or a tuple of tensors (samples along dimension 0). Use a
+            subset of the data for the data-refined LLC.
+        loss_fn: ``loss_fn(model, batch) -> scalar`` mean loss of the batch.
+        num_chains: independent chains, each with its own noise and minibatch order.
+        num_draws: steps per chain averaged into the estimate.
+        num_burnin: steps per chain before the draws, recorded but never averaged.
+        step_size: ε of the sampler.
+        localization: γ, the strength of the pull towards w*.
+        nbeta: nβ (inverse temperature × n); None: ``n / log n``, n the number of samples.
+        batch_size: minibatch size; None: the DataLoader's, else ``min(n, 512)``.
+        sampler: ``"sgld"``, ``"rmsprop_sgld"`` or ``"sgnht"``.
+        sampler_kwargs: extra sampler options (``alpha``/``eps`` for pSGLD, ``diffusion`` for
+            SGNHT).
+        params: restrict sampling to some parameters (the weight-refined LLC): a name or glob
+            pattern, a list of them, a predicate ``(name, param) -> bool``, or
+            ``{name: bool mask}``; others stay at w*. None: all with ``requires_grad``.
+        seed: seed of the chains' generators; same seed, same result.
+        device: where to sample; None: the model's device.
+        vectorize: ``True``: all chains in one ``torch.func.vmap`` call per step; ``False``: a
+            model copy per chain; ``"auto"``: the loop on CPU, else time both on a few steps (cached per structure).
+        num_acceptance_checks: post-burn-in steps (evenly spread) at which the MALA acceptance
+            is estimated, each costing one extra gradient evaluation (capped at
+            ``num_draws // 30``); 0 disables.
+        check_every: check for divergence every this many steps (and at the end).
+
+    Returns:
+        An :class:`LLCResult`.
+
+    Raises:
+        InvalidInputError: bad data, loss, parameter selection or hyper-parameter.
+        ChainDivergedError: a chain's loss became non-finite or exploded; it names the chain,
+            the step and a smaller step size to try.
+    """
+    for name, value in (("num_draws", num_draws), ("num_burnin", num_burnin),
+                        ("num_acceptance_checks", num_acceptance_checks)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise InvalidInputError(f"{name} must be an int, got {value!r}")
+    if num_draws <= 0:
+        raise InvalidInputError(f"num_draws must be > 0, got {num_draws}")
+    if num_burnin < 0:
+        raise InvalidInputError(f"num_burnin must be >= 0, got {num_burnin}")
+    if isinstance(model, SamplingTarget):
+        target = model
+    else:
+        if loss_fn is None or data is None:
+            raise InvalidInputError("estimate_llc needs data and loss_fn(model, batch)")
+        if batch_size is None and not isinstance(data, torch.utils.data.DataLoader):
+            batch_size = 512
+        target = prepare_target(model, data, loss_fn, params=params, batch_size=batch_size,
+                                device=device, vectorize=vectorize)
+    nbeta = default_nbeta(target.n) if nbeta is None else nbeta
+    traces = sample_chains(
+        target, num_chains=num_chains, num_steps=num_burnin + num_draws, step_size=step_size,
+        localization=localization, nbeta=nbeta, sampler=sampler, seed=seed,
+        sampler_kwargs=sampler_kwargs,
+        acceptance_steps=_acceptance_steps(num_burnin, num_draws, num_acceptance_checks),
+        check_every=check_every, on_divergence="raise")
+    config = LLCConfig(
+        num_chains=num_chains, num_draws=num_draws, num_burnin=num_burnin,
+        step_size=float(step_size), localization=float(localization), nbeta=float(nbeta),
+        batch_size=target.batch_size, sampler=sampler,
+        sampler_kwargs=tuple(sorted((sampler_kwargs or {}).items())), seed=seed,
+        device=str(target.device), mode=target.mode, n=target.n,
+        num_params=target.num_selected, param_names=target.param_names)
+    return summarize(traces.losses, target.init_loss, config, acceptance=traces.acceptance,
+                     seconds=traces.seconds)
+
+
+def summarize(losses: np.ndarray, init_loss: float, config: LLCConfig, *,
+              acceptance: np.ndarray | None = None, seconds: float = 0.0) -> LLCResult:
+    """Turn ``(chains, burn-in + draws)`` loss traces into an :class:`LLCResult`.
+
+    Args:
+        losses: every recorded minibatch loss, burn-in first (must be finite).
+        init_loss: L_n(w*).
+        config: the hyper-parameters (``num_burnin`` splits the trace).
+        acceptance: ``(checks, chains)`` MALA acceptance probabilities, or None.
+        seconds: sampling wall time, kept in the diagnostics.
+    """
+    losses = np.asarray(losses, dtype=np.float64)
+    if not np.isfinite(losses).all():
+        raise InvalidInputError("loss traces contain non-finite values; they are never averaged")
+    burn = losses[:, :config.num_burnin].copy()
+    draws = losses[:, config.num_burnin:].copy()
+    if draws.shape[1] == 0:
+        raise InvalidInputError("no draws after burn-in")
+    nbeta = config.nbeta
+    chains = draws.shape[0]
+    per_chain = nbeta * (draws.mean(axis=1) - init_loss)
+    mean = float(per_chain.mean())
+    std = float(per_chain.std(ddof=1)) if chains > 1 else float("nan")
+    ess_chain = np.array([diag.effective_sample_size(row) for row in draws])
+    var_within = np.array([row.var(ddof=1) if len(row) > 1 else 0.0 for row in draws])
+    se_within = nbeta * math.sqrt(float((var_within / np.maximum(ess_chain, 1.0)).sum())) / chains
+    se_between = std / math.sqrt(chains) if chains > 1 else 0.0
+    stderr = float(max(se_within, se_between))
+    rhat = diag.split_rhat(draws)
+    frac_below = float((draws < init_loss).mean())
+    if acceptance is not None and len(acceptance):
+        acc_chain = tuple(float(x) for x in np.asarray(acceptance).mean(axis=0))
+        acc = float(np.mean(acceptance))
+    else:
+        acc_chain, acc = tuple(float("nan") for _ in range(chains)), float("nan")
+    trend = diag.trend_zscore(draws)
+    diagnostics = LLCDiagnostics(
+        rhat=rhat, ess=float(ess_chain.sum()), ess_per_chain=tuple(float(e) for e in ess_chain),
+        frac_below_init=frac_below, acceptance=acc, acceptance_per_chain=acc_chain,
+        trend_z=trend, seconds=float(seconds))
+    warnings = _warnings(mean, per_chain, draws, init_loss, config, diagnostics)
+    burn.flags.writeable = False
+    draws.flags.writeable = False
+    return LLCResult(mean=mean, std=std, stderr=stderr, per_chain=tuple(float(x) for x in per_chain),
+                     loss_trace=draws, burnin_trace=burn, init_loss=float(init_loss),
+                     config=config, diagnostics=diagnostics, warnings=tuple(warnings))
+
+
+def _warnings(mean: float, per_chain: np.ndarray, draws: np.ndarray, init_loss: float,
+              config: LLCConfig, d: LLCDiagnostics) -> list[str]:
+    out = []
+    eps = config.step_size
+    if mean < 0:
+        out.append(f"the LLC estimate is negative ({mean:.4g}): w* is not a local minimum or the "
+                   "chains are still descending; train longer, increase localization, or check "
+                   "that the data and loss match those w* was trained on")
+    elif (per_chain < 0).any():
+        out.append(f"{int((per_chain < 0).sum())} chain(s) gave a negative estimate: "
+                   "increase num_draws or localization")
+    if d.frac_below_init > BELOW_INIT_WARN:
+        out.append(f"{d.frac_below_init:.0%} of draws lie below L(w*): SGLD is still finding "
+                   "lower loss (w* is not a minimum) or minibatch noise dominates; increase "
+                   "localization or batch_size, or train w* further")
+    if math.isfinite(d.acceptance):
+        lo, hi = ACCEPTANCE_BAND
+        if d.acceptance < lo:
+            out.append(f"MALA acceptance {d.acceptance:.2f} < {lo}: step_size={eps:g} is too "
+                       f"large for this posterior; try step_size={eps / 4:g}")
+        elif d.acceptance > hi:
+            out.append(f"MALA acceptance {d.acceptance:.3f} > {hi}: step_size={eps:g} may be "
+                       f"needlessly small (slow mixing); try step_size={eps * 4:g} and check "
+                       "that the estimate is stable")
+    if math.isfinite(d.rhat) and d.rhat > RHAT_WARN:
+        out.append(f"split R-hat {d.rhat:.2f} > {RHAT_WARN}: chains disagree or drift; run more "
+                   "burn-in/draws or increase localization")
+    excess = abs(float(draws.mean()) - init_loss)
+    half = draws.shape[1] // 2
+    rel = abs(draws[:, -half:].mean() - draws[:, :half].mean()) / excess if excess > 0 else 0.0
+    if abs(d.trend_z) > TREND_Z_WARN and rel > TREND_REL_WARN:
+        direction = "rising" if d.trend_z > 0 else "falling"
+        out.append(f"the loss trace is still {direction} during the draws (z={d.trend_z:.1f}, "
+                   f"{rel:.0%} of the excess loss): increase num_burnin or step_size")
+    if d.ess < ESS_WARN:
+        out.append(f"effective sample size {d.ess:.0f} < {ESS_WARN:.0f}: the stderr is "
+                   "unreliable; increase num_draws or step_size")
+    return out

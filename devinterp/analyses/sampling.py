@@ -1,0 +1,782 @@
+"""Run SGMCMC chains on a model's loss: the bridge between a model and the pure kernels.
+
+Two layers, both public so that calibration can run many short pilot chains cheaply:
+
+- :func:`prepare_target` validates the inputs once and holds everything that does not depend on
+  the sampler's hyper-parameters: the data on the device, the selected parameters as one flat
+  vector ``w*`` (plus a mask for entry-level selections), the full-data loss ``L_n(w*)`` and the
+  gradient function (all chains advanced together with ``torch.func.vmap``, or one model copy per
+  chain; picked by a quick timing probe and cached per model structure).
+- :func:`run_chains` yields ``(step, state, info)`` for every step of every chain together;
+  :func:`sample_chains` records the loss traces, checks for divergence and estimates the MALA
+  acceptance on a few steps.
+
+Each chain has its own ``torch.Generator`` for its noise and another for its minibatch order.
+Noise and minibatch indices are drawn ahead in chunks (a few MB) so a step costs only the gradient
+and a handful of tensor operations on a ``(chains, D)`` buffer.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import math
+import time
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils import _pytree as pytree
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from devinterp.errors import ChainDivergedError, InvalidInputError
+from devinterp.sgmcmc import SAMPLERS, mala
+
+LossFn = Callable[[nn.Module, Any], Tensor]
+ParamSelection = (
+    str | Sequence[str] | Callable[[str, nn.Parameter], bool] | Mapping[str, Tensor] | None
+)
+
+#: Samples of noise + minibatch data drawn ahead per chunk, in float32 elements (64 MB).
+_CHUNK_ELEMENTS = 16 * 2**20
+_MAX_CHUNK_STEPS = 256
+#: Explosion threshold: a loss above ``L(w*) + EXPLODE_FACTOR * scale`` counts as diverged.
+EXPLODE_FACTOR = 1e3
+#: ``(model structure, data shapes, chains, device) -> "vmap" | "loop"`` decided by a probe.
+_MODE_CACHE: dict[tuple, str] = {}
+
+
+# --------------------------------------------------------------------------------------------
+# data
+# --------------------------------------------------------------------------------------------
+def _materialize(data: Any) -> tuple[list[Tensor], Any, int | None]:
+    """Turn a Dataset, DataLoader or tuple of tensors into leaves + treespec (+ loader batch)."""
+    loader_batch = None
+    if isinstance(data, DataLoader):
+        loader_batch = data.batch_size
+        data = data.dataset
+    if isinstance(data, Tensor):
+        data = (data,)
+    if isinstance(data, TensorDataset):
+        data = tuple(data.tensors)
+    if isinstance(data, (tuple, list, dict)) and not isinstance(data, Dataset):
+        leaves, spec = pytree.tree_flatten(data)
+        if not leaves or not all(isinstance(t, Tensor) for t in leaves):
+            raise InvalidInputError(
+                "data given as a tuple/list/dict must hold tensors with the samples along the "
+                f"first dimension; got {type(data).__name__} with leaves "
+                f"{[type(t).__name__ for t in leaves]}"
+            )
+    elif isinstance(data, Dataset):
+        try:
+            size = len(data)  # type: ignore[arg-type]
+        except TypeError:
+            raise InvalidInputError(
+                "data must have a length (a map-style Dataset); iterable datasets are not "
+                "supported: collect the samples into tensors first"
+            ) from None
+        if size == 0:
+            raise InvalidInputError("data is empty: it holds 0 samples")
+        from torch.utils.data import default_collate
+
+        batch = default_collate([data[i] for i in range(size)])
+        leaves, spec = pytree.tree_flatten(batch)
+    else:
+        raise InvalidInputError(
+            f"data must be a Dataset, a DataLoader or a tuple of tensors, got {type(data).__name__}"
+        )
+    leaves = [t if isinstance(t, Tensor) else torch.as_tensor(t) for t in leaves]
+    if any(t.dim() == 0 for t in leaves):
+        raise InvalidInputError("every data tensor needs a sample dimension (got a 0-d tensor)")
+    sizes = {t.shape[0] for t in leaves}
+    if len(sizes) != 1:
+        raise InvalidInputError(
+            f"data tensors disagree on the number of samples (first dimension): {sorted(sizes)}"
+        )
+    if sizes.pop() == 0:
+        raise InvalidInputError("data is empty: it holds 0 samples")
+    return leaves, spec, loader_batch
+
+
+# --------------------------------------------------------------------------------------------
+# parameter selection
+# --------------------------------------------------------------------------------------------
+def _select(model: nn.Module, params: ParamSelection) -> dict[str, Tensor | None]:
+    """Return ``name -> entry mask or None (whole tensor)`` for the sampled parameters."""
+    named = dict(model.named_parameters())
+    if params is None:
+        chosen = {k: None for k, p in named.items() if p.requires_grad}
+        if not chosen:
+            raise InvalidInputError(
+                "the model has no trainable parameters (all requires_grad=False); pass "
+                "params=... to choose which ones to sample"
+            )
+        return chosen
+    if isinstance(params, Mapping):
+        out: dict[str, Tensor | None] = {}
+        for name, mask in params.items():
+            if name not in named:
+                raise InvalidInputError(
+                    f"params mask for {name!r}: no such parameter; known: {sorted(named)}"
+                )
+            mask = torch.as_tensor(mask)
+            if mask.shape != named[name].shape:
+                raise InvalidInputError(
+                    f"params mask for {name!r} has shape {tuple(mask.shape)}, the parameter "
+                    f"{tuple(named[name].shape)}"
+                )
+            if mask.dtype != torch.bool:
+                mask = mask != 0
+            if mask.any():
+                out[name] = None if mask.all() else mask
+        if not out:
+            raise InvalidInputError("params masks select no entry (every mask is all False)")
+        return out
+    if callable(params):
+        chosen = {k: None for k, p in named.items() if params(k, p)}
+        if not chosen:
+            raise InvalidInputError("the params predicate selected no parameter")
+        return chosen
+    patterns = [params] if isinstance(params, str) else list(params)
+    if not patterns:
+        raise InvalidInputError("params is an empty list: it selects no parameter")
+    chosen = {}
+    for pat in patterns:
+        hits = [k for k in named if k == pat or fnmatch.fnmatchcase(k, pat)]
+        if not hits:
+            raise InvalidInputError(
+                f"params entry {pat!r} matches no parameter name; known: {sorted(named)}"
+            )
+        chosen.update({k: None for k in hits})
+    return {k: chosen[k] for k in named if k in chosen}
+
+
+# --------------------------------------------------------------------------------------------
+# the target
+# --------------------------------------------------------------------------------------------
+class _LossModule(nn.Module):
+    """Wraps ``loss_fn(model, batch)`` so that ``torch.func.functional_call`` can drive it."""
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn, spec: Any):
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+        self.spec = spec
+
+    def forward(self, *leaves: Tensor) -> Tensor:
+        return self.loss_fn(self.model, pytree.tree_unflatten(list(leaves), self.spec))
+
+
+class _Slot(NamedTuple):
+    name: str
+    shape: torch.Size
+    dtype: torch.dtype
+    offset: int
+    numel: int
+
+
+class SamplingTarget:
+    """A model's loss around w*, ready for sampling (built by :func:`prepare_target`).
+
+    Attributes:
+        n: number of samples in the data.
+        batch_size: minibatch size (``n`` means full batch).
+        dim: number of sampled coordinates D (whole selected tensors).
+        num_selected: number of coordinates actually sampled (mask applied).
+        anchor: w* as a flat float32 vector of shape ``(D,)``.
+        mask: flat 0/1 float32 mask of shape ``(D,)`` or None.
+        init_loss: ``L_n(w*)`` on the full data.
+        batch_loss_std: standard deviation of the minibatch loss at w* across disjoint batches.
+        param_names: names of the sampled parameters.
+        device: where sampling runs.
+        mode: ``"vmap"`` or ``"loop"`` (how chains are advanced), or ``"auto"`` until decided.
+    """
+
+    def __init__(self, model: nn.Module, leaves: list[Tensor], spec: Any, loss_fn: LossFn,
+                 selection: dict[str, Tensor | None], batch_size: int, device: torch.device,
+                 mode: str, eval_batch_size: int):
+        self.model = model
+        self.loss_fn = loss_fn
+        self.device = device
+        self.leaves = [t.to(device) for t in leaves]
+        self.spec = spec
+        self.n = int(leaves[0].shape[0])
+        self.batch_size = min(int(batch_size), self.n)
+        self.full_batch = self.batch_size >= self.n
+        self.eval_batch_size = eval_batch_size
+        named = dict(model.named_parameters())
+        slots, offset, masks = [], 0, []
+        for name, m in selection.items():
+            p = named[name]
+            slots.append(_Slot(name, p.shape, p.dtype, offset, p.numel()))
+            masks.append(torch.ones(p.numel(), dtype=torch.bool) if m is None
+                         else m.reshape(-1).cpu())
+            offset += p.numel()
+        self.slots = slots
+        self.param_names = tuple(s.name for s in slots)
+        self.dim = offset
+        with torch.no_grad():
+            self.anchor = torch.cat(
+                [named[s.name].detach().reshape(-1).to(device=device, dtype=torch.float32)
+                 for s in slots]
+            )
+        flat_mask = torch.cat(masks)
+        self.num_selected = int(flat_mask.sum())
+        self.mask = None if bool(flat_mask.all()) else flat_mask.to(device, torch.float32)
+        sampled = set(self.param_names)
+        self.consts = {
+            "model." + k: v.detach().to(device)
+            for k, v in list(model.named_parameters()) + list(model.named_buffers())
+            if k not in sampled
+        }
+        self._wrapper = _LossModule(model, loss_fn, spec)
+        self._copies: list[nn.Module] = []
+        self._work: Tensor | None = None
+        self._gbuf: Tensor | None = None
+        self._vmapped: dict[bool, Callable] = {}
+        self.mode = mode
+        self.init_loss, self.batch_loss_std = self._loss_at_anchor()
+
+    # ---- functional loss ---------------------------------------------------------------------
+    def _unflatten(self, flat: Tensor) -> dict[str, Tensor]:
+        return {
+            "model." + s.name: flat[s.offset:s.offset + s.numel].view(s.shape).to(s.dtype)
+            for s in self.slots
+        }
+
+    def _loss_flat(self, flat: Tensor, *leaves: Tensor) -> Tensor:
+        params = self._unflatten(flat)
+        params.update(self.consts)
+        loss = torch.func.functional_call(self._wrapper, params, leaves)
+        if not isinstance(loss, Tensor) or loss.numel() != 1:
+            shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
+            raise InvalidInputError(
+                f"loss_fn(model, batch) must return the scalar mean loss of the batch, got {shape}"
+            )
+        return loss.reshape(()).float()
+
+    def loss(self, flat: Tensor, batch_leaves: Sequence[Tensor]) -> Tensor:
+        """Mean loss at one flat parameter vector ``(D,)`` on one batch (no gradient)."""
+        with torch.no_grad():
+            return self._loss_flat(flat, *batch_leaves)
+
+    def _loss_at_anchor(self) -> tuple[float, float]:
+        """``L_n(w*)`` over the full data in chunks, and the spread of minibatch losses."""
+        chunk = min(self.batch_size, self.eval_batch_size)
+        total, losses, sizes = 0.0, [], []
+        with torch.random.fork_rng(devices=self._rng_devices()):
+            for start in range(0, self.n, chunk):
+                part = [t[start:start + chunk] for t in self.leaves]
+                value = float(self.loss(self.anchor, part))
+                if not math.isfinite(value):
+                    raise InvalidInputError(
+                        f"the loss at the given weights is not finite ({value}) on samples "
+                        f"{start}..{start + len(part[0]) - 1}: check the model and the data"
+                    )
+                total += value * len(part[0])
+                losses.append(value)
+                sizes.append(len(part[0]))
+        spread = float(np.std(losses[:-1] if len(losses) > 2 and sizes[-1] != sizes[0]
+                              else losses))
+        return total / self.n, spread
+
+    def _rng_devices(self) -> list:
+        return [self.device] if self.device.type == "cuda" else []
+
+    # ---- gradients -------------------------------------------------------------------------
+    def _grad_vmap(self, flat: Tensor, batch: list[Tensor], shared: bool) -> tuple[Tensor, Tensor]:
+        fn = self._vmapped.get(shared)
+        if fn is None:
+            in_dims = (0,) + (None if shared else 0,) * len(self.leaves)
+            fn = torch.func.vmap(torch.func.grad_and_value(self._loss_flat), in_dims=in_dims,
+                                 randomness="different")
+            self._vmapped[shared] = fn
+        return fn(flat, *batch)
+
+    def _ensure_copies(self, chains: int) -> None:
+        dtypes = {s.dtype for s in self.slots}
+        if len(dtypes) != 1:
+            raise InvalidInputError("per-chain loop mode needs one dtype for all sampled "
+                                    f"parameters, got {sorted(map(str, dtypes))}; use vmap")
+        dtype = dtypes.pop()
+        if self._work is not None and self._work.shape[0] >= chains:
+            return
+        self._work = torch.empty(chains, self.dim, dtype=dtype, device=self.device)
+        self._gbuf = torch.zeros(chains, self.dim, dtype=dtype, device=self.device)
+        self._copies = []
+        sampled = {s.name: s for s in self.slots}
+        for c in range(chains):
+            replica = copy.deepcopy(self.model).to(self.device)
+            for pname, p in list(replica.named_parameters()):
+                if pname not in sampled:
+                    p.requires_grad_(False)
+                    continue
+                s = sampled[pname]
+                owner = replica.get_submodule(pname.rpartition(".")[0]) if "." in pname else replica
+                view = self._work[c, s.offset:s.offset + s.numel].view(s.shape)
+                new = nn.Parameter(view, requires_grad=True)
+                new.grad = self._gbuf[c, s.offset:s.offset + s.numel].view(s.shape)
+                setattr(owner, pname.rpartition(".")[2], new)
+            self._copies.append(replica)
+
+    def _grad_loop(self, flat: Tensor, batch: list[Tensor], shared: bool) -> tuple[Tensor, Tensor]:
+        chains = flat.shape[0]
+        self._ensure_copies(chains)
+        work, gbuf = self._work, self._gbuf
+        with torch.no_grad():
+            work[:chains].copy_(flat)
+            gbuf.zero_()
+        losses = []
+        for c in range(chains):
+            leaves = batch if shared else [t[c] for t in batch]
+            loss = self.loss_fn(self._copies[c], pytree.tree_unflatten(list(leaves), self.spec))
+            if not isinstance(loss, Tensor) or loss.numel() != 1:
+                self._loss_flat(self.anchor, *leaves)  # raises the explanatory error
+            losses.append(loss.reshape(()))
+        stacked = torch.stack(losses)
+        # one backward pass for all chains: their graphs are disjoint, so the gradient of the
+        # sum is each chain's own gradient
+        stacked.sum().backward()
+        return gbuf[:chains].float(), stacked.detach().float()
+
+    def grad_and_loss(self, flat: Tensor, batch: list[Tensor], shared: bool = False
+                      ) -> tuple[Tensor, Tensor]:
+        """Gradients ``(C, D)`` (float32) and losses ``(C,)`` of every chain on its batch.
+
+        Args:
+            flat: parameters of every chain, ``(C, D)``.
+            batch: data leaves, each ``(C, B, ...)``, or ``(B, ...)`` when ``shared``.
+            shared: all chains see the same batch (full batch).
+        """
+        if self.mode == "loop":
+            return self._grad_loop(flat, batch, shared)
+        return self._grad_vmap(flat, batch, shared)
+
+    def decide_mode(self, chains: int) -> str:
+        """Pick ``"vmap"`` or ``"loop"`` by timing a few gradient steps (cached per structure)."""
+        if self.mode != "auto":
+            return self.mode
+        key = (type(self.model), tuple((s.name, tuple(s.shape), s.dtype) for s in self.slots),
+               tuple((tuple(t.shape[1:]), t.dtype) for t in self.leaves), self.batch_size,
+               chains, str(self.device), getattr(self.loss_fn, "__qualname__", id(self.loss_fn)))
+        if key in _MODE_CACHE:
+            self.mode = _MODE_CACHE[key]
+            return self.mode
+        if self.device.type == "cpu":
+            # measured (docs/llc.md): on CPU the per-chain loop with one backward pass matched
+            # or beat vmap on every model tried (vmap 3x slower on a 10x10 DLN), so no probe
+            self.mode = _MODE_CACHE[key] = "loop"
+            return self.mode
+        flat = self.anchor.expand(chains, -1).clone()
+        if self.full_batch:
+            batch, shared = self.leaves, True
+        else:
+            idx = torch.arange(chains * self.batch_size, device=self.device) % self.n
+            batch = [t[idx].view(chains, self.batch_size, *t.shape[1:]) for t in self.leaves]
+            shared = False
+        timings = {"vmap": math.inf, "loop": math.inf}
+        failed = set()
+        with torch.random.fork_rng(devices=self._rng_devices()):
+            for round_ in range(6):  # interleaved; the first round only warms up
+                for mode in ("vmap", "loop"):
+                    if mode in failed:
+                        continue
+                    self.mode = mode
+                    try:
+                        t0 = time.perf_counter()
+                        for _ in range(2):
+                            self.grad_and_loss(flat, batch, shared)
+                        self._sync()
+                    except InvalidInputError:
+                        raise
+                    except Exception:  # noqa: BLE001 - e.g. a loss_fn that vmap cannot trace
+                        failed.add(mode)
+                        timings[mode] = math.inf
+                        continue
+                    if round_:
+                        timings[mode] = min(timings[mode], time.perf_counter() - t0)
+        # the loop is preferred on a near tie: plain autograd, less memory, any loss_fn
+        timings["vmap"] *= 1.1
+        if not math.isfinite(min(timings.values())):
+            self.mode = "loop"
+        else:
+            self.mode = min(timings, key=timings.get)
+        _MODE_CACHE[key] = self.mode
+        return self.mode
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+def prepare_target(model: nn.Module, data: Any, loss_fn: LossFn, *, params: ParamSelection = None,
+                   batch_size: int | None = None, device: str | torch.device | None = None,
+                   vectorize: bool | str = "auto", eval_batch_size: int = 8192) -> SamplingTarget:
+    """Validate inputs and prepare a model's loss for sampling around its current weights w*.
+
+    The model itself is never modified: its weights are copied into a flat float32 vector and
+    gradients are taken through ``torch.func.functional_call`` or private model copies.
+
+    Args:
+        model: the network at w*. Its current train/eval mode is used as is.
+        data: a Dataset, a DataLoader (its dataset and batch size are used) or a tuple of tensors
+            with samples along the first dimension; moved to ``device`` in full.
+        loss_fn: ``loss_fn(model, batch) -> scalar mean loss``; ``batch`` has the structure a
+            DataLoader would give (a tuple of tensors for tuple data).
+        params: which parameters to sample (others stay at w*): a name or glob pattern, a list of
+            them, a predicate ``(name, param) -> bool``, or ``{name: bool mask}`` for single
+            entries. None: every parameter with ``requires_grad``.
+        batch_size: minibatch size; None takes the DataLoader's, else full batch.
+        device: where to sample; None: the model's device.
+        vectorize: ``True`` advances all chains with ``torch.func.vmap``, ``False`` loops over
+            per-chain model copies, ``"auto"`` times both on a few steps (cached per structure).
+        eval_batch_size: chunk size for the full-data loss ``L_n(w*)``.
+
+    Raises:
+        InvalidInputError: empty data, no trainable/selected parameters, a non-scalar or
+            non-finite loss, a bad batch size.
+    """
+    if not isinstance(model, nn.Module):
+        raise InvalidInputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not callable(loss_fn):
+        raise InvalidInputError("loss_fn must be callable as loss_fn(model, batch)")
+    leaves, spec, loader_batch = _materialize(data)
+    selection = _select(model, params)
+    if batch_size is None:
+        batch_size = loader_batch or leaves[0].shape[0]
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+        raise InvalidInputError(f"batch_size must be a positive int, got {batch_size!r}")
+    if vectorize not in (True, False, "auto"):
+        raise InvalidInputError(f"vectorize must be True, False or 'auto', got {vectorize!r}")
+    if device is None:
+        first = next(iter(model.parameters()), None)
+        device = first.device if first is not None else torch.device("cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidInputError(f"device {device} requested but CUDA is not available")
+    mode = {True: "vmap", False: "loop", "auto": "auto"}[vectorize]
+    return SamplingTarget(model, leaves, spec, loss_fn, selection, batch_size, device, mode,
+                          eval_batch_size)
+
+
+# --------------------------------------------------------------------------------------------
+# chains
+# --------------------------------------------------------------------------------------------
+class StepInfo(NamedTuple):
+    """What :func:`run_chains` reports for one step of all chains.
+
+    Attributes:
+        loss: minibatch loss of each chain at the parameters *before* the step, ``(C,)``.
+        sampler_info: the kernel's info (drift, noise, ...).
+        acceptance: MALA acceptance probability per chain ``(C,)`` on checked steps, else None.
+    """
+
+    loss: Tensor
+    sampler_info: Any
+    acceptance: Tensor | None
+
+
+def _seeds(seed: int, chains: int) -> list[tuple[int, int]]:
+    children = np.random.SeedSequence(seed).spawn(chains)
+    return [tuple(int(x) for x in ch.generate_state(2, dtype=np.uint32)) for ch in children]
+
+
+class _Streams:
+    """Per-chain noise and minibatch streams, drawn ahead in chunks."""
+
+    def __init__(self, target: SamplingTarget, chains: int, seed: int, num_steps: int):
+        self.target = target
+        self.chains = chains
+        seeds = _seeds(seed, chains)
+        dev = target.device
+        self.noise_gens = [torch.Generator(device=dev).manual_seed(s[0]) for s in seeds]
+        self.data_gens = [torch.Generator().manual_seed(s[1]) for s in seeds]
+        self.perms: list[Tensor] = [torch.empty(0, dtype=torch.long) for _ in range(chains)]
+        per_sample = sum(max(1, t[0].numel()) for t in target.leaves)
+        per_step = chains * (target.dim + (0 if target.full_batch
+                                           else target.batch_size * per_sample))
+        self.chunk = int(max(1, min(_MAX_CHUNK_STEPS, num_steps, _CHUNK_ELEMENTS // per_step)))
+        self.noise = torch.empty(chains, self.chunk, target.dim, device=dev)
+
+    def _indices(self, c: int, count: int) -> Tensor:
+        need = count * self.target.batch_size
+        parts, have = [self.perms[c]], len(self.perms[c])
+        while have < need:
+            p = torch.randperm(self.target.n, generator=self.data_gens[c])
+            parts.append(p)
+            have += len(p)
+        pool = torch.cat(parts)
+        self.perms[c] = pool[need:]
+        return pool[:need].view(count, self.target.batch_size)
+
+    def next_chunk(self, count: int) -> tuple[Tensor, list[Tensor] | None]:
+        noise = self.noise[:, :count]
+        for c, gen in enumerate(self.noise_gens):
+            torch.randn(count, self.target.dim, generator=gen, out=self.noise[c, :count])
+        if self.target.full_batch:
+            return noise, None
+        idx = torch.stack([self._indices(c, count) for c in range(self.chains)])
+        idx = idx.to(self.target.device)
+        return noise, [t[idx] for t in self.target.leaves]  # each (C, count, B, ...)
+
+
+def _check_sampler(sampler: str) -> Any:
+    if sampler not in SAMPLERS:
+        raise InvalidInputError(f"sampler must be one of {sorted(SAMPLERS)}, got {sampler!r}")
+    return SAMPLERS[sampler]
+
+
+def default_nbeta(n: int) -> float:
+    """``n / log n`` (β* = 1/log n, Watanabe's WBIC temperature), with n the number of samples."""
+    return n / math.log(n) if n > 1 else 1.0
+
+
+def run_chains(target: SamplingTarget, *, num_chains: int, num_steps: int, step_size: float,
+               localization: float, nbeta: float, sampler: str = "sgld", seed: int = 0,
+               sampler_kwargs: Mapping[str, Any] | None = None,
+               acceptance_steps: Collection[int] = ()) -> Iterator[tuple[int, Any, StepInfo]]:
+    """Advance ``num_chains`` chains from w* together and yield ``(step, state, info)``.
+
+    ``state`` is the sampler state *after* the step, with ``params`` of shape ``(C, D)``;
+    ``info.loss`` is each chain's minibatch loss *before* it. The caller records what it needs.
+    The global RNG state (used only by random layers such as dropout) is saved at the start and
+    restored when the generator finishes or is closed.
+
+    Args:
+        target: from :func:`prepare_target`.
+        num_chains: C.
+        num_steps: total number of steps (burn-in included).
+        step_size: ε.
+        localization: γ.
+        nbeta: nβ.
+        sampler: ``"sgld"``, ``"rmsprop_sgld"`` or ``"sgnht"``.
+        seed: chain c uses generators seeded from ``SeedSequence(seed).spawn(C)[c]``.
+        sampler_kwargs: extra keyword arguments of the kernel's ``step`` (e.g. ``diffusion``).
+        acceptance_steps: steps at which to also compute the MALA acceptance of the move
+            (one extra gradient evaluation each; SGLD and pSGLD only).
+    """
+    kernel = _check_sampler(sampler)
+    kwargs = dict(sampler_kwargs or {})
+    init_kwargs = {}
+    if sampler == "sgnht" and "diffusion" in kwargs:
+        init_kwargs["diffusion"] = kwargs["diffusion"]
+    target.decide_mode(num_chains)
+    state = kernel.init(target.anchor.expand(num_chains, -1), target.anchor, target.mask,
+                        **init_kwargs)
+    streams = _Streams(target, num_chains, seed, num_steps)
+    check = set(acceptance_steps) if sampler != "sgnht" else set()
+    shared = target.full_batch
+    step = 0
+    saved = _save_rng(target)
+    try:
+        while step < num_steps:
+            count = min(streams.chunk, num_steps - step)
+            noise, data = streams.next_chunk(count)
+            for k in range(count):
+                batch = target.leaves if shared else [t[:, k] for t in data]
+                grads, loss = target.grad_and_loss(state.params, batch, shared)
+                new_state, info = kernel.step(streams.noise_gens, state, grads,
+                                              step_size=step_size, localization=localization,
+                                              nbeta=nbeta, noise=noise[:, k], **kwargs)
+                acc = None
+                if step in check:
+                    acc = _acceptance(target, state, new_state, info, loss, batch, shared,
+                                      step_size=step_size, localization=localization,
+                                      nbeta=nbeta)
+                yield step, new_state, StepInfo(loss, info, acc)
+                state = new_state
+                step += 1
+    finally:
+        _restore_rng(saved)
+
+
+def _save_rng(target: SamplingTarget) -> tuple[Tensor, list[tuple[int, Tensor]]]:
+    cuda = []
+    if target.device.type == "cuda":
+        index = target.device.index if target.device.index is not None else torch.cuda.current_device()
+        cuda.append((index, torch.cuda.get_rng_state(index)))
+    return torch.get_rng_state(), cuda
+
+
+def _restore_rng(saved: tuple[Tensor, list[tuple[int, Tensor]]]) -> None:
+    cpu, cuda = saved
+    torch.set_rng_state(cpu)
+    for index, state in cuda:
+        torch.cuda.set_rng_state(state, index)
+
+
+def _acceptance(target: SamplingTarget, old: Any, new: Any, info: Any, loss: Tensor,
+                batch: list[Tensor], shared: bool, *, step_size: float, localization: float,
+                nbeta: float) -> Tensor:
+    grads_new, loss_new = target.grad_and_loss(new.params, batch, shared)
+    mask = target.mask
+    u_old = mala.potential(old.params, target.anchor, loss, localization=localization,
+                           nbeta=nbeta, mask=mask)
+    u_new = mala.potential(new.params, target.anchor, loss_new, localization=localization,
+                           nbeta=nbeta, mask=mask)
+    drift_new = (new.params - target.anchor).mul_(localization).add_(grads_new, alpha=nbeta)
+    return mala.acceptance_probability(
+        old.params, new.params, u_old, u_new, info.drift, drift_new, step_size=step_size,
+        precond=getattr(info, "precond", None), mask=mask)
+
+
+@dataclass(frozen=True)
+class ChainTraces:
+    """Loss traces of chains run by :func:`sample_chains`.
+
+    Attributes:
+        losses: ``(C, T)`` minibatch losses, ``T`` = steps completed (all of them unless a chain
+            diverged with ``on_divergence="stop"``).
+        init_loss: ``L_n(w*)`` on the full data.
+        nbeta: nβ used.
+        step_size: ε used.
+        localization: γ used.
+        acceptance: ``(checks, C)`` MALA acceptance probabilities (empty when none were checked).
+        acceptance_steps: the steps of those checks.
+        diverged_chain: the first chain that diverged, or None.
+        diverged_step: the step at which it did, or None.
+        seconds: wall time of the sampling loop.
+        mode: ``"vmap"`` or ``"loop"``.
+    """
+
+    losses: np.ndarray
+    init_loss: float
+    nbeta: float
+    step_size: float
+    localization: float
+    acceptance: np.ndarray
+    acceptance_steps: tuple[int, ...]
+    diverged_chain: int | None = None
+    diverged_step: int | None = None
+    seconds: float = 0.0
+    mode: str = "vmap"
+    final_params: Tensor | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def diverged(self) -> bool:
+        """Whether some chain produced a non-finite or exploding loss."""
+        return self.diverged_chain is not None
+
+
+def divergence_threshold(target: SamplingTarget, nbeta: float) -> float:
+    """Loss above which a chain counts as exploded.
+
+    ``L(w*) + EXPLODE_FACTOR · max(|L(w*)|, spread of minibatch losses at w*, D/(2nβ))``;
+    ``D/(2nβ)`` is the expected excess loss of a regular model, an upper bound for the posterior.
+    """
+    scale = max(abs(target.init_loss), target.batch_loss_std, target.num_selected / (2 * nbeta))
+    return target.init_loss + EXPLODE_FACTOR * scale
+
+
+def _first_bad(trace: Tensor, threshold: float) -> tuple[int, int] | None:
+    bad = ~torch.isfinite(trace) | (trace > threshold)
+    if not bool(bad.any()):
+        return None
+    steps = torch.where(bad.any(0))[0]
+    first = int(steps[0])
+    chain = int(torch.where(bad[:, first])[0][0])
+    return chain, first
+
+
+def sample_chains(target: SamplingTarget, *, num_chains: int = 4, num_steps: int,
+                  step_size: float, localization: float = 1.0, nbeta: float | None = None,
+                  sampler: str = "sgld", seed: int = 0,
+                  sampler_kwargs: Mapping[str, Any] | None = None,
+                  acceptance_steps: Collection[int] = (), check_every: int = 100,
+                  on_divergence: str = "raise") -> ChainTraces:
+    """Run chains and return their loss traces (cheap to call many times on one target).
+
+    Args:
+        target: from :func:`prepare_target`.
+        num_chains, num_steps, step_size, localization, sampler, seed, sampler_kwargs,
+            acceptance_steps: as in :func:`run_chains`.
+        nbeta: nβ; None: ``n / log n``.
+        check_every: check the trace for non-finite/exploding losses every this many steps
+            (and at the end); the check is the only host synchronization.
+        on_divergence: ``"raise"`` a :class:`ChainDivergedError`, or ``"stop"`` and return the
+            trace up to the divergence with ``diverged_chain``/``diverged_step`` set.
+
+    Raises:
+        InvalidInputError: bad hyper-parameters.
+        ChainDivergedError: a chain diverged and ``on_divergence="raise"``.
+    """
+    nbeta = default_nbeta(target.n) if nbeta is None else nbeta
+    _validate_hyper(num_chains=num_chains, num_steps=num_steps, step_size=step_size,
+                    localization=localization, nbeta=nbeta, check_every=check_every)
+    if on_divergence not in ("raise", "stop"):
+        raise InvalidInputError(f"on_divergence must be 'raise' or 'stop', got {on_divergence!r}")
+    _check_sampler(sampler)
+    threshold = divergence_threshold(target, nbeta)
+    trace = torch.empty(num_chains, num_steps, device=target.device)
+    acc_rows, acc_steps = [], []
+    checked = 0
+    diverged = None
+    last = None
+    t0 = time.perf_counter()
+    for step, state, info in run_chains(
+            target, num_chains=num_chains, num_steps=num_steps, step_size=step_size,
+            localization=localization, nbeta=nbeta, sampler=sampler, seed=seed,
+            sampler_kwargs=sampler_kwargs, acceptance_steps=acceptance_steps):
+        trace[:, step] = info.loss
+        last = state
+        if info.acceptance is not None:
+            acc_rows.append(info.acceptance)
+            acc_steps.append(step)
+        if step + 1 - checked >= check_every or step + 1 == num_steps:
+            diverged = _first_bad(trace[:, checked:step + 1], threshold)
+            if diverged is not None:
+                diverged = (diverged[0], diverged[1] + checked)
+                break
+            checked = step + 1
+    seconds = time.perf_counter() - t0
+    if diverged is not None:
+        chain, at = diverged
+        value = float(trace[chain, at])
+        if on_divergence == "raise":
+            raise ChainDivergedError(
+                f"chain {chain} diverged at step {at}: loss {value:.4g} (L(w*) = "
+                f"{target.init_loss:.4g}, limit {threshold:.4g}) with step_size={step_size:g}, "
+                f"localization={localization:g}, nbeta={nbeta:g}; try step_size={step_size / 10:g}"
+                " or a larger localization",
+                chain=chain, step=at, suggested_step_size=step_size / 10)
+        trace = trace[:, :at]
+        keep = [i for i, s in enumerate(acc_steps) if s < at]
+        acc_rows = [acc_rows[i] for i in keep]
+        acc_steps = [acc_steps[i] for i in keep]
+    acc = (torch.stack(acc_rows).cpu().numpy() if acc_rows
+           else np.zeros((0, num_chains), dtype=np.float32))
+    losses = trace.cpu().numpy()
+    losses.flags.writeable = False
+    acc.flags.writeable = False
+    return ChainTraces(
+        losses=losses, init_loss=target.init_loss, nbeta=float(nbeta), step_size=float(step_size),
+        localization=float(localization), acceptance=acc, acceptance_steps=tuple(acc_steps),
+        diverged_chain=None if diverged is None else diverged[0],
+        diverged_step=None if diverged is None else diverged[1], seconds=seconds,
+        mode=target.mode, final_params=None if last is None else last.params)
+
+
+def _validate_hyper(*, num_chains: int, num_steps: int, step_size: float, localization: float,
+                    nbeta: float, check_every: int) -> None:
+    def is_int(v: Any) -> bool:
+        return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+    if not is_int(num_chains) or num_chains <= 0:
+        raise InvalidInputError(f"num_chains must be a positive int, got {num_chains!r}")
+    if not is_int(num_steps) or num_steps <= 0:
+        raise InvalidInputError(f"the number of steps must be a positive int, got {num_steps!r}")
+    if not is_int(check_every) or check_every <= 0:
+        raise InvalidInputError(f"check_every must be a positive int, got {check_every!r}")
+    for name, value in (("step_size", step_size), ("localization", localization),
+                        ("nbeta", nbeta)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise InvalidInputError(f"{name} must be a finite number, got {value!r}")
+    if step_size < 0:
+        raise InvalidInputError(f"step_size must be >= 0, got {step_size}")
+    if localization < 0:
+        raise InvalidInputError(f"localization must be >= 0, got {localization}")
+    if nbeta <= 0:
+        raise InvalidInputError(f"nbeta must be > 0, got {nbeta}")
