@@ -115,6 +115,8 @@ def launch(job: Job, *, devices: int | str = 1, num_nodes: int = 1, accelerator:
                                          timeout=timedelta(seconds=timeout_s))
     fabric = Fabric(**kwargs)
     local = devices if isinstance(devices, int) else 1
+    if single:  # no other process: the job may hold anything (lambdas, tensors...)
+        return fabric.launch(_work, job, log, local)
     # Lightning walks launch arguments and results with apply_to_collection, which rejects frozen
     # dataclasses: hand them over pickled.
     out = fabric.launch(_work_pickled, pickle.dumps((job, log, local)))
