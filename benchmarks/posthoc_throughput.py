@@ -84,7 +84,7 @@ def write_store(root: Path, snapshots: int) -> Path:
     step = 0
     for i in range(snapshots):
         store.save(step, model.state_dict(), {"train_loss": float(mse(model, (x, y)).detach())})
-        for _ in range(25 * (i + 1)):
+        for _ in range(4 * (i + 1)):
             opt.zero_grad()
             mse(model, (x, y)).backward()
             opt.step()

@@ -220,6 +220,14 @@ def test_failed_snapshot_is_recorded_and_retried(store_copy):
     assert s2.plan.num_tasks == 1 and s2.failed == 1  # only the failed one is tried again
 
 
+def test_corrupt_snapshot_fails_alone(store_copy):
+    victim = store_copy / "snapshots" / "step_000000000012.safetensors"
+    victim.write_bytes(victim.read_bytes()[:-10])
+    s = _analyze(store_copy, [WeightNorm()])
+    assert s.computed == 8 and s.failed == 1
+    assert "step 12" in s.errors[0] and "truncated" in s.errors[0]
+
+
 def test_transitions_and_report(store_copy, tmp_path):
     pytest.importorskip("devinterp.analyses.transitions")
     from devinterp.cli import main
@@ -358,9 +366,8 @@ def test_llc_analysis_on_snapshots(store_copy):
 
 def test_circuit_analysis_on_a_transformer_store(tmp_path):
     pytest.importorskip("devinterp.analyses.circuits")
-    from devinterp.models import AttentionOnlyTransformer
-
     from devinterp.analyses import icl_score, induction_scores
+    from devinterp.models import AttentionOnlyTransformer
     from devinterp.posthoc import CircuitAnalysis
 
     hp = {"vocab_size": 16, "n_layers": 2, "n_heads": 2, "d_model": 16, "n_ctx": 24}

@@ -27,6 +27,7 @@ from torch import nn
 
 from devinterp.errors import (
     ChainDivergedError,
+    CorruptSnapshotError,
     DevinterpError,
     EmptyStoreError,
     FactoryError,
@@ -343,7 +344,7 @@ def _build(job: Job, store: SnapshotStore, info: Mapping[str, Any], need_data: b
 # the run
 
 
-def _current_keys(job: Job, keys: Sequence[tuple[str, str]], records: Sequence[ResultRecord]) -> set[tuple[str, str]]:
+def _current_keys(keys: Sequence[tuple[str, str]], records: Sequence[ResultRecord]) -> set[tuple[str, str]]:
     """This run's keys, plus the latest configuration of every other analysis in the file."""
     current = set(keys)
     names = {n for n, _ in keys}
@@ -380,8 +381,16 @@ def _compute_item(item: PlanItem, store: SnapshotStore, setup: _Setup, analyses:
                   hashes: Mapping[str, str], job: Job, out_dir: str, device: torch.device, rank: int,
                   hparams: Mapping[str, Any]) -> tuple[list[ResultRecord], str | None, BaseException | None]:
     """Records for one snapshot, and a fatal error (a problem that every snapshot will hit)."""
-    snap = _load(store, setup.model, item.step, setup.label)
-    records = []
+    records: list[ResultRecord] = []
+    try:
+        snap = _load(store, setup.model, item.step, setup.label)
+    except CorruptSnapshotError as exc:  # this snapshot's file only: every analysis of it fails
+        for name in item.analyses:
+            records.append(ResultRecord(name, item.step, hashes[name], error=f"{type(exc).__name__}: {exc}",
+                                        meta={"rank": rank}))
+        return records, None, None
+    except Exception as exc:
+        return records, f"step {item.step}: {type(exc).__name__}: {exc}", exc
     for name in item.analyses:
         analysis = analyses[name]
         ctx = AnalysisContext(step=item.step, seed=job.seed, step_seed=derive_seed(job.seed, item.step, name),
@@ -487,7 +496,7 @@ def run_job(job: Job, comm: Comm | None = None, *, log: Callable[[str], None] | 
     tb_dir = None
     if rank == 0:
         records = results.read()
-        keys = _current_keys(job, list(hashes.items()), records)
+        keys = _current_keys(list(hashes.items()), records)
         pending_keys = {(n, item.step, hashes[n]) for item in plan.pending for n in item.analyses}
         if job.tensorboard:
             tb_dir = str(Path(job.logdir) / "analysis") if job.logdir else out_dir
@@ -554,7 +563,7 @@ def run_job(job: Job, comm: Comm | None = None, *, log: Callable[[str], None] | 
     transitions: list = []
     if rank == 0:
         records = results.read()
-        keys = _current_keys(job, list(hashes.items()), records)
+        keys = _current_keys(list(hashes.items()), records)
         curves = {**base_curves, **curves_from_records(current_records(records, keys))}
         if job.transitions:
             transitions = outputs.run_transitions(curves, job.transition_metrics)
