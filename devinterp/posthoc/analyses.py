@@ -184,6 +184,13 @@ class LLCAnalysis:
             vectorize=self.vectorize,
         )
         if self.step_size == "auto":
+            import inspect
+
+            if "calibration" not in inspect.signature(estimate_llc).parameters:
+                raise InvalidInputError(
+                    "step_size='auto' needs an estimate_llc that accepts a calibration, which this "
+                    "installation lacks; pass a step size (--llc-step-size 1e-4)"
+                )
             kwargs["step_size"] = "auto"
             if self.calibration is not None:
                 kwargs["calibration"] = self.calibration
