@@ -50,6 +50,7 @@ def build(workload: str, seed: int):
     from torch import nn
 
     gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # nn.Linear initialisation
     cfg = WORKLOADS[workload]
     n = cfg["n"]
     if workload == "dln":

@@ -41,6 +41,7 @@ import datetime as _dt
 import hashlib
 import json
 import math
+import operator
 import os
 import queue
 import re
@@ -374,7 +375,6 @@ def _to_safetensors_bytes(state_dict: Mapping[str, Tensor], step: int) -> bytes:
 
 
 def _from_safetensors_bytes(data: bytes, where: str) -> dict[str, Tensor]:
-    from safetensors import safe_open  # noqa: F401  (import error surfaces here, not as corruption)
     from safetensors.torch import load
 
     try:
@@ -635,7 +635,10 @@ class SnapshotStore:
         return len(self._steps)
 
     def __contains__(self, step: object) -> bool:
-        return isinstance(step, int) and step in self._entries
+        try:
+            return operator.index(step) in self._entries
+        except TypeError:
+            return False
 
     def __iter__(self) -> Iterator[Snapshot]:
         """Snapshots in step order (each loaded when reached)."""
@@ -921,20 +924,23 @@ class BackgroundSaver:
     """Writes snapshots to a store from a worker thread, in submission order.
 
     The caller hands over tensors it will not modify (copies); serialising, hashing and fsync
-    happen off the training thread. The queue is bounded, so a slow disk slows training down
-    instead of filling memory. An error in the worker is raised on the next :meth:`submit`,
-    :meth:`flush` or :meth:`close`.
+    happen off the training thread. Pending copies are bounded by bytes, so a slow disk slows
+    training down instead of filling memory (one snapshot may always wait, whatever its size).
+    An error in the worker is raised on the next :meth:`submit`, :meth:`flush` or :meth:`close`.
 
     Args:
         store: A store opened with ``mode="a"``.
-        max_pending: Snapshots that may wait in memory before ``submit`` blocks.
+        max_pending_bytes: Bytes of tensors that may wait in memory before ``submit`` blocks.
     """
 
-    def __init__(self, store: SnapshotStore, *, max_pending: int = 2):
-        if max_pending < 1:
-            raise InvalidInputError(f"max_pending must be >= 1, got {max_pending}")
+    def __init__(self, store: SnapshotStore, *, max_pending_bytes: int = 512 * 2**20):
+        if max_pending_bytes < 1:
+            raise InvalidInputError(f"max_pending_bytes must be >= 1, got {max_pending_bytes}")
         self.store = store
-        self._queue: queue.Queue = queue.Queue(maxsize=max_pending)
+        self.max_pending_bytes = int(max_pending_bytes)
+        self._queue: queue.Queue = queue.Queue()
+        self._cv = threading.Condition()
+        self._pending_bytes = 0
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._work, name="devinterp-snapshot-writer", daemon=True)
         self._thread.start()
@@ -945,8 +951,14 @@ class BackgroundSaver:
             try:
                 if item is None:
                     return
-                if self._error is None:
-                    self.store.save(*item)
+                step, state_dict, meta, nbytes = item
+                try:
+                    if self._error is None:
+                        self.store.save(step, state_dict, meta)
+                finally:
+                    with self._cv:
+                        self._pending_bytes -= nbytes
+                        self._cv.notify_all()
             except BaseException as exc:  # kept and re-raised in the training thread
                 self._error = exc
             finally:
@@ -958,10 +970,21 @@ class BackgroundSaver:
             raise StoreError(f"writing a snapshot to {self.store.root} failed: {err}") from err
 
     def submit(self, step: int, state_dict: Mapping[str, Tensor], meta: Mapping[str, Any] | None = None) -> None:
+        """Queue a snapshot; blocks while more than ``max_pending_bytes`` are waiting."""
         self._raise()
         if not self._thread.is_alive():
             raise StoreError("the snapshot writer is closed")
-        self._queue.put((step, state_dict, meta))
+        seen: set[int] = set()
+        nbytes = 0
+        for t in state_dict.values():
+            if isinstance(t, Tensor) and id(t) not in seen:
+                seen.add(id(t))
+                nbytes += t.numel() * t.element_size()
+        with self._cv:
+            while self._pending_bytes > 0 and self._pending_bytes + nbytes > self.max_pending_bytes:
+                self._cv.wait()
+            self._pending_bytes += nbytes
+        self._queue.put((step, state_dict, meta, nbytes))
 
     def flush(self) -> None:
         """Block until every submitted snapshot is committed."""

@@ -53,8 +53,11 @@ def loader(batch_size: int = 8, n: int = 64) -> torch.utils.data.DataLoader:
 
 
 def trainer(root: Path | str, max_steps: int, callbacks: list, **kwargs) -> pl.Trainer:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
     opts = dict(
         max_steps=max_steps,
+        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
         default_root_dir=str(root),
         enable_progress_bar=False,
         enable_model_summary=False,

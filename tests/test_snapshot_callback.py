@@ -78,7 +78,7 @@ def test_bad_arguments():
     with pytest.raises(ScheduleError, match="Schedule"):
         SnapshotCallback(schedule=[1, 2, 3])
     with pytest.raises(InvalidInputError):
-        SnapshotCallback(max_pending=0)
+        SnapshotCallback(max_pending_bytes=0)
 
 
 def test_unbounded_run_needs_a_bounded_schedule(tmp_path):
@@ -144,3 +144,16 @@ def test_callback_state_round_trip(tmp_path):
     other = SnapshotCallback()
     other.load_state_dict(state)
     assert other.state_dict()["samples_seen"] == 32
+
+
+def test_resume_from_checkpoint_written_without_the_callback(tmp_path):
+    full_batch = loader(batch_size=64)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_epochs=1, save_top_k=-1)
+    trainer(tmp_path, 4, [ckpt]).fit(TinyModule(), full_batch)
+    first = SnapshotCallback(tmp_path / "s1", schedule=every(2))
+    second = SnapshotCallback(tmp_path / "s2", schedule=every(3))
+    assert first.state_key != second.state_key
+    trainer(tmp_path, 8, [first, second]).fit(TinyModule(), full_batch, ckpt_path=tmp_path / "ckpt" / "epoch=3-step=4.ckpt")
+    s1, s2 = SnapshotStore(tmp_path / "s1"), SnapshotStore(tmp_path / "s2")
+    assert s1.steps() == [4, 6, 8] and s2.steps() == [6]  # step S is saved when scheduled
+    assert all(s1.meta(s)["samples_seen"] is None for s in s1.steps())  # unknown, not wrong

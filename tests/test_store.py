@@ -239,7 +239,7 @@ def test_supersession_is_append_only(root):
 
 def test_background_saver_orders_and_reports_errors(tmp_path):
     store = SnapshotStore(tmp_path / "s", mode="a")
-    saver = BackgroundSaver(store, max_pending=1)
+    saver = BackgroundSaver(store, max_pending_bytes=1)
     for step in range(5):
         saver.submit(step, _weights(step), {"epoch": 0})
     saver.flush()

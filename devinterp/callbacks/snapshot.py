@@ -37,7 +37,8 @@ class SnapshotCallback(Callback):
         save_initial: Also save the initial weights (step 0).
         background: Serialise, hash and fsync in a worker thread; the training thread only copies
             the weights. A checkpoint (``state_dict``) waits for pending snapshots first.
-        max_pending: With ``background``, how many copies may wait in memory.
+        max_pending_bytes: With ``background``, how many bytes of weight copies may wait in
+            memory before training blocks (one snapshot may always wait).
 
     A snapshot is taken in ``on_train_batch_end`` only when ``global_step`` advanced (so gradient
     accumulation is handled) and the new step is scheduled; the check is a set lookup. Each index
@@ -58,19 +59,19 @@ class SnapshotCallback(Callback):
         *,
         save_initial: bool = True,
         background: bool = True,
-        max_pending: int = 2,
+        max_pending_bytes: int = 512 * 2**20,
     ):
         if not isinstance(schedule, Schedule):
             raise ScheduleError(
                 f"schedule must be a devinterp.schedules.Schedule (every, log_spaced, at...), got {type(schedule).__name__}"
             )
-        if max_pending < 1:
-            raise InvalidInputError(f"max_pending must be >= 1, got {max_pending}")
+        if max_pending_bytes < 1:
+            raise InvalidInputError(f"max_pending_bytes must be >= 1, got {max_pending_bytes}")
         self.dirpath = os.fspath(dirpath) if dirpath is not None else None
         self.schedule = schedule
         self.save_initial = bool(save_initial)
         self.background = bool(background)
-        self.max_pending = int(max_pending)
+        self.max_pending_bytes = int(max_pending_bytes)
         self.store: SnapshotStore | None = None  # rank zero only, during fit
         self._saver: BackgroundSaver | None = None
         self._resolved_dirpath: str | None = None
@@ -79,9 +80,14 @@ class SnapshotCallback(Callback):
         self._resolved: Schedule | None = None
         self._last_step = -1
         self._samples_seen: int | None = 0
-        self._batch_size: int | None = None
+        self._restored = False
 
     # ---- public ---------------------------------------------------------------------------
+
+    @property
+    def state_key(self) -> str:
+        # Two snapshot callbacks in one trainer keep separate states in a checkpoint.
+        return self._generate_state_key(dirpath=self.dirpath, schedule=repr(self.schedule))
 
     @property
     def resolved_dirpath(self) -> str | None:
@@ -116,6 +122,8 @@ class SnapshotCallback(Callback):
         self._last_step = step
         if step == 0:
             self._samples_seen = 0
+        elif not self._restored:  # resumed from a checkpoint written without this callback
+            self._samples_seen = None
         if trainer.is_global_zero:
             self.store = SnapshotStore(dirpath, mode="a")
             dm = trainer.datamodule if getattr(trainer, "datamodule", None) is not None else None
@@ -133,7 +141,7 @@ class SnapshotCallback(Callback):
             )
             self.store.truncate_after(step)  # a resumed (or re-run) fit replaces what came later
             if self.background:
-                self._saver = BackgroundSaver(self.store, max_pending=self.max_pending)
+                self._saver = BackgroundSaver(self.store, max_pending_bytes=self.max_pending_bytes)
         if (step == 0 and self.save_initial) or (step > 0 and self.is_due(step)):
             # Step S of a resumed run is rewritten with the checkpoint's (identical) weights, so it
             # exists even if the interrupted run died between the checkpoint and its snapshot.
@@ -175,6 +183,7 @@ class SnapshotCallback(Callback):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._restored = True
         self._restored_dirpath = state_dict.get("dirpath")
         self._samples_seen = state_dict.get("samples_seen")
 
