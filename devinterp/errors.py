@@ -77,3 +77,16 @@ class ResultsError(DevinterpError, ValueError):
 
 class PlanError(DevinterpError, ValueError):
     """A post-hoc analysis request cannot be planned: bad ``--steps`` spec, no analysis, no snapshot."""
+
+
+# --- warnings -------------------------------------------------------------------------------
+class DevinterpWarning(UserWarning):
+    """Base class of the warnings devinterp emits (filter them with ``warnings.filterwarnings``)."""
+
+
+class NotAtMinimumWarning(DevinterpWarning):
+    """The LLC was estimated at weights that do not look like a local minimum."""
+
+
+class CalibrationWarning(DevinterpWarning):
+    """A (reused) SGLD calibration shows signs of no longer fitting the model, or none passed."""

@@ -388,3 +388,20 @@ def test_circuit_analysis_on_a_transformer_store(tmp_path):
         store.write_run(model_class=AttentionOnlyTransformer, hparams={})
         _analyze(tmp_path / "s", [CircuitAnalysis(num_sequences=4)], force=True,
                  model=lambda: AttentionOnlyTransformer(**hp))
+
+
+def test_llc_auto_step_size_calibrates_once_and_reuses(store_copy):
+    from devinterp.posthoc import LLCAnalysis
+
+    llc = LLCAnalysis(num_chains=2, num_draws=30, num_burnin=10)  # step_size="auto"
+    s1 = _analyze(store_copy, [llc], data="_posthoc_helpers:tiny_data", steps="last:2")
+    assert s1.computed == 2
+    cal_files = list((store_copy / "analysis").glob("calibration-*.json"))
+    assert len(cal_files) == 1
+    mtime = cal_files[0].stat().st_mtime_ns
+    first = {r.step: r.scalars["llc/mean"] for r in ResultsFile(store_copy / "analysis" / "results.jsonl").read()}
+    s2 = _analyze(store_copy, [llc], data="_posthoc_helpers:tiny_data", steps="last:2", force=True)
+    assert s2.computed == 2 and cal_files[0].stat().st_mtime_ns == mtime  # reused, not recomputed
+    second = {r.step: r.scalars["llc/mean"]
+              for r in ResultsFile(store_copy / "analysis" / "results.jsonl").read()[2:]}
+    assert second == first

@@ -16,9 +16,10 @@ are recorded separately and never averaged in.
 from __future__ import annotations
 
 import math
+import warnings as _pywarnings
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -33,7 +34,15 @@ from devinterp.analyses.sampling import (
     prepare_target,
     sample_chains,
 )
-from devinterp.errors import InvalidInputError
+from devinterp.errors import (
+    CalibrationWarning,
+    ChainDivergedError,
+    InvalidInputError,
+    NotAtMinimumWarning,
+)
+
+if TYPE_CHECKING:
+    from devinterp.analyses.calibration import Calibration
 
 #: Warn when more than this fraction of draws lies below L_n(w*).
 BELOW_INIT_WARN = 0.3
@@ -112,6 +121,8 @@ class LLCResult:
         config: the hyper-parameters used.
         diagnostics: R-hat, ESS, draws below L_n(w*), MALA acceptance, trend.
         warnings: human-readable problems found, each with what to do.
+        calibration: the :class:`~devinterp.analyses.calibration.Calibration` that set the
+            hyper-parameters (``step_size="auto"`` or ``calibration=``), else None.
     """
 
     mean: float
@@ -124,6 +135,7 @@ class LLCResult:
     config: LLCConfig
     diagnostics: LLCDiagnostics
     warnings: tuple[str, ...] = ()
+    calibration: Calibration | None = field(default=None, repr=False, compare=False)
 
     def llc_trace(self) -> np.ndarray:
         """Running estimate ``nβ·(mean of draws up to t − L_n(w*))`` per chain, ``(C, draws)``."""
@@ -155,19 +167,30 @@ def _acceptance_steps(num_burnin: int, num_draws: int, checks: int) -> list[int]
     return sorted({num_burnin + int(i) for i in np.linspace(0, num_draws - 1, checks)})
 
 
+#: Defaults used when neither an argument nor a calibration gives a value.
+_DEFAULTS = {"num_chains": 4, "num_draws": 1000, "num_burnin": 500, "localization": 1.0}
+
+
 def estimate_llc(model: nn.Module | SamplingTarget, data: Any = None, loss_fn: LossFn | None = None,
-                 *, num_chains: int = 4, num_draws: int = 1000, num_burnin: int = 500,
-                 step_size: float = 1e-4, localization: float = 1.0, nbeta: float | None = None,
+                 *, num_chains: int | None = None, num_draws: int | None = None,
+                 num_burnin: int | None = None, step_size: float | str = "auto",
+                 localization: float | None = None, nbeta: float | None = None,
                  batch_size: int | None = None, sampler: str = "sgld",
                  sampler_kwargs: Mapping[str, Any] | None = None, params: ParamSelection = None,
                  seed: int = 0, device: str | torch.device | None = None,
                  vectorize: bool | str = "auto", num_acceptance_checks: int = 32,
-                 check_every: int = 100) -> LLCResult:
+                 check_every: int = 100, calibration: Calibration | None = None) -> LLCResult:
     """Estimate the local learning coefficient of ``model`` at its current weights.
 
     ``λ̂ = nβ·(mean post-burn-in minibatch loss − L_n(w*))`` averaged over chains; see the module
     docstring. The model's weights, ``requires_grad`` flags and train/eval mode and the global
     RNG state are left as they were.
+
+    Hyper-parameters, in order of precedence: an explicit argument; else the ``calibration``
+    given; else, with ``step_size="auto"`` (the default), a calibration made here by
+    :func:`~devinterp.analyses.calibration.calibrate` from pilot chains (reported in
+    ``LLCResult.calibration``); else (an explicit numeric ``step_size`` and no calibration) the
+    defaults ``num_chains=4, num_draws=1000, num_burnin=500, localization=1.0``.
 
     Args:
         model: the network at w* (its current train/eval mode is used: call ``eval()`` first to
@@ -179,7 +202,7 @@ def estimate_llc(model: nn.Module | SamplingTarget, data: Any = None, loss_fn: L
         num_chains: independent chains, each with its own noise and minibatch order.
         num_draws: steps per chain averaged into the estimate.
         num_burnin: steps per chain before the draws, recorded but never averaged.
-        step_size: ε of the sampler.
+        step_size: ε of the sampler, or ``"auto"``: from ``calibration`` or a new calibration.
         localization: γ, the strength of the pull towards w*.
         nbeta: nβ (inverse temperature × n); None: ``n / log n``, n the number of samples.
         batch_size: minibatch size; None: the DataLoader's, else ``min(n, 512)``.
@@ -197,6 +220,10 @@ def estimate_llc(model: nn.Module | SamplingTarget, data: Any = None, loss_fn: L
             is estimated, each costing one extra gradient evaluation (capped at
             ``num_draws // 30``); 0 disables.
         check_every: check for divergence every this many steps (and at the end).
+        calibration: a :class:`~devinterp.analyses.calibration.Calibration` to reuse (e.g. the
+            ``result.calibration`` of an earlier snapshot of the same run); its values apply
+            where no argument is given. The result warns (:class:`CalibrationWarning`) when the
+            reused step size shows signs of trouble.
 
     Returns:
         An :class:`LLCResult`.
@@ -208,12 +235,22 @@ def estimate_llc(model: nn.Module | SamplingTarget, data: Any = None, loss_fn: L
     """
     for name, value in (("num_draws", num_draws), ("num_burnin", num_burnin),
                         ("num_acceptance_checks", num_acceptance_checks)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        if value is not None and (isinstance(value, bool)
+                                  or not isinstance(value, (int, np.integer))):
             raise InvalidInputError(f"{name} must be an int, got {value!r}")
-    if num_draws <= 0:
+    if num_draws is not None and num_draws <= 0:
         raise InvalidInputError(f"num_draws must be > 0, got {num_draws}")
-    if num_burnin < 0:
+    if num_burnin is not None and num_burnin < 0:
         raise InvalidInputError(f"num_burnin must be >= 0, got {num_burnin}")
+    auto = isinstance(step_size, str)
+    if auto and step_size != "auto":
+        raise InvalidInputError(f"step_size must be a number or 'auto', got {step_size!r}")
+    if calibration is not None:
+        from devinterp.analyses.calibration import Calibration
+
+        if not isinstance(calibration, Calibration):
+            raise InvalidInputError("calibration must be a Calibration (from calibrate() or "
+                                    f"LLCResult.calibration), got {type(calibration).__name__}")
     if isinstance(model, SamplingTarget):
         target = model
     else:
@@ -223,13 +260,38 @@ def estimate_llc(model: nn.Module | SamplingTarget, data: Any = None, loss_fn: L
             batch_size = 512
         target = prepare_target(model, data, loss_fn, params=params, batch_size=batch_size,
                                 device=device, vectorize=vectorize)
+    reused = calibration is not None
+    if calibration is None and auto:
+        from devinterp.analyses.calibration import calibrate
+
+        calibration = calibrate(target, localization=localization or _DEFAULTS["localization"],
+                                nbeta=nbeta, sampler=sampler, sampler_kwargs=sampler_kwargs,
+                                num_chains=num_chains or _DEFAULTS["num_chains"], seed=seed)
+    chosen = dict(_DEFAULTS) if calibration is None else calibration.estimate_kwargs()
+    given = {"num_chains": num_chains, "num_draws": num_draws, "num_burnin": num_burnin,
+             "localization": localization, "nbeta": nbeta,
+             "step_size": None if auto else step_size}
+    chosen.update({k: v for k, v in given.items() if v is not None})
+    num_chains, num_draws, num_burnin = (chosen["num_chains"], chosen["num_draws"],
+                                         chosen["num_burnin"])
+    step_size, localization = chosen["step_size"], chosen["localization"]
+    nbeta = chosen.get("nbeta")
     nbeta = default_nbeta(target.n) if nbeta is None else nbeta
-    traces = sample_chains(
-        target, num_chains=num_chains, num_steps=num_burnin + num_draws, step_size=step_size,
-        localization=localization, nbeta=nbeta, sampler=sampler, seed=seed,
-        sampler_kwargs=sampler_kwargs,
-        acceptance_steps=_acceptance_steps(num_burnin, num_draws, num_acceptance_checks),
-        check_every=check_every, on_divergence="raise")
+    try:
+        traces = sample_chains(
+            target, num_chains=num_chains, num_steps=num_burnin + num_draws,
+            step_size=step_size, localization=localization, nbeta=nbeta, sampler=sampler,
+            seed=seed, sampler_kwargs=sampler_kwargs,
+            acceptance_steps=_acceptance_steps(num_burnin, num_draws, num_acceptance_checks),
+            check_every=check_every, on_divergence="raise")
+    except ChainDivergedError as exc:
+        if not reused:
+            raise
+        raise ChainDivergedError(
+            f"{exc} — with step_size={step_size:g} from a reused calibration: the loss scale or "
+            "curvature has changed since it was made; calibrate again at this snapshot "
+            "(estimate_llc(..., step_size='auto'))", chain=exc.chain, step=exc.step,
+            suggested_step_size=exc.suggested_step_size) from exc
     config = LLCConfig(
         num_chains=num_chains, num_draws=num_draws, num_burnin=num_burnin,
         step_size=float(step_size), localization=float(localization), nbeta=float(nbeta),
@@ -237,8 +299,29 @@ def estimate_llc(model: nn.Module | SamplingTarget, data: Any = None, loss_fn: L
         sampler_kwargs=tuple(sorted((sampler_kwargs or {}).items())), seed=seed,
         device=str(target.device), mode=target.mode, n=target.n,
         num_params=target.num_selected, param_names=target.param_names)
-    return summarize(traces.losses, target.init_loss, config, acceptance=traces.acceptance,
-                     seconds=traces.seconds)
+    result = summarize(traces.losses, target.init_loss, config, acceptance=traces.acceptance,
+                       seconds=traces.seconds)
+    return _finish(result, calibration, reused=reused)
+
+
+def _finish(result: LLCResult, calibration: Calibration | None, *, reused: bool) -> LLCResult:
+    """Attach the calibration, add its warnings and emit the Python warnings."""
+    from devinterp.analyses.calibration import minimum_warning, reuse_warning
+
+    extra: list[tuple[str, type[Warning]]] = []
+    if calibration is not None and not reused:
+        extra += [(w, CalibrationWarning) for w in calibration.warnings]
+    if calibration is not None and reused:
+        text = reuse_warning(result, calibration)
+        if text:
+            extra.append((text, CalibrationWarning))
+    text = minimum_warning(result)
+    if text:
+        extra.append((text, NotAtMinimumWarning))
+    for text, category in extra:
+        _pywarnings.warn(text, category, stacklevel=3)
+    return replace(result, warnings=result.warnings + tuple(t for t, _ in extra),
+                   calibration=calibration)
 
 
 def summarize(losses: np.ndarray, init_loss: float, config: LLCConfig, *,

@@ -60,16 +60,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     dist.add_argument("--num-nodes", type=int, default=1)
     dist.add_argument("--accelerator", default="cpu", help="cpu (default), cuda, gpu, mps or auto")
     llc = p.add_argument_group("LLC options")
-    llc.add_argument("--llc-chains", type=int, default=4)
-    llc.add_argument("--llc-draws", type=int, default=200)
-    llc.add_argument("--llc-burnin", type=int, default=100)
-    llc.add_argument("--llc-step-size", default=None,
-                     help="SGLD step size, or 'auto' (calibrate once, reuse for every snapshot). Default: "
-                     "auto when calibration is installed, else 1e-4")
-    llc.add_argument("--llc-localization", type=float, default=1.0, help="gamma")
+    llc.add_argument("--llc-chains", type=int, default=None, help="chains (default: calibration's, else 4)")
+    llc.add_argument("--llc-draws", type=int, default=None,
+                     help="draws per chain (default: calibration's, else 1000)")
+    llc.add_argument("--llc-burnin", type=int, default=None,
+                     help="burn-in steps per chain (default: calibration's, else 500)")
+    llc.add_argument("--llc-step-size", default="auto",
+                     help="SGLD step size, or 'auto' (default): calibrate once at the last selected snapshot "
+                     "and reuse the calibration for every snapshot; explicit --llc-* values win over it")
+    llc.add_argument("--llc-localization", type=float, default=None, help="gamma (default: calibration's, else 1)")
     llc.add_argument("--llc-nbeta", type=float, default=None, help="n*beta (default n/log n)")
     llc.add_argument("--llc-batch-size", type=int, default=None)
     llc.add_argument("--llc-sampler", default="sgld", help="sgld, rmsprop_sgld or sgnht")
+    llc.add_argument("--llc-vectorize", default="false", choices=("false", "true", "auto"),
+                     help="chains as model copies (false, default: reproducible), one vmap (true), or timed (auto)")
     cir = p.add_argument_group("circuit options")
     cir.add_argument("--vocab-size", type=int, default=None, help="default: the run's vocab_size hyper-parameter")
     cir.add_argument("--seq-len", type=int, default=None, help="default: the run's seq_len/n_ctx, at most 64")
@@ -81,13 +85,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _step_size(value: str | None):
-    if value is None:
-        try:
-            import devinterp.analyses.calibration  # noqa: F401
-        except ImportError:
-            return 1e-4
-        return "auto"
+def _step_size(value: str):
     if value == "auto":
         return "auto"
     try:
@@ -110,7 +108,8 @@ def build_job(args: argparse.Namespace):
         analyses.append(LLCAnalysis(
             num_chains=args.llc_chains, num_draws=args.llc_draws, num_burnin=args.llc_burnin,
             step_size=_step_size(args.llc_step_size), localization=args.llc_localization,
-            nbeta=args.llc_nbeta, batch_size=args.llc_batch_size, sampler=args.llc_sampler))
+            nbeta=args.llc_nbeta, batch_size=args.llc_batch_size, sampler=args.llc_sampler,
+            vectorize={"false": False, "true": True, "auto": "auto"}[args.llc_vectorize]))
     if do_circuits:
         analyses.append(CircuitAnalysis(vocab_size=args.vocab_size, seq_len=args.seq_len,
                                         num_sequences=args.num_sequences, model_attr=args.model_attr))
@@ -152,6 +151,9 @@ def run(args: argparse.Namespace) -> int:
         print(describe() if callable(describe) else repr(t))
     print(f"analyze: {summary.computed} computed, {summary.failed} failed, {summary.plan.done} skipped (done), "
           f"{summary.seconds:.1f}s on {summary.world_size} process(es); results in {summary.out_dir}")
+    if summary.noted:
+        print(f"  {summary.noted} result(s) carry warnings: see 'notes' in {summary.out_dir}/results.jsonl",
+              file=sys.stderr)
     for err in summary.errors[:10]:
         print(f"  failed: {err}", file=sys.stderr)
     return 1 if summary.failed else 0

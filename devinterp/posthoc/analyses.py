@@ -65,6 +65,7 @@ class AnalysisContext:
         loss_fn: ``loss_fn(model, batch) -> scalar``, or None when not needed.
         hparams: The run's recorded hyper-parameters (``run.json``), possibly empty.
         workdir: The post-hoc output folder (for files an analysis keeps, e.g. a calibration).
+        notes: Warnings an analysis wants kept: appended here, saved as ``notes`` in the record.
     """
 
     step: int
@@ -75,6 +76,7 @@ class AnalysisContext:
     loss_fn: Any = None
     hparams: Mapping[str, Any] = field(default_factory=dict)
     workdir: str | None = None
+    notes: list[str] = field(default_factory=list)
 
 
 def derive_seed(seed: int, step: int, name: str) -> int:
@@ -106,18 +108,21 @@ def _positive_int(name: str, value: Any) -> None:
 class LLCAnalysis:
     """The local learning coefficient of each snapshot (:func:`devinterp.analyses.estimate_llc`).
 
-    Args mirror ``estimate_llc``. ``step_size="auto"`` calibrates once (on the latest snapshot, in
-    :meth:`prepare`) with :func:`devinterp.analyses.calibrate` and reuses that calibration for every
-    snapshot; the calibration is saved as ``calibration-<hash>.json`` in the output folder and
+    Arguments mirror ``estimate_llc``; ``None`` means "not given": with ``step_size="auto"`` the
+    calibration decides, else ``estimate_llc``'s defaults apply. ``step_size="auto"`` calibrates
+    once, in :meth:`prepare` (on rank zero, at the last selected snapshot), with
+    :func:`devinterp.analyses.calibrate`, and reuses that calibration for every snapshot (explicit
+    values still win over it); it is saved as ``calibration-<hash>.json`` in the output folder and
     reused by later runs with the same configuration. Each snapshot's chains are seeded with
-    ``context.step_seed``.
+    ``context.step_seed``. ``vectorize=False`` (per-chain model copies) by default, so no
+    timing-based choice can change the numbers between processes.
     """
 
-    num_chains: int = 4
-    num_draws: int = 200
-    num_burnin: int = 100
-    step_size: float | str = 1e-4
-    localization: float = 1.0
+    num_chains: int | None = None
+    num_draws: int | None = None
+    num_burnin: int | None = None
+    step_size: float | str = "auto"
+    localization: float | None = None
     nbeta: float | None = None
     batch_size: int | None = None
     sampler: str = "sgld"
@@ -128,19 +133,21 @@ class LLCAnalysis:
     needs_data = True
 
     def __post_init__(self):
-        _positive_int("num_chains", self.num_chains)
-        _positive_int("num_draws", self.num_draws)
-        if isinstance(self.num_burnin, bool) or not isinstance(self.num_burnin, int) or self.num_burnin < 0:
+        for key in ("num_chains", "num_draws", "batch_size"):
+            if getattr(self, key) is not None:
+                _positive_int(key, getattr(self, key))
+        if self.num_burnin is not None and (isinstance(self.num_burnin, bool) or not isinstance(self.num_burnin, int)
+                                            or self.num_burnin < 0):
             raise InvalidInputError(f"num_burnin must be an integer >= 0, got {self.num_burnin!r}")
         if self.step_size != "auto":
             if not isinstance(self.step_size, (int, float)) or not self.step_size > 0 or not math.isfinite(self.step_size):
                 raise InvalidInputError(f"step_size must be a positive number or 'auto', got {self.step_size!r}")
-        if not (isinstance(self.localization, (int, float)) and self.localization >= 0):
+        if self.localization is not None and not (isinstance(self.localization, (int, float)) and self.localization >= 0):
             raise InvalidInputError(f"localization must be a number >= 0, got {self.localization!r}")
         if self.nbeta is not None and not (isinstance(self.nbeta, (int, float)) and self.nbeta > 0):
             raise InvalidInputError(f"nbeta must be a positive number or None, got {self.nbeta!r}")
-        if self.batch_size is not None:
-            _positive_int("batch_size", self.batch_size)
+        if self.vectorize not in (True, False, "auto"):
+            raise InvalidInputError(f"vectorize must be True, False or 'auto', got {self.vectorize!r}")
 
     def config(self) -> dict[str, Any]:
         d = asdict(self)
@@ -148,27 +155,34 @@ class LLCAnalysis:
         d.pop("name")
         return d
 
+    def _given(self) -> dict[str, Any]:
+        keys = ("num_chains", "num_draws", "num_burnin", "localization", "nbeta", "batch_size")
+        return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
+
     def prepare(self, model: nn.Module, context: AnalysisContext) -> LLCAnalysis:
         """With ``step_size="auto"``: load or compute the calibration (on the given snapshot)."""
         if self.step_size != "auto" or self.calibration is not None:
             return self
         from pathlib import Path
 
-        try:
-            from devinterp.analyses.calibration import Calibration, calibrate
-        except ImportError as exc:  # the calibration module is not installed in this version
-            raise InvalidInputError(
-                "step_size='auto' needs devinterp.analyses.calibration, which this installation "
-                "lacks; pass a step size (--llc-step-size 1e-4)"
-            ) from exc
+        from devinterp.analyses.calibration import Calibration, calibrate
+
         path = Path(context.workdir or ".") / f"calibration-{config_hash(self.name, self.config())}.json"
         if path.exists():
             cal = Calibration.from_dict(json.loads(path.read_text()))
         else:
+            if context.data is None or context.loss_fn is None:
+                raise InvalidInputError("calibrating the LLC needs data and a loss function (see --data and --loss)")
             model.eval()
-            cal = calibrate(model, context.data, context.loss_fn, seed=context.step_seed, device=context.device)
+            kwargs = {k: v for k, v in self._given().items() if k in ("localization", "nbeta", "batch_size")}
+            if self.num_chains is not None:
+                kwargs["num_chains"] = self.num_chains
+            cal = calibrate(model, context.data, context.loss_fn, sampler=self.sampler, seed=context.step_seed,
+                            device=context.device, vectorize=self.vectorize, **kwargs)
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(cal.to_dict(), indent=2))
+            tmp = path.with_suffix(".json.tmp")
+            tmp.write_text(json.dumps(cal.to_dict(), indent=2))
+            tmp.replace(path)
         return replace(self, calibration=cal)
 
     def compute(self, model: nn.Module, snapshot: Any, context: AnalysisContext) -> dict[str, float]:
@@ -177,26 +191,22 @@ class LLCAnalysis:
         if context.data is None or context.loss_fn is None:
             raise InvalidInputError("the LLC needs data and a loss function (see --data and --loss)")
         model.eval()
-        kwargs: dict[str, Any] = dict(
-            num_chains=self.num_chains, num_draws=self.num_draws, num_burnin=self.num_burnin,
-            localization=self.localization, nbeta=self.nbeta, batch_size=self.batch_size,
-            sampler=self.sampler, seed=context.step_seed, device=context.device,
-            vectorize=self.vectorize,
-        )
+        kwargs: dict[str, Any] = dict(self._given(), sampler=self.sampler, seed=context.step_seed,
+                                      device=context.device, vectorize=self.vectorize)
         if self.step_size == "auto":
-            import inspect
-
-            if "calibration" not in inspect.signature(estimate_llc).parameters:
-                raise InvalidInputError(
-                    "step_size='auto' needs an estimate_llc that accepts a calibration, which this "
-                    "installation lacks; pass a step size (--llc-step-size 1e-4)"
-                )
             kwargs["step_size"] = "auto"
             if self.calibration is not None:
                 kwargs["calibration"] = self.calibration
         else:
             kwargs["step_size"] = float(self.step_size)
-        result = estimate_llc(model, context.data, context.loss_fn, **kwargs)
+        import warnings
+
+        from devinterp.errors import DevinterpWarning
+
+        with warnings.catch_warnings():  # their texts go into the record's notes, not on stderr
+            warnings.simplefilter("ignore", DevinterpWarning)
+            result = estimate_llc(model, context.data, context.loss_fn, **kwargs)
+        context.notes.extend(result.warnings)
         return _finite_scalars(result.scalars())
 
 

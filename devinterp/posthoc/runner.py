@@ -148,6 +148,7 @@ class RunSummary:
         transitions: Transitions found over the finished curves.
         world_size: Number of processes.
         errors: ``"step S analysis: message"`` of the failures.
+        noted: Results of this run that carry warnings (``notes`` in their line).
     """
 
     plan: Plan
@@ -159,6 +160,7 @@ class RunSummary:
     transitions: tuple = ()
     world_size: int = 1
     errors: tuple[str, ...] = ()
+    noted: int = 0
 
     @property
     def snapshots_per_second(self) -> float:
@@ -413,6 +415,8 @@ def _compute_item(item: PlanItem, store: SnapshotStore, setup: _Setup, analyses:
         except Exception as exc:
             tb = traceback.format_exc(limit=-3)
             return records, f"step {item.step} {name}: {type(exc).__name__}: {exc}\n{tb}", exc
+        if ctx.notes:
+            meta["notes"] = [str(n) for n in ctx.notes]
         records.append(ResultRecord(name, item.step, hashes[name], scalars=dict(scalars),
                                     seconds=time.perf_counter() - t0, meta=meta))
     return records, None, None
@@ -509,7 +513,7 @@ def run_job(job: Job, comm: Comm | None = None, *, log: Callable[[str], None] | 
     items = list(plan.pending)
     rounds = math.ceil(len(items) / world) if items else 0
     bar = _progress(len(items), job.progress) if rank == 0 else None
-    computed = failed = 0
+    computed = failed = noted = 0
     errors: list[str] = []
     fatal: str | None = None
     t_start = time.perf_counter()
@@ -530,6 +534,7 @@ def run_job(job: Job, comm: Comm | None = None, *, log: Callable[[str], None] | 
                 for rec in batch:
                     if rec.ok:
                         computed += 1
+                        noted += bool(rec.meta.get("notes"))
                         if tb is not None:
                             tb.scalars(rec.step, rec.scalars)
                     else:
@@ -578,7 +583,7 @@ def run_job(job: Job, comm: Comm | None = None, *, log: Callable[[str], None] | 
     comm.barrier()
     return RunSummary(plan=plan, computed=computed, failed=failed, seconds=seconds, out_dir=out_dir,
                       tensorboard_dir=tb_dir, transitions=tuple(transitions), world_size=world,
-                      errors=tuple(errors))
+                      errors=tuple(errors), noted=noted)
 
 
 class _RankZeroFailed(DevinterpError):
