@@ -485,11 +485,21 @@ def run_job(job: Job, comm: Comm | None = None, *, log: Callable[[str], None] | 
     plan: Plan = setup_state["plan"]
     hashes: dict[str, str] = setup_state["hashes"]
     analyses = {a.name: a for a in setup_state["analyses"]}
+    local_error: BaseException | None = None
     if rank != 0:
-        store = open_store(job.path)
-        info = store.run_info()
-        if plan.pending:
-            setup = _build(job, store, info, setup_state["need_data"], comm.device, None)
+        try:
+            store = open_store(job.path)
+            info = store.run_info()
+            if plan.pending:
+                setup = _build(job, store, info, setup_state["need_data"], comm.device, None)
+        except Exception as exc:  # e.g. a node that cannot import the model: everyone stops
+            local_error = exc
+    if world > 1:
+        failures = [f"rank {r}: {m}" for r, m in enumerate(comm.all_gather_object(_picklable_error(local_error))) if m]
+        if local_error is not None:
+            raise local_error
+        if failures:
+            raise DevinterpError(f"another process could not start: {'; '.join(failures)}")
     say(f"{store.root}: {plan.describe()}")
     hparams = info.get("hparams") or {}
 
