@@ -40,8 +40,9 @@ ParamSelection = (
     str | Sequence[str] | Callable[[str, nn.Parameter], bool] | Mapping[str, Tensor] | None
 )
 
-#: Samples of noise + minibatch data drawn ahead per chunk, in float32 elements (64 MB).
-_CHUNK_ELEMENTS = 16 * 2**20
+#: Noise and minibatch indices drawn ahead per chunk, in elements (4 MB of float32: small
+#: enough to stay in cache on CPU).
+_CHUNK_ELEMENTS = 2**20
 _MAX_CHUNK_STEPS = 256
 #: Explosion threshold: a loss above ``L(w*) + EXPLODE_FACTOR * scale`` counts as diverged.
 EXPLODE_FACTOR = 1e3
@@ -237,6 +238,7 @@ class SamplingTarget:
         self._work: Tensor | None = None
         self._gbuf: Tensor | None = None
         self._vmapped: dict[bool, Callable] = {}
+        self._batch_cache: tuple[tuple, list[Tensor], list[Any]] | None = None
         self.mode = mode
         self.init_loss, self.batch_loss_std = self._loss_at_anchor()
 
@@ -330,10 +332,10 @@ class SamplingTarget:
             work[:chains].copy_(flat)
             gbuf.zero_()
         losses = []
-        for c in range(chains):
-            leaves = batch if shared else [t[c] for t in batch]
-            loss = self.loss_fn(self._copies[c], pytree.tree_unflatten(list(leaves), self.spec))
+        for c, chain_batch in enumerate(self._chain_batches(batch, shared, chains)):
+            loss = self.loss_fn(self._copies[c], chain_batch)
             if not isinstance(loss, Tensor) or loss.numel() != 1:
+                leaves = batch if shared else [t[c] for t in batch]
                 self._loss_flat(self.anchor, *leaves)  # raises the explanatory error
             losses.append(loss.reshape(()))
         stacked = torch.stack(losses)
@@ -341,6 +343,19 @@ class SamplingTarget:
         # sum is each chain's own gradient
         stacked.sum().backward()
         return gbuf[:chains].float(), stacked.detach().float()
+
+    def _chain_batches(self, batch: list[Tensor], shared: bool, chains: int) -> list[Any]:
+        """Each chain's batch in the user's structure; cached while ``batch`` is the same
+        tensors (the sampling loop refills one buffer per data tensor in place every step)."""
+        key = (shared, chains, tuple(id(t) for t in batch))
+        cached = self._batch_cache
+        if cached is not None and cached[0] == key:
+            return cached[2]
+        per_chain = [pytree.tree_unflatten(list(batch if shared else [t[c] for t in batch]),
+                                           self.spec) for c in range(chains)]
+        # the tensors are kept alive with the key so that their ids cannot be reused
+        self._batch_cache = (key, list(batch), per_chain)
+        return per_chain
 
     def grad_and_loss(self, flat: Tensor, batch: list[Tensor], shared: bool = False
                       ) -> tuple[Tensor, Tensor]:
@@ -485,7 +500,12 @@ def _seeds(seed: int, chains: int) -> list[tuple[int, int]]:
 
 
 class _Streams:
-    """Per-chain noise and minibatch streams, drawn ahead in chunks."""
+    """Per-chain noise and minibatch streams.
+
+    Noise and minibatch indices are drawn ahead in chunks; the samples of a step are gathered
+    into one reused buffer per data tensor just before the step (small and cache-resident,
+    where gathering a whole chunk of batches would stream megabytes through memory).
+    """
 
     def __init__(self, target: SamplingTarget, chains: int, seed: int, num_steps: int):
         self.target = target
@@ -495,11 +515,15 @@ class _Streams:
         self.noise_gens = [torch.Generator(device=dev).manual_seed(s[0]) for s in seeds]
         self.data_gens = [torch.Generator().manual_seed(s[1]) for s in seeds]
         self.perms: list[Tensor] = [torch.empty(0, dtype=torch.long) for _ in range(chains)]
-        per_sample = sum(max(1, t[0].numel()) for t in target.leaves)
-        per_step = chains * (target.dim + (0 if target.full_batch
-                                           else target.batch_size * per_sample))
+        per_step = chains * (target.dim + (0 if target.full_batch else target.batch_size))
         self.chunk = int(max(1, min(_MAX_CHUNK_STEPS, num_steps, _CHUNK_ELEMENTS // per_step)))
         self.noise = torch.empty(chains, self.chunk, target.dim, device=dev)
+        self.idx: Tensor | None = None
+        b = target.batch_size
+        self.buffers = [] if target.full_batch else [
+            torch.empty(chains * b, *t.shape[1:], dtype=t.dtype, device=dev)
+            for t in target.leaves]
+        self.batch_views = [buf.view(chains, b, *buf.shape[1:]) for buf in self.buffers]
 
     def _indices(self, c: int, count: int) -> Tensor:
         need = count * self.target.batch_size
@@ -512,15 +536,24 @@ class _Streams:
         self.perms[c] = pool[need:]
         return pool[:need].view(count, self.target.batch_size)
 
-    def next_chunk(self, count: int) -> tuple[Tensor, list[Tensor] | None]:
-        noise = self.noise[:, :count]
+    def next_chunk(self, count: int) -> Tensor:
+        """Draw the noise ``(C, count, D)`` and minibatch indices of the next ``count`` steps."""
         for c, gen in enumerate(self.noise_gens):
             torch.randn(count, self.target.dim, generator=gen, out=self.noise[c, :count])
+        if not self.target.full_batch:
+            idx = torch.stack([self._indices(c, count) for c in range(self.chains)], 1)
+            self.idx = idx.reshape(count, -1).to(self.target.device)  # (count, C*B)
+        return self.noise[:, :count]
+
+    def batch(self, k: int) -> list[Tensor]:
+        """The minibatch of step ``k`` of the current chunk: leaves ``(C, B, ...)``."""
         if self.target.full_batch:
-            return noise, None
-        idx = torch.stack([self._indices(c, count) for c in range(self.chains)])
-        idx = idx.to(self.target.device)
-        return noise, [t[idx] for t in self.target.leaves]  # each (C, count, B, ...)
+            return self.target.leaves
+        assert self.idx is not None
+        row = self.idx[k]
+        for t, buf in zip(self.target.leaves, self.buffers, strict=True):
+            torch.index_select(t, 0, row, out=buf)
+        return self.batch_views
 
 
 def _check_sampler(sampler: str) -> Any:
@@ -574,9 +607,9 @@ def run_chains(target: SamplingTarget, *, num_chains: int, num_steps: int, step_
     try:
         while step < num_steps:
             count = min(streams.chunk, num_steps - step)
-            noise, data = streams.next_chunk(count)
+            noise = streams.next_chunk(count)
             for k in range(count):
-                batch = target.leaves if shared else [t[:, k] for t in data]
+                batch = streams.batch(k)
                 grads, loss = target.grad_and_loss(state.params, batch, shared)
                 new_state, info = kernel.step(streams.noise_gens, state, grads,
                                               step_size=step_size, localization=localization,
