@@ -80,6 +80,7 @@ class DemoConfig:
     llc_samples: int = 512
     llc_calibrate: bool = False
     llc_calibration_steps: int = 200
+    llc_min_acceptance: float = 0.9
     llc_min_length: int = 50
     llc_chains: int = 2
     llc_draws: int = 100
@@ -357,7 +358,8 @@ def _run(out, *, quick: bool, seed: int, cfg: DemoConfig, progress: bool,
         llc_settings = dict(calibrate=True, calibrate_kwargs=dict(
             num_steps=cfg.llc_calibration_steps, min_burnin=cfg.llc_min_length,
             max_burnin=cfg.llc_burnin, min_draws=cfg.llc_min_length, max_draws=cfg.llc_draws,
-            target_ess=2 * cfg.llc_min_length), **llc_common)
+            target_ess=2 * cfg.llc_min_length, min_acceptance=cfg.llc_min_acceptance),
+            **llc_common)
     else:
         llc_settings = dict(calibrate=False, step_size=cfg.llc_step_size,
                             num_draws=cfg.llc_draws, num_burnin=cfg.llc_burnin, **llc_common)
