@@ -226,3 +226,48 @@ def test_ground_truth_reduced_rank_regression():
                         for m, h, n, r in RRRS], 0)
     assert statistics.median(errs) <= 0.10 and max(errs) <= 0.25, errs
     assert math.isfinite(sum(errs))
+
+
+class _Sharp(torch.nn.Module):
+    """Loss ``c·log(1 + ‖w‖²/s²)``: curvature 2c/s² at w* = 0, nearly flat in the posterior's
+    bulk (a trained network's minimum in miniature)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x):
+        return torch.log1p(self.w.pow(2).sum() / 0.01) * x.mean()
+
+
+def test_mala_acceptance_tends_to_one_on_a_quadratic():
+    from devinterp.analyses.sampling import prepare_target, sample_chains
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2000, 20, generator=gen)
+    y = x @ torch.randn(20, 1, generator=gen)
+    model = torch.nn.Linear(20, 1, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(torch.linalg.lstsq(x, y).solution.T)
+    target = prepare_target(model, (x, y), lambda m, b: ((m(b[0]) - b[1]) ** 2).mean())
+    h = 2000 / math.log(2000) * 2 * float(torch.linalg.eigvalsh(x.T @ x / 2000).max()) + 1.0
+    acc = [float(sample_chains(target, num_chains=2, num_steps=60, step_size=k / h,
+                               acceptance_steps=range(20, 60, 2)).acceptance.mean())
+           for k in (1.0, 0.1, 0.01, 1e-3)]
+    assert acc[0] < 0.9 and acc[-1] > 0.995, acc
+    assert all(a <= b + 0.01 for a, b in zip(acc, acc[1:], strict=False)), acc
+
+
+def test_pilot_acceptance_ignores_the_burn_in_near_a_sharp_minimum():
+    from devinterp.analyses.calibration import _pilot
+    from devinterp.analyses.sampling import prepare_target
+
+    target = prepare_target(_Sharp(50), (torch.ones(100, 1),), lambda m, b: m(b[0]))
+    row, _ = _pilot(target, step_size=0.05, localization=1.0, nbeta=5.0, num_chains=2,
+                    num_steps=200, sampler="sgld", seed=0, sampler_kwargs=None)
+    from devinterp.analyses.sampling import sample_chains
+    tr = sample_chains(target, num_chains=2, num_steps=200, step_size=0.05, localization=1.0,
+                       nbeta=5.0, acceptance_steps=range(0, 200, 5))
+    early = float(tr.acceptance[:4].mean())
+    assert row.plateau and row.acceptance > 0.9 and early < row.acceptance - 0.2, (early, row)
+    assert math.isfinite(row.acceptance_stderr)

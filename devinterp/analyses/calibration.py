@@ -672,14 +672,17 @@ def calibrate(model: nn.Module | SamplingTarget, data: Any = None, loss_fn: Loss
         # the most conservative: the highest acceptance among the largest γ tried
         g_max = max(r.localization for r in live)
         cands = [r for r in live if r.localization == g_max]
-        chosen = max(cands, key=lambda r: (np.nan_to_num(r.acceptance, nan=0.0), -r.step_size))
+        # (among those that reached a plateau, when any did)
+        chosen = max(cands, key=lambda r: (r.plateau, np.nan_to_num(r.acceptance, nan=0.0),
+                                           -r.step_size))
         warnings.append(
             f"no step size met every criterion ({reason}); using the most conservative one, "
             f"step_size={chosen.step_size:.3g}, localization={g_max:g}. The estimate may be "
             "unreliable: check that w* is a trained minimum, or pass step_sizes=[...] with "
             "smaller values and a larger num_steps")
         reason = (f"fallback: no step size met every criterion ({reason}); chose ε="
-                  f"{chosen.step_size:.3g} with the highest acceptance")
+                  f"{chosen.step_size:.3g} with the highest acceptance"
+                  + (" among those that reached a plateau" if chosen.plateau else ""))
     gamma = chosen.localization
     num_burnin, num_draws, extra = _lengths(
         chosen, [r for r in table if r.localization == gamma], traces, num_steps=num_steps,
@@ -719,7 +722,7 @@ def _choose(rows: list[PilotRow], *, min_acceptance: float, max_below: float,
             larger = [f"{f}" for f in fails]
             text = (f"ε={row.step_size:.3g} is the largest step size with no divergence, "
                     f"acceptance {row.acceptance:.3f} (± {np.nan_to_num(row.acceptance_stderr):.3f}) "
-                    f"not below {min_acceptance}, "
+                    f"≥ {min_acceptance}, "
                     f"{row.frac_below:.0%} of draws below L(w*) (≤ {max_below:.0%}), "
                     f"λ̂ = {row.llc:.4g} > 0")
             if math.isfinite(row.drift):
@@ -737,9 +740,11 @@ def _failures(row: PilotRow, *, min_acceptance: float, max_below: float,
     if row.diverged:
         return [f"diverged at step {row.diverged_step}"]
     why = []
-    if not (row.acceptance + 2 * np.nan_to_num(row.acceptance_stderr) >= min_acceptance):
+    if not (row.acceptance >= min_acceptance):
         why.append(f"acceptance {row.acceptance:.3f} (± {np.nan_to_num(row.acceptance_stderr):.3f})"
                    f" < {min_acceptance}")
+    if not row.plateau:  # its λ̂ and acceptance come from a trace still moving away from w*
+        why.append("no plateau within the pilot")
     if row.frac_below > max_below:
         why.append(f"{row.frac_below:.0%} of draws below L(w*)")
     if not row.llc > 0:
