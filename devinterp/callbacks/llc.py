@@ -26,6 +26,7 @@ from torch import nn
 
 from devinterp.analyses.llc import LLCResult, estimate_llc
 from devinterp.callbacks._logging import log_scalars, log_text
+from devinterp.callbacks._trainer import resolve_schedule
 from devinterp.errors import ChainDivergedError, InvalidInputError
 from devinterp.schedules import Schedule, at, log_spaced
 from devinterp.tensorboard import llc_band
@@ -176,14 +177,7 @@ class LLCCallback(pl.Callback):
     # -- Lightning hooks ----------------------------------------------------------------------
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # on_train_start, not on_fit_start: by now a resumed run's global_step is restored
-        total = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
-        if total is None:
-            try:
-                est = trainer.estimated_stepping_batches
-                total = int(est) if np.isfinite(est) else None
-            except (TypeError, ValueError, OverflowError, RuntimeError):
-                total = None
-        self._resolved = self.schedule.resolve(total) | at([0])
+        self._resolved = resolve_schedule(self.schedule, trainer) | at([0])
         if trainer.global_step == 0 and self._last_step is None:
             self._estimate(trainer, pl_module, 0)
 
