@@ -232,3 +232,111 @@ def test_real_calibration_once_and_published(tmp_path, monkeypatch):
     restored = LLCCallback(_data(), mse, model_getter=lambda m: m.net, num_chains=2)
     restored.load_state_dict(cb.state_dict())
     assert restored.calibration.to_dict() == cal.to_dict()
+
+
+# --- calibrate_at: estimates before it are deferred, then published with their own steps ------
+class WeightsAt(pl.Callback):
+    """Records a copy of the network's weights at training start and after every step."""
+
+    def __init__(self):
+        self.weights = {}
+
+    def _keep(self, trainer, pl_module):
+        self.weights[trainer.global_step] = {k: v.clone() for k, v in pl_module.net.state_dict().items()}
+
+    def on_train_start(self, trainer, pl_module):
+        self._keep(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self._keep(trainer, pl_module)
+
+
+CAL_KWARGS = dict(num_steps=100, min_draws=40, max_draws=60, min_burnin=20, max_burnin=40,
+                  target_ess=40)
+
+
+def test_calibrate_at_defers_then_publishes_in_order_with_the_one_calibration(tmp_path, monkeypatch):
+    calibration = pytest.importorskip("devinterp.analyses.calibration")
+    from devinterp.analyses import estimate_llc
+
+    calls = []
+    real = calibration.calibrate
+
+    def spy(model, *args, **kwargs):
+        calls.append({k: v.clone() for k, v in model.state_dict().items()})
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(calibration, "calibrate", spy)
+    weights = WeightsAt()
+    cb = LLCCallback(_data(), mse, at([2, 3, 5]), model_getter=lambda m: m.net, num_chains=2,
+                     batch_size=32, seed=1, calibrate_kwargs=CAL_KWARGS, calibrate_at=3)
+    trainers = []
+    _, rng_with = _fit(tmp_path, [weights, cb], steps=5, trainer_out=trainers)
+    assert len(calls) == 1 and cb.calibrated_at == 3
+    for name, value in calls[0].items():  # calibrated on the weights at step 3
+        assert torch.equal(value, weights.weights[3][name]), name
+    history = metric_history(trainers[0])
+    assert [s for s, _ in history["llc/mean"]] == [0, 2, 3, 5]
+    assert [s for s, _ in cb.results] == [0, 2, 3, 5]
+    assert history["calibration/step_size"] == [(3, cb.calibration.step_size)]
+    assert cb.state_dict()["deferred"] == []
+    for step, result in cb.results:  # = estimate_llc on the weights of that step, same seed
+        net = Regression().net
+        net.load_state_dict(weights.weights[step])
+        expected = estimate_llc(net.eval(), _data(), mse, calibration=cb.calibration, num_chains=2,
+                                batch_size=32, seed=1)
+        assert result.config.step_size == cb.calibration.step_size
+        assert result.scalars()["llc/mean"] == pytest.approx(expected.scalars()["llc/mean"], rel=1e-6)
+    # training is not disturbed: same weights and global RNG stream as without the callback
+    without, rng_without = _fit(tmp_path, [], steps=5)
+    final = trainers[0].lightning_module
+    for (name, a), (_, b) in zip(final.state_dict().items(), without.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    assert torch.equal(rng_with, rng_without)
+
+
+def test_calibrate_at_after_the_end_calibrates_on_the_final_weights(tmp_path, monkeypatch):
+    calls, used = _fake_calibration(monkeypatch)
+    kwargs = {k: v for k, v in LLC_KWARGS.items() if k != "step_size"}
+    cb = LLCCallback(_data(), mse, at([1, 3]), model_getter=lambda m: m.net, calibrate_at=100,
+                     **kwargs)
+    trainers = []
+    _fit(tmp_path, [cb], steps=4, trainer_out=trainers)
+    assert calls == [0] and cb.calibrated_at == 4
+    assert used == [FakeCalibration(2e-3)] * 3
+    assert [s for s, _ in metric_history(trainers[0])["llc/mean"]] == [0, 1, 3]
+
+
+class SaveAt(pl.Callback):
+    def __init__(self, step, path):
+        self.step, self.path = step, path
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            trainer.save_checkpoint(self.path)
+
+
+def test_deferred_estimates_survive_a_resume(tmp_path, monkeypatch):
+    calls, used = _fake_calibration(monkeypatch)
+    kwargs = {k: v for k, v in LLC_KWARGS.items() if k != "step_size"}
+    ckpt = tmp_path / "mid.ckpt"
+    first = LLCCallback(_data(), mse, at([2, 4, 6]), model_getter=lambda m: m.net, calibrate_at=4,
+                        **kwargs)
+    _fit(tmp_path, [first, SaveAt(2, ckpt)], steps=6)
+    assert calls == [0] and first.calibrated_at == 4
+    resumed = LLCCallback(_data(), mse, at([2, 4, 6]), model_getter=lambda m: m.net, calibrate_at=4,
+                          **kwargs)
+    trainers = []
+    _fit(tmp_path, [resumed], steps=6, ckpt_path=ckpt, trainer_out=trainers)
+    assert calls == [0, 0] and resumed.calibrated_at == 4
+    assert [s for s, _ in resumed.results] == [0, 2, 4, 6]  # steps 0 and 2 came with the checkpoint
+    # the deferred weights are restored exactly (later steps differ: the shuffled loader's order is
+    # not part of a mid-epoch checkpoint)
+    for (s, a), (t, b) in zip(first.results[:2], resumed.results[:2], strict=True):
+        assert s == t and a.scalars()["llc/mean"] == pytest.approx(b.scalars()["llc/mean"], rel=1e-9)
+
+
+def test_calibrate_at_must_be_a_non_negative_step():
+    for bad in (-1, 1.5, True, "10"):
+        with pytest.raises(InvalidInputError, match="calibrate_at"):
+            LLCCallback(_data(), mse, calibrate=False, calibrate_at=bad)

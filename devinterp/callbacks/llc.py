@@ -6,8 +6,9 @@ LLC on the copy and publishes the result through :func:`devinterp.callbacks._log
 The training run is never disturbed: the live model's weights, gradients, ``requires_grad`` flags,
 train/eval mode and the global RNG states are left exactly as they were.
 
-Calibration (choosing the SGLD step size and friends) is done once, at the first estimate, and
-reused for every later one (and across a resume, through ``state_dict``).
+Calibration (choosing the SGLD step size and friends) is done once, at the first estimate (or, with
+``calibrate_at=S``, at the first scheduled step >= S, the earlier estimates being deferred until
+then), and reused for every later one (and across a resume, through ``state_dict``).
 """
 
 from __future__ import annotations
@@ -93,6 +94,15 @@ class LLCCallback(pl.Callback):
             ``"warn"`` skips that estimate with a Python warning and a TensorBoard text under
             ``llc/warnings`` (training goes on); ``"raise"`` stops training.
         calibrate_kwargs: Keyword arguments for ``calibrate`` (e.g. its budget).
+        calibrate_at: With ``calibrate=True``: calibrate at the first scheduled step >= this one
+            instead of at the first estimate (step 0, an untrained network, is a poor place to
+            calibrate: it is far from a minimum). Estimates scheduled before it are deferred: a
+            detached CPU copy of the weights is kept per deferred step (memory: one copy of the
+            weights each), and once the calibration is made they are estimated with it, in step
+            order, and published with their own steps before the current one. If training ends
+            before that step, the calibration is made on the final weights when training ends and
+            the deferred estimates are published then. ``None`` (default): calibrate at the first
+            estimate.
         **estimate_kwargs: Keyword arguments for :func:`estimate_llc` (``num_chains``,
             ``num_draws``, ``num_burnin``, ``step_size``, ``localization``, ``nbeta``,
             ``batch_size``, ``seed``, ``params``, ...). The same ``seed`` is used at every step
@@ -118,6 +128,7 @@ class LLCCallback(pl.Callback):
         eval_mode: bool = True,
         on_divergence: str = "warn",
         calibrate_kwargs: Mapping[str, Any] | None = None,
+        calibrate_at: int | None = None,
         **estimate_kwargs: Any,
     ):
         super().__init__()
@@ -133,6 +144,11 @@ class LLCCallback(pl.Callback):
             raise InvalidInputError("model_getter must be callable as model_getter(pl_module) -> nn.Module")
         if on_divergence not in ("warn", "raise"):
             raise InvalidInputError(f"on_divergence must be 'warn' or 'raise', got {on_divergence!r}")
+        if calibrate_at is not None and (isinstance(calibrate_at, bool) or not isinstance(calibrate_at, int)
+                                         or calibrate_at < 0):
+            raise InvalidInputError(
+                f"calibrate_at must be a non-negative step (int) or None, got {calibrate_at!r}"
+            )
         for key in ("model", "data", "loss_fn", "calibration"):
             if key in estimate_kwargs:
                 raise InvalidInputError(
@@ -169,6 +185,10 @@ class LLCCallback(pl.Callback):
         self.eval_mode = bool(eval_mode)
         self.on_divergence = on_divergence
         self.calibrate_kwargs = dict(calibrate_kwargs or {})
+        self.calibrate_at = calibrate_at
+        #: The step at which this callback made its calibration (None: none made here).
+        self.calibrated_at: int | None = None
+        self._deferred: list[tuple[int, dict[str, torch.Tensor]]] = []
         self.estimate_kwargs = {"seed": 0, **estimate_kwargs}
         self.results: list[tuple[int, LLCResult]] = []
         self._resolved: Schedule | None = None
@@ -187,16 +207,29 @@ class LLCCallback(pl.Callback):
         if step != self._last_step and self._resolved is not None and self._resolved.is_due(step):
             self._estimate(trainer, pl_module, step)
 
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # training ended before calibrate_at: calibrate on the final weights, flush what was deferred
+        if self._deferred and self._calibrate and self.calibration is None:
+            replica = self._copy(self._target_model(pl_module), self.eval_mode)
+            step = trainer.global_step
+            if self._guarded(trainer, replica, step, calibrate_only=True):
+                self._flush_deferred(trainer, pl_module)
+
     def state_dict(self) -> dict[str, Any]:
         cal = self.calibration
         return {
             "last_step": self._last_step,
             "calibration": None if cal is None else cal.to_dict(),
             "calibrate": self._calibrate,
+            "calibrated_at": self.calibrated_at,
+            # weights of the estimates deferred until calibrate_at (small models: a copy each)
+            "deferred": [(step, dict(weights)) for step, weights in self._deferred],
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._last_step = state_dict.get("last_step")
+        self.calibrated_at = state_dict.get("calibrated_at")
+        self._deferred = [(int(step), dict(weights)) for step, weights in state_dict.get("deferred", [])]
         saved = state_dict.get("calibration")
         if saved is not None:
             module = _calibration_module()
@@ -239,18 +272,55 @@ class LLCCallback(pl.Callback):
         self.calibration = module.calibrate(replica, self.data, self.loss_fn,
                                             **_accepted(module.calibrate, kwargs))
         self._calibrate = False
+        self.calibrated_at = step
         if hasattr(self.calibration, "scalars"):
             log_scalars(trainer, self.calibration.scalars(), step)
         log_text(trainer, CALIBRATION_TAG, f"```\n{self.calibration}\n```", step=step)
 
+    def _deferring(self, step: int) -> bool:
+        """Whether the estimate at ``step`` waits for the calibration at ``calibrate_at``."""
+        return (self._calibrate and self.calibration is None and self.calibrate_at is not None
+                and step < self.calibrate_at)
+
     def _estimate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
-        replica = self._copy(self._target_model(pl_module), self.eval_mode)
+        model = self._target_model(pl_module)
+        if self._deferring(step):
+            weights = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+            self._deferred.append((step, weights))
+            self._last_step = step
+            return
+        replica = self._copy(model, self.eval_mode)
+        if self._calibrate and self.calibration is None:
+            if not self._guarded(trainer, replica, step, calibrate_only=True):
+                self._last_step = step
+                return
+            self._flush_deferred(trainer, pl_module)
+        self._guarded(trainer, replica, step)
+        self._last_step = step
+
+    def _flush_deferred(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Estimate the deferred weights with the calibration, in step order, at their own steps."""
+        deferred, self._deferred = sorted(self._deferred, key=lambda item: item[0]), []
+        model = self._target_model(pl_module)
+        for step, weights in deferred:
+            replica = self._copy(model, self.eval_mode)
+            replica.load_state_dict(weights)
+            self._guarded(trainer, replica, step)
+
+    def _guarded(self, trainer: pl.Trainer, replica: nn.Module, step: int, *,
+                 calibrate_only: bool = False) -> bool:
+        """Calibrate (``calibrate_only``) or estimate and publish on ``replica``, leaving the global
+        RNG states as they were; a diverging chain is skipped with a warning (or raised).
+
+        Returns whether it succeeded.
+        """
         py_state, np_state = random.getstate(), np.random.get_state()
         devices = [replica_device] if (replica_device := _device(replica)).type == "cuda" else []
         try:
             with torch.random.fork_rng(devices=devices), torch.enable_grad():
-                if self._calibrate and self.calibration is None:
+                if calibrate_only:
                     self._calibrate_once(trainer, replica, step)
+                    return True
                 kwargs = dict(self.estimate_kwargs)
                 if self.calibration is not None:
                     kwargs["calibration"] = self.calibration
@@ -258,11 +328,11 @@ class LLCCallback(pl.Callback):
         except ChainDivergedError as exc:
             if self.on_divergence == "raise":
                 raise
-            message = f"LLC estimate at step {step} skipped: {exc}"
-            warnings.warn(message, RuntimeWarning, stacklevel=2)
+            what = " (its calibration diverged)" if calibrate_only else ""
+            message = f"LLC estimate at step {step} skipped{what}: {exc}"
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
             log_text(trainer, WARNINGS_TAG, message, step=step)
-            self._last_step = step
-            return
+            return False
         finally:
             random.setstate(py_state)
             np.random.set_state(np_state)
@@ -273,7 +343,7 @@ class LLCCallback(pl.Callback):
         if result.warnings:
             log_text(trainer, WARNINGS_TAG, "\n\n".join(result.warnings), step=step)
         self.results.append((step, result))
-        self._last_step = step
+        return True
 
 
 def _device(model: nn.Module) -> torch.device:
