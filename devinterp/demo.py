@@ -59,10 +59,14 @@ class DemoConfig:
         llc_points: Log-spaced LLC estimates from ``llc_start`` (plus step 0).
         llc_start: First log-spaced LLC step.
         llc_samples: Sequences in the fixed LLC data set (n).
-        llc_calibrate: Calibrate the sampler once, at step 0 (off by default: see docs/demo.md) (``devinterp.analyses.calibrate``,
-            pilot chains of ``llc_calibration_steps`` steps), and reuse it for every estimate;
-            ``llc_draws``/``llc_burnin`` then bound the chain lengths it may choose (from
-            ``llc_min_length``). Without it, ``llc_step_size`` and those lengths are used as is.
+        llc_calibrate: Calibrate the sampler once (``devinterp.analyses.calibrate``, pilot chains
+            of ``llc_calibration_steps`` steps, ``llc_min_acceptance``) at the first LLC step >=
+            ``llc_calibrate_at`` -- once the induction head has formed, near a minimum -- and
+            reuse it for every estimate (the earlier ones are deferred until then: see
+            ``LLCCallback(calibrate_at=...)``); ``llc_draws``/``llc_burnin`` then bound the chain
+            lengths it may choose (from ``llc_min_length``). Without it, ``llc_step_size`` and
+            those lengths are used as is (hand-tuned settings, ``--no-calibrate``).
+        llc_calibrate_at: The step from which the calibration is made (see ``llc_calibrate``).
         llc_chains, llc_draws, llc_burnin: SGLD chains and their (maximal) lengths.
         llc_step_size, llc_localization, llc_batch_size: SGLD ε (without calibration), γ and the
             minibatch size.
@@ -78,9 +82,10 @@ class DemoConfig:
     llc_points: int = 32
     llc_start: int = 8
     llc_samples: int = 512
-    llc_calibrate: bool = False
+    llc_calibrate: bool = True
+    llc_calibrate_at: int = 500
     llc_calibration_steps: int = 200
-    llc_min_acceptance: float = 0.9
+    llc_min_acceptance: float = 0.75
     llc_min_length: int = 50
     llc_chains: int = 2
     llc_draws: int = 100
@@ -111,7 +116,7 @@ def demo_config(*, quick: bool = False) -> DemoConfig:
     if not quick:
         return DemoConfig()
     return DemoConfig(steps=600, circuit_points=40, circuit_every=10, llc_points=8, llc_start=10,
-                      llc_samples=256, llc_calibration_steps=100, llc_min_length=40,
+                      llc_samples=256, llc_calibrate_at=300, llc_calibration_steps=100, llc_min_length=40,
                       llc_draws=60, llc_burnin=60, llc_step_size=3e-4,
                       snapshot_points=20, loss_points=150, check_every=100)
 
@@ -299,7 +304,8 @@ def run_demo(
         quick: The short configuration (see :func:`demo_config`).
         seed: Seeds the model, the data, the scoring sequences and the LLC chains.
         config: Overrides ``quick``.
-        calibrate: Overrides ``config.llc_calibrate`` (calibrate the LLC sampler once, at step 0).
+        calibrate: Overrides ``config.llc_calibrate`` (``False``: the hand-tuned LLC settings instead
+            of calibrating once at ``config.llc_calibrate_at``).
         threads: Torch intra-op threads during the run (restored afterwards); ``None`` leaves
             torch's default. The model is tiny: one thread was 3-7x faster than two on a loaded
             2-core machine (threads fight over cores for microsecond-sized operations).
@@ -354,8 +360,8 @@ def _run(out, *, quick: bool, seed: int, cfg: DemoConfig, progress: bool,
     induction_tags = [f"induction/{h}" for h in heads]
     llc_common = dict(num_chains=cfg.llc_chains, localization=cfg.llc_localization,
                       batch_size=cfg.llc_batch_size, seed=seed)
-    if cfg.llc_calibrate:  # once, at step 0; the chain lengths it picks are bounded by the budget
-        llc_settings = dict(calibrate=True, calibrate_kwargs=dict(
+    if cfg.llc_calibrate:  # once, after the head formed; chain lengths bounded by the budget
+        llc_settings = dict(calibrate=True, calibrate_at=cfg.llc_calibrate_at, calibrate_kwargs=dict(
             num_steps=cfg.llc_calibration_steps, min_burnin=cfg.llc_min_length,
             max_burnin=cfg.llc_burnin, min_draws=cfg.llc_min_length, max_draws=cfg.llc_draws,
             target_ess=2 * cfg.llc_min_length, min_acceptance=cfg.llc_min_acceptance),

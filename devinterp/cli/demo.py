@@ -20,9 +20,12 @@ def register(subparsers) -> None:
                    help="output directory (default: runs/demo; a previous demo there is replaced)")
     p.add_argument("--quick", action="store_true", help="a short run (about a minute)")
     p.add_argument("--seed", type=int, default=0, metavar="N", help="random seed (default 0)")
-    p.add_argument("--calibrate", action="store_true",
-                   help="calibrate the LLC sampler once at step 0 instead of the demo's tuned "
-                        "settings (see docs/demo.md)")
+    cal = p.add_mutually_exclusive_group()
+    cal.add_argument("--no-calibrate", dest="calibrate", action="store_false", default=None,
+                     help="use the demo's hand-tuned LLC settings instead of calibrating the "
+                          "sampler once, after the induction head has formed (see docs/demo.md)")
+    cal.add_argument("--calibrate", dest="calibrate", action="store_true", default=None,
+                     help="calibrate the LLC sampler once (the default; kept for compatibility)")
     p.add_argument("--threads", type=int, default=1, metavar="N",
                    help="torch threads (default 1: fastest for this tiny model)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -32,7 +35,7 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from devinterp.demo import run_demo
 
-    result = run_demo(args.out, quick=args.quick, seed=args.seed, calibrate=args.calibrate or None,
+    result = run_demo(args.out, quick=args.quick, seed=args.seed, calibrate=args.calibrate,
                         threads=args.threads,
                         progress=not args.no_progress)
     print()
