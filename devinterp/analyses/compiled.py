@@ -81,7 +81,8 @@ def compile_available(device: torch.device) -> tuple[bool, str]:
 
 def check_compile_option(compile: bool | str) -> None:
     """Validate a ``compile=`` argument."""
-    if compile not in (True, False, "auto"):
+    if not (compile is True or compile is False or (isinstance(compile, str)
+                                                    and compile == "auto")):
         raise InvalidInputError(f"compile must be True, False or 'auto', got {compile!r}")
 
 
