@@ -71,6 +71,14 @@ class FactoryError(DevinterpError, ValueError):
     """A ``package.module:factory`` path does not import, or the factory returned nothing usable."""
 
 
+class ResultsError(DevinterpError, ValueError):
+    """A post-hoc results file is damaged (a line other than the last is not a valid record)."""
+
+
+class PlanError(DevinterpError, ValueError):
+    """A post-hoc analysis request cannot be planned: bad ``--steps`` spec, no analysis, no snapshot."""
+
+
 # --- warnings -------------------------------------------------------------------------------
 class DevinterpWarning(UserWarning):
     """Base class of the warnings devinterp emits (filter them with ``warnings.filterwarnings``)."""

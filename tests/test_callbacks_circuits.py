@@ -67,3 +67,23 @@ def test_callback_validates_arguments():
         CircuitCallback(16, schedule=[1, 2])
     with pytest.raises(InvalidInputError):
         CircuitCallback(16, icl_tokens=torch.zeros(3))
+
+
+def test_resumed_run_does_not_score_step_zero_again(tmp_path):
+    data = InductionData(16, 16, num_sequences=64, span_min=4, span_max=8)
+    loader = DataLoader(data, batch_size=8)
+    ckpt = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=3,
+                                        save_top_k=-1)
+    first = CircuitCallback(16, every(2), seq_len=16, num_sequences=2, icl=False)
+    trainer = pl.Trainer(max_steps=3, callbacks=[first, ckpt], logger=False,
+                         enable_progress_bar=False, enable_model_summary=False,
+                         default_root_dir=tmp_path)
+    trainer.fit(LitLM(), loader)
+    assert [s for s, _ in metric_history(trainer)["induction/L0H0"]] == [0, 2]
+
+    resumed = CircuitCallback(16, every(2), seq_len=16, num_sequences=2, icl=False)
+    trainer = pl.Trainer(max_steps=6, callbacks=[resumed], logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False,
+                         default_root_dir=tmp_path)
+    trainer.fit(LitLM(), loader, ckpt_path=str(next((tmp_path / "ckpt").glob("*.ckpt"))))
+    assert [s for s, _ in metric_history(trainer)["induction/L0H0"]] == [4, 6]

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from devinterp.analyses.circuits import icl_score, induction_scores
 from devinterp.callbacks._logging import log_scalars
+from devinterp.callbacks._trainer import resolve_schedule
 from devinterp.errors import InvalidInputError
 from devinterp.schedules import Schedule, log_spaced
 
@@ -81,15 +82,11 @@ class CircuitCallback(pl.Callback):
         self._last_step: int | None = None
 
     # -- Lightning hooks ----------------------------------------------------------------------
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        total = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
-        if total is None:
-            try:
-                total = int(trainer.estimated_stepping_batches)
-            except (TypeError, ValueError, OverflowError, RuntimeError):
-                total = None
-        self._resolved = self.schedule.resolve(total)
-        if trainer.global_step == 0:
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # on_train_start, not on_fit_start: by now a resumed run's global_step is restored,
+        # so a resume does not score step 0 again
+        self._resolved = resolve_schedule(self.schedule, trainer)
+        if trainer.global_step == 0 and self._last_step is None:
             self._score(trainer, pl_module, 0)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,

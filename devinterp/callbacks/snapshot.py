@@ -16,6 +16,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
+from devinterp.callbacks._trainer import total_steps
 from devinterp.errors import InvalidInputError, ScheduleError
 from devinterp.schedules import Schedule, log_spaced
 from devinterp.store import BackgroundSaver, SnapshotStore, detached_copy
@@ -112,7 +113,7 @@ class SnapshotCallback(Callback):
         else:
             dirpath = os.path.join(trainer.log_dir or trainer.default_root_dir, "snapshots")  # all ranks
         self._resolved_dirpath = dirpath
-        total = _total_steps(trainer)
+        total = total_steps(trainer)
         try:
             self._resolved = self.schedule.resolve(total)
         except ScheduleError as exc:
@@ -238,15 +239,6 @@ def full_state_dict(trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[
             # copy while gathered: the parameters are re-partitioned when the context exits
             return detached_copy(pl_module.state_dict()) if trainer.is_global_zero else {}
     return strategy.lightning_module_state_dict()
-
-
-def _total_steps(trainer: pl.Trainer) -> int | None:
-    if trainer.max_steps is not None and trainer.max_steps > 0:
-        return int(trainer.max_steps)
-    est = trainer.estimated_stepping_batches
-    if est is None or not math.isfinite(est):
-        return None
-    return int(est)
 
 
 def _leading_size(batch: Any) -> int | None:

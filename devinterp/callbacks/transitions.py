@@ -24,6 +24,7 @@ import lightning.pytorch as pl
 
 from devinterp.analyses.transitions import Transition, detect_transitions
 from devinterp.callbacks import _logging
+from devinterp.callbacks._trainer import resolve_schedule
 from devinterp.errors import InvalidInputError
 from devinterp.schedules import Schedule, log_spaced
 
@@ -87,11 +88,7 @@ class TransitionCallback(pl.Callback):
 
     # --- hooks ------------------------------------------------------------------------------
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        total = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
-        if total is None:
-            est = trainer.estimated_stepping_batches
-            total = int(est) if math.isfinite(est) else None
-        self._schedule = self.sample_schedule.resolve(total)
+        self._schedule = resolve_schedule(self.sample_schedule, trainer)
         for name, series in self._sampled.items():  # restore our samples after a resume
             for step, value in series:
                 _logging.record(trainer, name, step, value)

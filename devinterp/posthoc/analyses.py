@@ -1,0 +1,300 @@
+"""Pluggable per-snapshot analyses for post-hoc runs.
+
+An analysis is a small object with
+
+- ``name``: a short identifier (``"llc"``, ``"circuits"``...), the first part of the results key;
+- ``config() -> dict``: its JSON-able hyper-parameters; their hash is the third part of the key
+  ``(analysis, step, config hash)``, so changing a hyper-parameter computes new results instead of
+  reusing old ones;
+- ``compute(model, snapshot, context) -> dict[str, float]``: the scalars of one snapshot, with the
+  TensorBoard tags of the online callbacks (``llc/mean``, ``induction/L0H1``...);
+- optionally ``needs_data`` (the LLC needs data and a loss) and ``prepare(model, context)``, run
+  once on rank zero before the work is shared out (returns the analysis to use, e.g. with a
+  calibrated step size); the returned object is sent to every rank, so it must pickle.
+
+Analyses must be deterministic given ``context.seed`` / ``context.step_seed``: that is what makes
+a 2-process run give the same numbers as a 1-process run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+from devinterp.errors import InvalidInputError
+
+__all__ = [
+    "Analysis",
+    "AnalysisContext",
+    "LLCAnalysis",
+    "CircuitAnalysis",
+    "config_hash",
+    "derive_seed",
+]
+
+
+@runtime_checkable
+class Analysis(Protocol):
+    """What the post-hoc runner needs from an analysis (see the module docstring)."""
+
+    name: str
+
+    def config(self) -> dict[str, Any]: ...
+
+    def compute(self, model: nn.Module, snapshot: Any, context: AnalysisContext) -> Mapping[str, float]: ...
+
+
+@dataclass(frozen=True)
+class AnalysisContext:
+    """What an analysis gets besides the model.
+
+    Attributes:
+        step: Training step of the snapshot.
+        seed: The run's base seed (same for every snapshot: e.g. the circuit scoring sequences).
+        step_seed: A seed derived from ``(seed, step, analysis name)``: independent per snapshot,
+            identical whatever the number of processes.
+        device: Where to compute.
+        data: LLC data (Dataset / DataLoader / tuple of tensors), or None when not needed.
+        loss_fn: ``loss_fn(model, batch) -> scalar``, or None when not needed.
+        hparams: The run's recorded hyper-parameters (``run.json``), possibly empty.
+        workdir: The post-hoc output folder (for files an analysis keeps, e.g. a calibration).
+        notes: Warnings an analysis wants kept: appended here, saved as ``notes`` in the record.
+    """
+
+    step: int
+    seed: int
+    step_seed: int
+    device: torch.device
+    data: Any = None
+    loss_fn: Any = None
+    hparams: Mapping[str, Any] = field(default_factory=dict)
+    workdir: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def derive_seed(seed: int, step: int, name: str) -> int:
+    """A 63-bit seed from ``(seed, step, name)`` (sha256), independent of scheduling and ranks."""
+    digest = hashlib.sha256(f"{int(seed)}:{int(step)}:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def config_hash(name: str, config: Mapping[str, Any]) -> str:
+    """12 hex digits identifying an analysis configuration (stable across runs and machines)."""
+    text = json.dumps({"analysis": name, "config": config}, sort_keys=True, separators=(",", ":"), default=repr)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _finite_scalars(values: Mapping[str, Any]) -> dict[str, float]:
+    out = {}
+    for k, v in values.items():
+        v = float(v)
+        out[str(k)] = v
+    return out
+
+
+def _positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise InvalidInputError(f"{name} must be a positive integer, got {value!r}")
+
+
+@dataclass(frozen=True)
+class LLCAnalysis:
+    """The local learning coefficient of each snapshot (:func:`devinterp.analyses.estimate_llc`).
+
+    Arguments mirror ``estimate_llc``; ``None`` means "not given": with ``step_size="auto"`` the
+    calibration decides, else ``estimate_llc``'s defaults apply. ``step_size="auto"`` calibrates
+    once, in :meth:`prepare` (on rank zero, at the last selected snapshot), with
+    :func:`devinterp.analyses.calibrate`, and reuses that calibration for every snapshot (explicit
+    values still win over it); it is saved as ``calibration-<hash>.json`` in the output folder and
+    reused by later runs with the same configuration. Each snapshot's chains are seeded with
+    ``context.step_seed``. ``vectorize=False`` (per-chain model copies) by default, so no
+    timing-based choice can change the numbers between processes.
+    """
+
+    num_chains: int | None = None
+    num_draws: int | None = None
+    num_burnin: int | None = None
+    step_size: float | str = "auto"
+    localization: float | None = None
+    nbeta: float | None = None
+    batch_size: int | None = None
+    sampler: str = "sgld"
+    vectorize: bool | str = False
+    name: str = "llc"
+    calibration: Any = field(default=None, compare=False, repr=False)
+
+    needs_data = True
+
+    def __post_init__(self):
+        for key in ("num_chains", "num_draws", "batch_size"):
+            if getattr(self, key) is not None:
+                _positive_int(key, getattr(self, key))
+        if self.num_burnin is not None and (isinstance(self.num_burnin, bool) or not isinstance(self.num_burnin, int)
+                                            or self.num_burnin < 0):
+            raise InvalidInputError(f"num_burnin must be an integer >= 0, got {self.num_burnin!r}")
+        if self.step_size != "auto":
+            if not isinstance(self.step_size, (int, float)) or not self.step_size > 0 or not math.isfinite(self.step_size):
+                raise InvalidInputError(f"step_size must be a positive number or 'auto', got {self.step_size!r}")
+        if self.localization is not None and not (isinstance(self.localization, (int, float)) and self.localization >= 0):
+            raise InvalidInputError(f"localization must be a number >= 0, got {self.localization!r}")
+        if self.nbeta is not None and not (isinstance(self.nbeta, (int, float)) and self.nbeta > 0):
+            raise InvalidInputError(f"nbeta must be a positive number or None, got {self.nbeta!r}")
+        if self.vectorize not in (True, False, "auto"):
+            raise InvalidInputError(f"vectorize must be True, False or 'auto', got {self.vectorize!r}")
+
+    def config(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("calibration")
+        d.pop("name")
+        return d
+
+    def _given(self) -> dict[str, Any]:
+        keys = ("num_chains", "num_draws", "num_burnin", "localization", "nbeta", "batch_size")
+        return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
+
+    def prepare(self, model: nn.Module, context: AnalysisContext) -> LLCAnalysis:
+        """With ``step_size="auto"``: load or compute the calibration (on the given snapshot)."""
+        if self.step_size != "auto" or self.calibration is not None:
+            return self
+        from pathlib import Path
+
+        from devinterp.analyses.calibration import Calibration, calibrate
+
+        path = Path(context.workdir or ".") / f"calibration-{config_hash(self.name, self.config())}.json"
+        if path.exists():
+            cal = Calibration.from_dict(json.loads(path.read_text()))
+        else:
+            if context.data is None or context.loss_fn is None:
+                raise InvalidInputError("calibrating the LLC needs data and a loss function (see --data and --loss)")
+            model.eval()
+            kwargs = {k: v for k, v in self._given().items() if k in ("localization", "nbeta", "batch_size")}
+            if self.num_chains is not None:
+                kwargs["num_chains"] = self.num_chains
+            cal = calibrate(model, context.data, context.loss_fn, sampler=self.sampler, seed=context.step_seed,
+                            device=context.device, vectorize=self.vectorize, **kwargs)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".json.tmp")
+            tmp.write_text(json.dumps(cal.to_dict(), indent=2))
+            tmp.replace(path)
+        return replace(self, calibration=cal)
+
+    def compute(self, model: nn.Module, snapshot: Any, context: AnalysisContext) -> dict[str, float]:
+        from devinterp.analyses import estimate_llc
+
+        if context.data is None or context.loss_fn is None:
+            raise InvalidInputError("the LLC needs data and a loss function (see --data and --loss)")
+        model.eval()
+        kwargs: dict[str, Any] = dict(self._given(), sampler=self.sampler, seed=context.step_seed,
+                                      device=context.device, vectorize=self.vectorize)
+        if self.step_size == "auto":
+            kwargs["step_size"] = "auto"
+            if self.calibration is not None:
+                kwargs["calibration"] = self.calibration
+        else:
+            kwargs["step_size"] = float(self.step_size)
+        import warnings
+
+        from devinterp.errors import DevinterpWarning
+
+        with warnings.catch_warnings():  # their texts go into the record's notes, not on stderr
+            warnings.simplefilter("ignore", DevinterpWarning)
+            result = estimate_llc(model, context.data, context.loss_fn, **kwargs)
+        context.notes.extend(result.warnings)
+        return _finite_scalars(result.scalars())
+
+
+_VOCAB_KEYS = ("vocab_size", "d_vocab", "n_vocab", "vocab")
+_SEQ_KEYS = ("seq_len", "n_ctx", "context_length", "max_seq_len", "block_size")
+
+
+def hparam_lookup(hparams: Mapping[str, Any], keys: tuple[str, ...]) -> int | None:
+    """The first integer found under one of ``keys`` in ``hparams`` (searched one level deep too)."""
+    for k in keys:
+        v = hparams.get(k)
+        if isinstance(v, int) and not isinstance(v, bool):
+            return v
+    for v in hparams.values():
+        if isinstance(v, Mapping):
+            found = hparam_lookup(v, keys)
+            if found is not None:
+                return found
+    return None
+
+
+@dataclass(frozen=True)
+class CircuitAnalysis:
+    """Induction / previous-token head scores and the ICL score of each snapshot.
+
+    Calls :func:`devinterp.analyses.induction_scores` and :func:`devinterp.analyses.icl_score` with
+    the same sequences (``context.seed``) at every snapshot, like ``CircuitCallback``.
+
+    Args:
+        vocab_size: Tokens are drawn from ``[0, vocab_size)``; None: read from the run's
+            hyper-parameters (``vocab_size``, ``d_vocab``, ``n_vocab`` or ``vocab``).
+        seq_len: Length of the repeated random sequences; None: the run's ``seq_len`` / ``n_ctx``
+            ... hyper-parameter if recorded, else 64.
+        num_sequences: Sequences averaged over.
+        copying: Also compute the behavioural copying score.
+        icl: Also compute ``icl_score``.
+        model_attr: Score ``getattr(model, model_attr)`` instead of the model itself.
+    """
+
+    vocab_size: int | None = None
+    seq_len: int | None = None
+    num_sequences: int = 32
+    bos_token: int | None = None
+    copying: bool = False
+    icl: bool = True
+    model_attr: str | None = None
+    name: str = "circuits"
+
+    needs_data = False
+
+    def __post_init__(self):
+        for key in ("vocab_size", "seq_len"):
+            v = getattr(self, key)
+            if v is not None:
+                _positive_int(key, v)
+        _positive_int("num_sequences", self.num_sequences)
+
+    def config(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("name")
+        return d
+
+    def prepare(self, model: nn.Module, context: AnalysisContext) -> CircuitAnalysis:
+        """Fill ``vocab_size`` and ``seq_len`` from the run's hyper-parameters when not given."""
+        vocab = self.vocab_size or hparam_lookup(context.hparams, _VOCAB_KEYS)
+        if vocab is None:
+            raise InvalidInputError(
+                "circuit scores need the vocabulary size and the run records none "
+                f"(looked for {list(_VOCAB_KEYS)} in its hyper-parameters); pass --vocab-size N"
+            )
+        seq = self.seq_len or hparam_lookup(context.hparams, _SEQ_KEYS) or 64
+        return replace(self, vocab_size=vocab, seq_len=min(seq, 64) if self.seq_len is None else seq)
+
+    def compute(self, model: nn.Module, snapshot: Any, context: AnalysisContext) -> dict[str, float]:
+        from devinterp.analyses import icl_score, induction_scores
+
+        target = model
+        if self.model_attr:
+            target = getattr(model, self.model_attr, None)
+            if not isinstance(target, nn.Module):
+                raise InvalidInputError(f"model_attr={self.model_attr!r}: {type(model).__name__} has no such submodule")
+        if self.vocab_size is None:
+            raise InvalidInputError("CircuitAnalysis.vocab_size is unset; call prepare() or pass it")
+        seq = self.seq_len or 64
+        common = dict(vocab_size=self.vocab_size, seq_len=seq, num_sequences=self.num_sequences,
+                      seed=context.seed, bos_token=self.bos_token, device=context.device)
+        with torch.no_grad():
+            values = dict(induction_scores(target, copying=self.copying, **common).scalars())
+            if self.icl:
+                values["icl_score"] = float(icl_score(target, None, **common))
+        return _finite_scalars(values)

@@ -1,0 +1,234 @@
+"""LLCCallback: a real Trainer on a tiny model; scheduled estimates, no side effects, calibration."""
+
+from __future__ import annotations
+
+import types
+from dataclasses import dataclass
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import devinterp.callbacks.llc as llc_module
+from devinterp.callbacks import LLCCallback
+from devinterp.callbacks._logging import metric_history
+from devinterp.errors import InvalidInputError
+from devinterp.schedules import at
+
+N, D = 128, 4
+LLC_KWARGS = dict(num_chains=2, num_draws=20, num_burnin=10, step_size=1e-3, localization=10.0,
+                  batch_size=32)
+
+
+def _data(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, D, generator=g)
+    y = x @ torch.randn(D, 1, generator=g) + 0.1 * torch.randn(N, 1, generator=g)
+    return x, y
+
+
+class Regression(pl.LightningModule):
+    """A small MLP with dropout (uses the global RNG in training) and one frozen parameter."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(D, 8), nn.Tanh(), nn.Dropout(0.2), nn.Linear(8, 1))
+        self.frozen = nn.Parameter(torch.ones(3), requires_grad=False)
+        self.seen: list[tuple] = []
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.mse_loss(self.net(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.net.parameters(), lr=0.05)
+
+
+def mse(model, batch):
+    x, y = batch
+    return F.mse_loss(model(x), y)
+
+
+class Probe(pl.Callback):
+    """Runs after LLCCallback: records the module's mode, flags and a draw of the global RNG."""
+
+    def __init__(self):
+        self.seen = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.seen.append((trainer.global_step, pl_module.training, pl_module.frozen.requires_grad,
+                          all(p.requires_grad for p in pl_module.net.parameters())))
+
+
+def _fit(tmp_path, callbacks, *, steps=8, seed=0, ckpt_path=None, trainer_out=None):
+    pl.seed_everything(seed, verbose=False)
+    module = Regression()
+    loader = DataLoader(TensorDataset(*_data()), batch_size=16, shuffle=True)
+    trainer = pl.Trainer(max_steps=steps, callbacks=callbacks, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=tmp_path, accelerator="cpu")
+    trainer.fit(module, loader, ckpt_path=ckpt_path)
+    if trainer_out is not None:
+        trainer_out.append(trainer)
+    return module, torch.rand(3)  # the global RNG stream after training
+
+
+def test_estimates_at_scheduled_steps_and_publishes_the_band(tmp_path):
+    cb = LLCCallback(_data(), mse, at([3, 7]), calibrate=False, model_getter=lambda m: m.net,
+                     **LLC_KWARGS)
+    trainers = []
+    _fit(tmp_path, [cb], trainer_out=trainers)
+    history = metric_history(trainers[0])
+    for tag in ("llc/mean", "llc/std", "llc/stderr", "llc/lower", "llc/upper"):
+        assert [s for s, _ in history[tag]] == [0, 3, 7], tag
+    for (_, mean), (_, err), (_, lo), (_, hi) in zip(
+        history["llc/mean"], history["llc/stderr"], history["llc/lower"], history["llc/upper"],
+        strict=True,
+    ):
+        assert lo == pytest.approx(mean - err) and hi == pytest.approx(mean + err)
+    assert [s for s, _ in cb.results] == [0, 3, 7]
+
+
+def test_training_is_not_disturbed(tmp_path):
+    """Same seed with and without the callback: same weights, same RNG stream, same flags/mode."""
+    probe = Probe()
+    cb = LLCCallback(_data(), mse, at([2, 5]), calibrate=False, model_getter=lambda m: m.net,
+                     **LLC_KWARGS)
+    with_cb, rng_with = _fit(tmp_path, [cb, probe])
+    without, rng_without = _fit(tmp_path, [])
+    for (name, a), (_, b) in zip(with_cb.state_dict().items(), without.state_dict().items(),
+                                 strict=True):
+        assert torch.equal(a, b), name
+    assert torch.equal(rng_with, rng_without)
+    assert all(training and not frozen_grad and net_grad
+               for _, training, frozen_grad, net_grad in probe.seen)
+    assert len(cb.results) == 3
+
+
+def test_the_whole_lightning_module_can_be_the_model(tmp_path):
+    """Default model_getter: the LightningModule itself (copied without its trainer)."""
+    cb = LLCCallback(_data(), lambda m, b: mse(m.net, b), at([4]), calibrate=False, **LLC_KWARGS)
+    _fit(tmp_path, [cb], steps=4)
+    assert [s for s, _ in cb.results] == [0, 4]
+    assert cb.results[-1][1].config.num_params == sum(p.numel() for p in Regression().net.parameters())
+
+
+# --- calibration: done once, reused, kept across a resume --------------------------------------
+@dataclass(frozen=True)
+class FakeCalibration:
+    step_size: float
+
+    def to_dict(self):
+        return {"step_size": self.step_size}
+
+    @classmethod
+    def from_dict(cls, d):
+        return cls(**d)
+
+
+def _fake_calibration(monkeypatch):
+    calls = []
+
+    def calibrate(model, data, loss_fn, *, seed=0, num_chains=4):
+        calls.append(seed)
+        return FakeCalibration(step_size=2e-3)
+
+    used = []
+    real_estimate = llc_module.estimate_llc
+
+    def estimate(model, data, loss_fn, *, calibration=None, **kwargs):
+        used.append(calibration)
+        if calibration is not None:
+            kwargs.setdefault("step_size", calibration.step_size)
+        return real_estimate(model, data, loss_fn, **kwargs)
+
+    fake = types.SimpleNamespace(calibrate=calibrate, Calibration=FakeCalibration)
+    monkeypatch.setattr(llc_module, "_calibration_module", lambda: fake)
+    monkeypatch.setattr(llc_module, "estimate_llc", estimate)
+    return calls, used
+
+
+def test_calibration_once_then_reused_and_kept_on_resume(tmp_path, monkeypatch):
+    calls, used = _fake_calibration(monkeypatch)
+    kwargs = {k: v for k, v in LLC_KWARGS.items() if k != "step_size"}
+    cb = LLCCallback(_data(), mse, at([2, 4, 6]), model_getter=lambda m: m.net, **kwargs)
+    trainers = []
+    _fit(tmp_path, [cb], steps=4, trainer_out=trainers)
+    assert calls == [0]  # once, at the first estimate (step 0)
+    assert used == [FakeCalibration(2e-3)] * 3
+    assert all(r.config.step_size == 2e-3 for _, r in cb.results)
+    ckpt = tmp_path / "run.ckpt"
+    trainers[0].save_checkpoint(ckpt)
+
+    resumed = LLCCallback(_data(), mse, at([2, 4, 6]), model_getter=lambda m: m.net, **kwargs)
+    _fit(tmp_path, [resumed], steps=6, ckpt_path=ckpt)
+    assert calls == [0], "a resumed run must reuse the saved calibration"
+    assert resumed.calibration == FakeCalibration(2e-3)
+    assert [s for s, _ in resumed.results] == [6]  # step 4 was done before; no step 0 again
+
+
+def test_a_given_calibration_is_used_and_explicit_step_size_skips_calibration(tmp_path, monkeypatch):
+    calls, used = _fake_calibration(monkeypatch)
+    kwargs = {k: v for k, v in LLC_KWARGS.items() if k != "step_size"}
+    cb = LLCCallback(_data(), mse, at([2]), calibrate=FakeCalibration(5e-4),
+                     model_getter=lambda m: m.net, **kwargs)
+    _fit(tmp_path, [cb], steps=2)
+    assert calls == [] and used == [FakeCalibration(5e-4)] * 2
+    explicit = LLCCallback(_data(), mse, at([2]), model_getter=lambda m: m.net, **LLC_KWARGS)
+    _fit(tmp_path, [explicit], steps=2)
+    assert calls == [] and explicit.calibration is None
+
+
+def test_bad_arguments_raise_early():
+    with pytest.raises(InvalidInputError, match="unknown estimate_llc argument"):
+        LLCCallback(_data(), mse, calibrate=False, num_chain=2)
+    with pytest.raises(InvalidInputError, match="loss_fn"):
+        LLCCallback(_data(), None, calibrate=False)
+    with pytest.raises(InvalidInputError, match="schedule"):
+        LLCCallback(_data(), mse, [1, 2], calibrate=False)
+    with pytest.raises(InvalidInputError, match="on_divergence"):
+        LLCCallback(_data(), mse, calibrate=False, on_divergence="ignore")
+    with pytest.raises(InvalidInputError, match="calibrate must be"):
+        LLCCallback(_data(), mse, calibrate="yes")
+    if not llc_module.calibration_available():
+        with pytest.raises(InvalidInputError, match="explicit hyper-parameters"):
+            LLCCallback(_data(), mse)
+
+
+def test_a_diverging_estimate_is_skipped_with_a_warning(tmp_path):
+    cb = LLCCallback(_data(), mse, at([2]), calibrate=False, model_getter=lambda m: m.net,
+                     **{**LLC_KWARGS, "step_size": 1e3})
+    with pytest.warns(RuntimeWarning, match="skipped"):
+        _fit(tmp_path, [cb], steps=2)
+    assert cb.results == []
+
+
+def test_real_calibration_once_and_published(tmp_path, monkeypatch):
+    calibration = pytest.importorskip("devinterp.analyses.calibration")
+    calls = []
+    real = calibration.calibrate
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(calibration, "calibrate", spy)
+    cb = LLCCallback(_data(), mse, at([3]), model_getter=lambda m: m.net, num_chains=2,
+                     batch_size=32, seed=1,
+                     calibrate_kwargs=dict(num_steps=100, min_draws=40, max_draws=60,
+                                           min_burnin=20, max_burnin=40, target_ess=40))
+    trainers = []
+    _fit(tmp_path, [cb], steps=3, trainer_out=trainers)
+    assert len(calls) == 1 and calls[0]["seed"] == 1 and calls[0]["batch_size"] == 32
+    cal = cb.calibration
+    assert [s for s, _ in cb.results] == [0, 3]
+    for _, r in cb.results:
+        assert r.config.step_size == cal.step_size and r.config.num_draws == cal.num_draws
+    history = metric_history(trainers[0])
+    assert history["calibration/step_size"] == [(0, cal.step_size)]
+    restored = LLCCallback(_data(), mse, model_getter=lambda m: m.net, num_chains=2)
+    restored.load_state_dict(cb.state_dict())
+    assert restored.calibration.to_dict() == cal.to_dict()

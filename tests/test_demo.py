@@ -1,0 +1,146 @@
+"""`devinterp demo --quick` end to end: TensorBoard tags, an induction head, a timely flag, the summary.
+
+The demo runs once (module-scoped fixture, in a subprocess, as a user would run it); every test
+reads its output back. Also the issue-6 check: the reference transformer's induction-head formation
+is flagged within ×1.5 of the step where the induction score crosses half its final value.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from devinterp.demo import half_crossing
+from devinterp.tensorboard import read_scalars, read_text
+
+ROOT = Path(__file__).resolve().parents[1]
+HEADS = [f"L{layer}H{head}" for layer in range(2) for head in range(2)]
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "out"
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env.setdefault("OMP_NUM_THREADS", "1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "devinterp", "demo", "--quick", "--out", str(out), "--no-progress"],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    logdir = out / "tensorboard"
+    return {
+        "out": out,
+        "stdout": proc.stdout,
+        "scalars": read_scalars(logdir),
+        "text": read_text(logdir, "transitions"),
+        "logdir": logdir,
+    }
+
+
+def _best_head(scalars) -> str:
+    finals = {h: scalars[f"induction/{h}"][1][-1] for h in HEADS}
+    return max(finals, key=finals.get)
+
+
+def test_every_tag_is_in_tensorboard(demo):
+    scalars = demo["scalars"]
+    expected = ["loss/train", "llc/mean", "llc/std", "llc/stderr", "llc/lower", "llc/upper",
+                "icl_score", "transitions/flag"]
+    expected += [f"induction/{h}" for h in HEADS] + [f"previous_token/{h}" for h in HEADS]
+    missing = [t for t in expected if t not in scalars]
+    assert not missing, f"missing scalar tags {missing}; have {sorted(scalars)}"
+    steps, loss = scalars["loss/train"]
+    assert len(steps) > 500 and np.isfinite(loss).all()
+    llc_steps, llc = scalars["llc/mean"]
+    assert llc_steps[0] == 0 and len(llc_steps) >= 8 and np.isfinite(llc).all()
+    lo, hi = scalars["llc/lower"][1], scalars["llc/upper"][1]
+    assert np.all(lo <= llc) and np.all(llc <= hi)
+    assert set(scalars["transitions/flag"][1]) == {1.0}
+    assert demo["text"], "no text under the tag 'transitions'"
+
+
+def test_layout_hparams_and_figure_are_written(demo):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    plugins: dict[str, set] = {}
+    for events in demo["logdir"].glob("events.out.tfevents.*"):
+        acc = EventAccumulator(str(events), size_guidance={"tensors": 0, "images": 0})
+        acc.Reload()
+        for name in ("custom_scalars", "hparams", "text"):
+            try:
+                plugins.setdefault(name, set()).update(acc.PluginTagToContent(name))
+            except KeyError:
+                pass
+        plugins.setdefault("images", set()).update(acc.Tags()["images"])
+    assert "custom_scalars__config__" in plugins["custom_scalars"]
+    assert "_hparams_/experiment" in plugins["hparams"]
+    assert "summary" in plugins["images"]
+
+
+def test_an_induction_head_formed(demo):
+    scalars = demo["scalars"]
+    best = _best_head(scalars)
+    assert best.startswith("L1"), f"the induction head should be in layer 1, got {best}"
+    steps, score = scalars[f"induction/{best}"]
+    assert score[-1] > 0.5 and score[0] < 0.2
+    assert f"{best} (" in demo["stdout"]  # named in the terminal summary
+
+
+def test_induction_formation_is_flagged_within_factor_1_5_of_half_crossing(demo):
+    """Issue 6 on the reference transformer (and issue 7's done-criterion)."""
+    scalars = demo["scalars"]
+    best = _best_head(scalars)
+    t_half = half_crossing(*scalars[f"induction/{best}"])
+    assert t_half is not None and t_half > 20
+    texts = [text for _, text in demo["text"]]
+    flags = []
+    for text in texts:
+        m = re.match(r"(?P<metric>[^:]+): (?P<dir>rise|fall) \(\w+\) at step (?P<step>[\d.e+]+)", text)
+        assert m, text
+        flags.append((m["metric"], m["dir"], float(m["step"])))
+    near = [f for f in flags if t_half / 1.5 <= f[2] <= t_half * 1.5]
+    assert near, f"no flag in [{t_half / 1.5:.0f}, {t_half * 1.5:.0f}] (t_half={t_half}); flags {flags}"
+    # the head's own rise is among them, and so is the loss drop it causes
+    assert (f"induction/{best}", "rise") in {(m, d) for m, d, _ in near}, near
+    assert ("loss/train", "fall") in {(m, d) for m, d, _ in near}, near
+    flag_steps = set(scalars["transitions/flag"][0].tolist())
+    assert any(round(s) in flag_steps for _, _, s in near)
+
+
+def test_summary_files_exist_and_agree_with_tensorboard(demo):
+    out, scalars = demo["out"], demo["scalars"]
+    png = out / "summary.png"
+    assert png.stat().st_size > 10_000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    summary = json.loads((out / "summary.json").read_text())
+    for h in HEADS:
+        assert summary["final_head_scores"]["induction"][h] == pytest.approx(
+            scalars[f"induction/{h}"][1][-1])
+    assert summary["final"]["llc/mean"] == pytest.approx(scalars["llc/mean"][1][-1])
+    json_steps = sorted(round(t["step"]) for t in summary["transitions"])
+    assert json_steps and set(json_steps) == set(scalars["transitions/flag"][0].tolist())
+    assert len(summary["transitions"]) == len(demo["text"])
+    assert _best_head(scalars) in summary["induction_heads"]
+    assert f"tensorboard --logdir {out / 'tensorboard'}" in demo["stdout"]
+    assert (out / "snapshots").is_dir()
+
+
+def test_rerun_refuses_a_foreign_directory(tmp_path):
+    from devinterp.demo import prepare_output
+    from devinterp.errors import InvalidInputError
+
+    (tmp_path / "precious.txt").write_text("keep me")
+    with pytest.raises(InvalidInputError, match="not written by `devinterp demo`"):
+        prepare_output(tmp_path)
+    assert (tmp_path / "precious.txt").exists()
+    fresh = prepare_output(tmp_path / "new")
+    (fresh / "summary.json").write_text("{}")
+    prepare_output(fresh)  # a previous demo's output is replaced
+    assert not (fresh / "summary.json").exists()
