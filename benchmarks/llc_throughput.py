@@ -16,7 +16,12 @@ it is skipped with a message when that interpreter is missing.
 Usage::
 
     python benchmarks/llc_throughput.py [--rounds 3] [--calls 10] [--workloads dln,mlp]
-        [--devinterp-python /tmp/venv-devinterp/bin/python]
+        [--devinterp-python /tmp/venv-devinterp/bin/python] [--no-devinterp] [--compile]
+
+``ours`` runs with ``compile=False`` (the eager path); ``--compile`` adds ``ours_auto``:
+``compile="auto", expected_calls=--calls``, the real multi-snapshot workload, whose "repeated"
+time includes the compile (when the rule chooses to compile) amortised over the calls. Every
+process gets a fresh inductor cache directory, so no compile is served from a warm disk cache.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -83,7 +89,7 @@ def build(workload: str, seed: int):
 # ---------------------------------------------------------------------------------------------
 # implementations
 # ---------------------------------------------------------------------------------------------
-def run_ours(model, x, y, per_sample, cfg, seed):
+def run_ours(model, x, y, per_sample, cfg, seed, **kwargs):
     from devinterp.analyses import estimate_llc
 
     def loss_fn(m, batch):
@@ -91,8 +97,24 @@ def run_ours(model, x, y, per_sample, cfg, seed):
 
     res = estimate_llc(model, (x, y), loss_fn, num_chains=cfg["chains"], num_draws=cfg["draws"],
                        num_burnin=cfg["burnin"], step_size=cfg["step_size"],
-                       localization=cfg["localization"], batch_size=cfg["batch"], seed=seed)
+                       localization=cfg["localization"], batch_size=cfg["batch"], seed=seed,
+                       **kwargs)
+    COMPILED.append(res.config.compiled)
     return res.mean
+
+
+def run_ours_auto(model, x, y, per_sample, cfg, seed):
+    """``compile="auto"`` told how many estimates the process will make (``expected_calls``):
+    the deterministic rule compiles when that many estimates pay for the compile."""
+    return run_ours(model, x, y, per_sample, cfg, seed, compile="auto",
+                    expected_calls=cfg["expected_calls"])
+
+
+def run_ours_eager(model, x, y, per_sample, cfg, seed):
+    return run_ours(model, x, y, per_sample, cfg, seed, compile=False)
+
+
+COMPILED: list[bool] = []
 
 
 def run_bare(model, x, y, per_sample, cfg, seed):
@@ -157,14 +179,15 @@ def run_devinterp(model, x, y, per_sample, cfg, seed):
     return float(out["llc_mean"])
 
 
-IMPLS = {"ours": run_ours, "bare": run_bare, "devinterp": run_devinterp}
+IMPLS = {"ours": run_ours_eager, "ours_auto": run_ours_auto, "bare": run_bare,
+         "devinterp": run_devinterp}
 
 
 def worker(impl: str, workload: str, calls: int) -> None:
     import torch
 
     torch.set_num_threads(1)
-    cfg = WORKLOADS[workload]
+    cfg = dict(WORKLOADS[workload], expected_calls=calls)
     fn = IMPLS[impl]
     times, values = [], []
     for call in range(calls):
@@ -172,7 +195,8 @@ def worker(impl: str, workload: str, calls: int) -> None:
         t0 = time.perf_counter()
         values.append(fn(model, x, y, per_sample, cfg, call))
         times.append(time.perf_counter() - t0)
-    print("RESULT " + json.dumps({"times": times, "values": values}))
+    print("RESULT " + json.dumps({"times": times, "values": values,
+                                  "compiled": any(COMPILED)}))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,9 +208,12 @@ def spawn(impl: str, workload: str, calls: int, python: str) -> dict | None:
     env["MKL_NUM_THREADS"] = "1"
     if impl != "devinterp":
         env["PYTHONPATH"] = str(REPO)
-    proc = subprocess.run([python, __file__, "--worker", impl, "--workload", workload,
-                           "--calls", str(calls)], env=env, capture_output=True, text=True,
-                          cwd=str(Path(__file__).parent))
+    with tempfile.TemporaryDirectory() as cache:
+        # a fresh inductor cache per process: every compile is paid in full (no warm disk cache)
+        env["TORCHINDUCTOR_CACHE_DIR"] = cache
+        proc = subprocess.run([python, __file__, "--worker", impl, "--workload", workload,
+                               "--calls", str(calls)], env=env, capture_output=True, text=True,
+                              cwd=str(Path(__file__).parent))
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT "):])
@@ -202,12 +229,17 @@ def main() -> int:
     ap.add_argument("--calls", type=int, default=10, help="estimates per process (repeated)")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
     ap.add_argument("--devinterp-python", default="/tmp/venv-devinterp/bin/python")
+    ap.add_argument("--compile", action="store_true",
+                    help="also run ours with compile='auto', expected_calls=--calls")
+    ap.add_argument("--no-devinterp", action="store_true", help="skip devinterp 2.0.1")
     args = ap.parse_args()
     if args.worker:
         worker(args.worker, args.workload, args.calls)
         return 0
-    impls = ["ours", "bare"]
-    if Path(args.devinterp_python).exists():
+    impls = ["ours", "bare"] + (["ours_auto"] if args.compile else [])
+    if args.no_devinterp:
+        pass
+    elif Path(args.devinterp_python).exists():
         impls.append("devinterp")
     else:
         print(f"devinterp 2.0.1 skipped: {args.devinterp_python} not found (create it with "
@@ -229,9 +261,10 @@ def main() -> int:
                 cold[impl].append(out["times"][0])
                 rep[impl].append(statistics.mean(out["times"]))
                 vals[impl].append(out["values"][0])
+                tag = " compiled" if out.get("compiled") else ""
                 print(f"  round {r} {impl:9s} cold {out['times'][0]:7.3f}s  repeated "
                       f"{statistics.mean(out['times']):7.3f}s/estimate  λ̂(first)="
-                      f"{out['values'][0]:.2f}", flush=True)
+                      f"{out['values'][0]:.2f}{tag}", flush=True)
 
         def med(d, k):
             return statistics.median(d[k]) if d[k] else float("nan")
@@ -239,14 +272,16 @@ def main() -> int:
         print(f"  median seconds per estimate ({args.rounds} rounds):")
         for impl in impls:
             print(f"    {impl:9s} cold {med(cold, impl):7.3f}  repeated {med(rep, impl):7.3f}")
+        mine = ["ours"] + (["ours_auto"] if args.compile else [])
         for kind, d in (("cold", cold), ("repeated", rep)):
-            for base in impls[1:]:
-                ratio = med(d, base) / med(d, "ours")
-                # per-round ratios show the spread
-                per_round = [b / o for o, b in zip(d["ours"], d[base], strict=False)]
-                spread = (f" (rounds {min(per_round):.2f}..{max(per_round):.2f})"
-                          if per_round else "")
-                print(f"  speed-up {kind:8s} vs {base:9s}: {ratio:5.2f}x{spread}")
+            for ours in mine:
+                for base in [i for i in impls if i not in mine]:
+                    ratio = med(d, base) / med(d, ours)
+                    # per-round ratios show the spread
+                    per_round = [b / o for o, b in zip(d[ours], d[base], strict=False)]
+                    spread = (f" (rounds {min(per_round):.2f}..{max(per_round):.2f})"
+                              if per_round else "")
+                    print(f"  speed-up {kind:8s} {ours:9s} vs {base:9s}: {ratio:5.2f}x{spread}")
     return 0
 
 

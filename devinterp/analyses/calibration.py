@@ -471,14 +471,16 @@ def top_curvature(target: SamplingTarget, *, iters: int = 20, num_samples: int =
 # --------------------------------------------------------------------------------------------
 def _pilot(target: SamplingTarget, *, step_size: float, localization: float, nbeta: float,
            num_chains: int, num_steps: int, sampler: str, seed: int,
-           sampler_kwargs: Mapping[str, Any] | None) -> tuple[PilotRow, np.ndarray | None]:
+           sampler_kwargs: Mapping[str, Any] | None, compile: bool | str = "auto",
+           expected_calls: int = 1) -> tuple[PilotRow, np.ndarray | None]:
     every = max(1, num_steps // 40)
     checks = range(num_steps // 4, num_steps, every) if sampler != "sgnht" else ()
     traces = sample_chains(target, num_chains=num_chains, num_steps=num_steps,
                            step_size=step_size, localization=localization, nbeta=nbeta,
                            sampler=sampler, seed=seed, sampler_kwargs=sampler_kwargs,
                            acceptance_steps=checks, check_every=max(25, num_steps // 8),
-                           on_divergence="stop")
+                           on_divergence="stop", compile=compile,
+                           expected_calls=expected_calls)
     nan = float("nan")
     if traces.diverged:
         row = PilotRow(step_size=float(step_size), localization=float(localization), llc=nan,
@@ -554,7 +556,8 @@ def calibrate(model: nn.Module | SamplingTarget, data: Any = None, loss_fn: Loss
               max_draws: int = 20000, min_burnin: int = 200, max_burnin: int = 20000,
               max_localization_rounds: int = 2, max_extra_levels: int = 12, seed: int = 0,
               device: str | torch.device | None = None,
-              vectorize: bool | str = "auto") -> Calibration:
+              vectorize: bool | str = "auto", compile: bool | str = "auto",
+              expected_calls: int = 1) -> Calibration:
     """Choose step size, localization, burn-in and draws for ``estimate_llc`` from pilot chains.
 
     See the module docstring and ``docs/calibration.md`` for the criteria.
@@ -588,6 +591,8 @@ def calibrate(model: nn.Module | SamplingTarget, data: Any = None, loss_fn: Loss
         seed: seed of the pilots (same seed, same calibration).
         device: where to sample.
         vectorize: as for ``estimate_llc``.
+        compile, expected_calls: as for ``estimate_llc``; the pilots weigh
+            ``expected_calls × grid_size`` runs against the compile cost.
 
     Returns:
         A :class:`Calibration`; ``ok`` is False (with warnings) when no step size met every
@@ -615,7 +620,8 @@ def calibrate(model: nn.Module | SamplingTarget, data: Any = None, loss_fn: Loss
         if batch_size is None and not isinstance(data, torch.utils.data.DataLoader):
             batch_size = 512
         target = prepare_target(model, data, loss_fn, params=params, batch_size=batch_size,
-                                device=device, vectorize=vectorize)
+                                device=device, vectorize=vectorize, compile=compile,
+                                expected_calls=expected_calls)
     nbeta = default_nbeta(target.n) if nbeta is None else float(nbeta)
     mu = top_curvature(target, seed=seed)
     table: list[PilotRow] = []
@@ -636,7 +642,9 @@ def calibrate(model: nn.Module | SamplingTarget, data: Any = None, loss_fn: Loss
             for eps in grid:
                 row, losses = _pilot(target, step_size=eps, localization=gamma, nbeta=nbeta,
                                      num_chains=num_pilot_chains, num_steps=num_steps,
-                                     sampler=sampler, seed=seed, sampler_kwargs=sampler_kwargs)
+                                     sampler=sampler, seed=seed, sampler_kwargs=sampler_kwargs,
+                                     compile=compile,
+                                     expected_calls=expected_calls * max(grid_size, 1))
                 if rows:
                     prev = rows[-1]
                     rows[-1] = _with_drift(prev, traces[(prev.step_size, gamma)], row, losses,

@@ -77,6 +77,7 @@ class LLCConfig:
     n: int
     num_params: int
     param_names: tuple[str, ...]
+    compiled: bool = False
 
 
 @dataclass(frozen=True)
@@ -179,7 +180,8 @@ def estimate_llc(model: nn.Module | SamplingTarget, data: Any = None, loss_fn: L
                  sampler_kwargs: Mapping[str, Any] | None = None, params: ParamSelection = None,
                  seed: int = 0, device: str | torch.device | None = None,
                  vectorize: bool | str = "auto", num_acceptance_checks: int = 32,
-                 check_every: int = 100, calibration: Calibration | None = None) -> LLCResult:
+                 check_every: int = 100, calibration: Calibration | None = None,
+                 compile: bool | str = "auto", expected_calls: int = 1) -> LLCResult:
     """Estimate the local learning coefficient of ``model`` at its current weights.
 
     ``λ̂ = nβ·(mean post-burn-in minibatch loss − L_n(w*))`` averaged over chains; see the module
@@ -224,6 +226,13 @@ def estimate_llc(model: nn.Module | SamplingTarget, data: Any = None, loss_fn: L
             ``result.calibration`` of an earlier snapshot of the same run); its values apply
             where no argument is given. The result warns (:class:`CalibrationWarning`) when the
             reused step size shows signs of trouble.
+        compile: run the SGLD steps through ``torch.compile``: ``True``, ``False`` or
+            ``"auto"`` (compile only when ``expected_calls`` estimates of this structure pay for
+            the one-time compile; a deterministic rule, see ``docs/llc.md``). Falls back to
+            eager with a warning when compiling is unavailable or fails. Compiled and eager
+            results agree up to floating-point reassociation.
+        expected_calls: how many estimates of this model structure this process will make
+            (e.g. the number of snapshots); the hint for ``compile="auto"``.
 
     Returns:
         An :class:`LLCResult`.
@@ -259,14 +268,16 @@ def estimate_llc(model: nn.Module | SamplingTarget, data: Any = None, loss_fn: L
         if batch_size is None and not isinstance(data, torch.utils.data.DataLoader):
             batch_size = 512
         target = prepare_target(model, data, loss_fn, params=params, batch_size=batch_size,
-                                device=device, vectorize=vectorize)
+                                device=device, vectorize=vectorize, compile=compile,
+                                expected_calls=expected_calls)
     reused = calibration is not None
     if calibration is None and auto:
         from devinterp.analyses.calibration import calibrate
 
         calibration = calibrate(target, localization=localization or _DEFAULTS["localization"],
                                 nbeta=nbeta, sampler=sampler, sampler_kwargs=sampler_kwargs,
-                                num_chains=num_chains or _DEFAULTS["num_chains"], seed=seed)
+                                num_chains=num_chains or _DEFAULTS["num_chains"], seed=seed,
+                                compile=compile, expected_calls=expected_calls)
     chosen = dict(_DEFAULTS) if calibration is None else calibration.estimate_kwargs()
     given = {"num_chains": num_chains, "num_draws": num_draws, "num_burnin": num_burnin,
              "localization": localization, "nbeta": nbeta,
@@ -283,7 +294,8 @@ def estimate_llc(model: nn.Module | SamplingTarget, data: Any = None, loss_fn: L
             step_size=step_size, localization=localization, nbeta=nbeta, sampler=sampler,
             seed=seed, sampler_kwargs=sampler_kwargs,
             acceptance_steps=_acceptance_steps(num_burnin, num_draws, num_acceptance_checks),
-            check_every=check_every, on_divergence="raise")
+            check_every=check_every, on_divergence="raise", compile=compile,
+            expected_calls=expected_calls)
     except ChainDivergedError as exc:
         if not reused:
             raise
@@ -298,7 +310,8 @@ def estimate_llc(model: nn.Module | SamplingTarget, data: Any = None, loss_fn: L
         batch_size=target.batch_size, sampler=sampler,
         sampler_kwargs=tuple(sorted((sampler_kwargs or {}).items())), seed=seed,
         device=str(target.device), mode=target.mode, n=target.n,
-        num_params=target.num_selected, param_names=target.param_names)
+        num_params=target.num_selected, param_names=target.param_names,
+        compiled=traces.compiled)
     result = summarize(traces.losses, target.init_loss, config, acceptance=traces.acceptance,
                        seconds=traces.seconds)
     return _finish(result, calibration, reused=reused)

@@ -32,8 +32,9 @@ from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from devinterp.analyses import compiled as _compiled
 from devinterp.errors import ChainDivergedError, InvalidInputError
-from devinterp.sgmcmc import SAMPLERS, mala
+from devinterp.sgmcmc import SAMPLERS, mala, sgld
 
 LossFn = Callable[[nn.Module, Any], Tensor]
 ParamSelection = (
@@ -194,12 +195,19 @@ class SamplingTarget:
         param_names: names of the sampled parameters.
         device: where sampling runs.
         mode: ``"vmap"`` or ``"loop"`` (how chains are advanced), or ``"auto"`` until decided.
+        compile: ``True``, ``False`` or ``"auto"``: whether runs use the compiled SGLD step.
+        expected_calls: the ``compile="auto"`` hint (runs of this structure planned).
     """
 
     def __init__(self, model: nn.Module, leaves: list[Tensor], spec: Any, loss_fn: LossFn,
                  selection: dict[str, Tensor | None], batch_size: int, device: torch.device,
-                 mode: str, eval_batch_size: int):
+                 mode: str, eval_batch_size: int, compile: bool | str = "auto",
+                 expected_calls: int = 1):
         self.model = model
+        self.compile = compile
+        self.expected_calls = expected_calls
+        #: whether the last run of chains on this target used the compiled step
+        self.last_compiled = False
         self.loss_fn = loss_fn
         self.device = device
         self.leaves = [t.to(device) for t in leaves]
@@ -429,7 +437,8 @@ class SamplingTarget:
 
 def prepare_target(model: nn.Module, data: Any, loss_fn: LossFn, *, params: ParamSelection = None,
                    batch_size: int | None = None, device: str | torch.device | None = None,
-                   vectorize: bool | str = "auto", eval_batch_size: int = 8192) -> SamplingTarget:
+                   vectorize: bool | str = "auto", eval_batch_size: int = 8192,
+                   compile: bool | str = "auto", expected_calls: int = 1) -> SamplingTarget:
     """Validate inputs and prepare a model's loss for sampling around its current weights w*.
 
     The model itself is never modified: its weights are copied into a flat float32 vector and
@@ -449,6 +458,13 @@ def prepare_target(model: nn.Module, data: Any, loss_fn: LossFn, *, params: Para
         vectorize: ``True`` advances all chains with ``torch.func.vmap``, ``False`` loops over
             per-chain model copies, ``"auto"`` times both on a few steps (cached per structure).
         eval_batch_size: chunk size for the full-data loss ``L_n(w*)``.
+        compile: ``True`` runs SGLD steps through ``torch.compile`` (falls back to eager with a
+            warning when unavailable or when compiling fails), ``False`` never, ``"auto"``
+            compiles when :func:`devinterp.analyses.compiled.should_compile` says the planned
+            work pays for the compile (a deterministic rule, no timing).
+        expected_calls: runs of chains of this model structure planned in this process (e.g.
+            the number of snapshots to estimate): the hint ``compile="auto"`` weighs against
+            the one-time compile cost.
 
     Raises:
         InvalidInputError: empty data, no trainable/selected parameters, a non-scalar or
@@ -472,9 +488,11 @@ def prepare_target(model: nn.Module, data: Any, loss_fn: LossFn, *, params: Para
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise InvalidInputError(f"device {device} requested but CUDA is not available")
+    _compiled.check_compile_option(compile)
+    _compiled.check_expected_calls(expected_calls)
     mode = {True: "vmap", False: "loop", "auto": "auto"}[vectorize]
     return SamplingTarget(model, leaves, spec, loss_fn, selection, batch_size, device, mode,
-                          eval_batch_size)
+                          eval_batch_size, compile=compile, expected_calls=expected_calls)
 
 
 # --------------------------------------------------------------------------------------------
@@ -570,7 +588,8 @@ def default_nbeta(n: int) -> float:
 def run_chains(target: SamplingTarget, *, num_chains: int, num_steps: int, step_size: float,
                localization: float, nbeta: float, sampler: str = "sgld", seed: int = 0,
                sampler_kwargs: Mapping[str, Any] | None = None,
-               acceptance_steps: Collection[int] = ()) -> Iterator[tuple[int, Any, StepInfo]]:
+               acceptance_steps: Collection[int] = (), compile: bool | str | None = None,
+               expected_calls: int | None = None) -> Iterator[tuple[int, Any, StepInfo]]:
     """Advance ``num_chains`` chains from w* together and yield ``(step, state, info)``.
 
     ``state`` is the sampler state *after* the step, with ``params`` of shape ``(C, D)``;
@@ -590,7 +609,15 @@ def run_chains(target: SamplingTarget, *, num_chains: int, num_steps: int, step_
         sampler_kwargs: extra keyword arguments of the kernel's ``step`` (e.g. ``diffusion``).
         acceptance_steps: steps at which to also compute the MALA acceptance of the move
             (one extra gradient evaluation each; SGLD and pSGLD only).
+        compile: ``True``/``False``/``"auto"``: run the step through ``torch.compile`` (SGLD
+            only; see :mod:`devinterp.analyses.compiled`); None: the target's setting.
+        expected_calls: hint for ``compile="auto"``: runs of this structure planned in this
+            process; None: the target's.
     """
+    if compile is not None:
+        _compiled.check_compile_option(compile)
+    if expected_calls is not None:
+        _compiled.check_expected_calls(expected_calls)
     kernel = _check_sampler(sampler)
     kwargs = dict(sampler_kwargs or {})
     init_kwargs = {}
@@ -602,6 +629,14 @@ def run_chains(target: SamplingTarget, *, num_chains: int, num_steps: int, step_
     streams = _Streams(target, num_chains, seed, num_steps)
     check = set(acceptance_steps) if sampler != "sgnht" else set()
     shared = target.full_batch
+    fast = _compiled.compiled_step(
+        target, num_chains, shared, num_steps=num_steps, sampler=sampler, step_size=step_size,
+        localization=localization, nbeta=nbeta,
+        compile=target.compile if compile is None else compile,
+        expected_calls=target.expected_calls if expected_calls is None else expected_calls)
+    if fast is not None and kwargs:
+        fast = None  # sampler_kwargs (none for SGLD today) are not part of the compiled step
+    target.last_compiled = fast is not None
     step = 0
     saved = _save_rng(target)
     try:
@@ -610,10 +645,23 @@ def run_chains(target: SamplingTarget, *, num_chains: int, num_steps: int, step_
             noise = streams.next_chunk(count)
             for k in range(count):
                 batch = streams.batch(k)
-                grads, loss = target.grad_and_loss(state.params, batch, shared)
-                new_state, info = kernel.step(streams.noise_gens, state, grads,
-                                              step_size=step_size, localization=localization,
-                                              nbeta=nbeta, noise=noise[:, k], **kwargs)
+                if fast is not None:
+                    try:
+                        params, loss, drift = fast(state.params, noise[:, k], batch)
+                    except InvalidInputError:
+                        raise
+                    except Exception as exc:  # noqa: BLE001 - never fail an estimate on compile
+                        _compiled.mark_failed(fast, exc)
+                        fast = None
+                        target.last_compiled = False
+                if fast is not None:
+                    new_state = state._replace(params=params)
+                    info = sgld.SGLDInfo(drift, noise[:, k])
+                else:
+                    grads, loss = target.grad_and_loss(state.params, batch, shared)
+                    new_state, info = kernel.step(streams.noise_gens, state, grads,
+                                                  step_size=step_size, localization=localization,
+                                                  nbeta=nbeta, noise=noise[:, k], **kwargs)
                 acc = None
                 if step in check:
                     acc = _acceptance(target, state, new_state, info, loss, batch, shared,
@@ -673,6 +721,7 @@ class ChainTraces:
         diverged_step: the step at which it did, or None.
         seconds: wall time of the sampling loop.
         mode: ``"vmap"`` or ``"loop"``.
+        compiled: whether the steps ran through the compiled SGLD step.
     """
 
     losses: np.ndarray
@@ -686,6 +735,7 @@ class ChainTraces:
     diverged_step: int | None = None
     seconds: float = 0.0
     mode: str = "vmap"
+    compiled: bool = False
     final_params: Tensor | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -719,13 +769,14 @@ def sample_chains(target: SamplingTarget, *, num_chains: int = 4, num_steps: int
                   sampler: str = "sgld", seed: int = 0,
                   sampler_kwargs: Mapping[str, Any] | None = None,
                   acceptance_steps: Collection[int] = (), check_every: int = 100,
-                  on_divergence: str = "raise") -> ChainTraces:
+                  on_divergence: str = "raise", compile: bool | str | None = None,
+                  expected_calls: int | None = None) -> ChainTraces:
     """Run chains and return their loss traces (cheap to call many times on one target).
 
     Args:
         target: from :func:`prepare_target`.
         num_chains, num_steps, step_size, localization, sampler, seed, sampler_kwargs,
-            acceptance_steps: as in :func:`run_chains`.
+            acceptance_steps, compile, expected_calls: as in :func:`run_chains`.
         nbeta: nβ; None: ``n / log n``.
         check_every: check the trace for non-finite/exploding losses every this many steps
             (and at the end); the check is the only host synchronization.
@@ -752,7 +803,8 @@ def sample_chains(target: SamplingTarget, *, num_chains: int = 4, num_steps: int
     for step, state, info in run_chains(
             target, num_chains=num_chains, num_steps=num_steps, step_size=step_size,
             localization=localization, nbeta=nbeta, sampler=sampler, seed=seed,
-            sampler_kwargs=sampler_kwargs, acceptance_steps=acceptance_steps):
+            sampler_kwargs=sampler_kwargs, acceptance_steps=acceptance_steps, compile=compile,
+            expected_calls=expected_calls):
         trace[:, step] = info.loss
         last = state
         if info.acceptance is not None:
@@ -789,7 +841,7 @@ def sample_chains(target: SamplingTarget, *, num_chains: int = 4, num_steps: int
         localization=float(localization), acceptance=acc, acceptance_steps=tuple(acc_steps),
         diverged_chain=None if diverged is None else diverged[0],
         diverged_step=None if diverged is None else diverged[1], seconds=seconds,
-        mode=target.mode, final_params=None if last is None else last.params)
+        mode=target.mode, compiled=target.last_compiled, final_params=None if last is None else last.params)
 
 
 def _validate_hyper(*, num_chains: int, num_steps: int, step_size: float, localization: float,

@@ -27,7 +27,7 @@ from torch import nn
 
 from devinterp.analyses.llc import LLCResult, estimate_llc
 from devinterp.callbacks._logging import log_scalars, log_text
-from devinterp.callbacks._trainer import resolve_schedule
+from devinterp.callbacks._trainer import resolve_schedule, total_steps
 from devinterp.errors import ChainDivergedError, InvalidInputError
 from devinterp.schedules import Schedule, at, log_spaced
 from devinterp.tensorboard import llc_band
@@ -198,6 +198,12 @@ class LLCCallback(pl.Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # on_train_start, not on_fit_start: by now a resumed run's global_step is restored
         self._resolved = resolve_schedule(self.schedule, trainer) | at([0])
+        # the number of estimates this run plans: the hint for estimate_llc(compile="auto"),
+        # counted over the whole schedule (not what is left) so a resumed run decides the same
+        try:
+            self._planned = max(1, len(self._resolved.steps(total_steps(trainer))))
+        except Exception:  # noqa: BLE001 - an open-ended schedule: no hint
+            self._planned = 1
         if trainer.global_step == 0 and self._last_step is None:
             self._estimate(trainer, pl_module, 0)
 
@@ -322,6 +328,7 @@ class LLCCallback(pl.Callback):
                     self._calibrate_once(trainer, replica, step)
                     return True
                 kwargs = dict(self.estimate_kwargs)
+                kwargs.setdefault("expected_calls", getattr(self, "_planned", 1))
                 if self.calibration is not None:
                     kwargs["calibration"] = self.calibration
                 result = estimate_llc(replica, self.data, self.loss_fn, **kwargs)
