@@ -48,8 +48,8 @@ from devinterp.analyses.sampling import (
     LossFn,
     ParamSelection,
     SamplingTarget,
+    as_target,
     default_nbeta,
-    prepare_target,
     sample_chains,
 )
 from devinterp.errors import InvalidInputError
@@ -612,16 +612,9 @@ def calibrate(model: nn.Module | SamplingTarget, data: Any = None, loss_fn: Loss
     if sampler == "sgnht":
         raise InvalidInputError("calibrate supports 'sgld' and 'rmsprop_sgld' (it needs the MALA "
                                 "acceptance check, which SGNHT lacks); calibrate with 'sgld'")
-    if isinstance(model, SamplingTarget):
-        target = model
-    else:
-        if loss_fn is None or data is None:
-            raise InvalidInputError("calibrate needs data and loss_fn(model, batch)")
-        if batch_size is None and not isinstance(data, torch.utils.data.DataLoader):
-            batch_size = 512
-        target = prepare_target(model, data, loss_fn, params=params, batch_size=batch_size,
-                                device=device, vectorize=vectorize, compile=compile,
-                                expected_calls=expected_calls)
+    target = as_target(model, data, loss_fn, caller="calibrate", params=params, batch_size=batch_size,
+                       device=device, vectorize=vectorize, compile=compile,
+                       expected_calls=expected_calls)
     nbeta = default_nbeta(target.n) if nbeta is None else float(nbeta)
     mu = top_curvature(target, seed=seed)
     table: list[PilotRow] = []

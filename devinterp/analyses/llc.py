@@ -30,8 +30,8 @@ from devinterp.analyses.sampling import (
     LossFn,
     ParamSelection,
     SamplingTarget,
+    as_target,
     default_nbeta,
-    prepare_target,
     sample_chains,
 )
 from devinterp.errors import (
@@ -260,16 +260,9 @@ def estimate_llc(model: nn.Module | SamplingTarget, data: Any = None, loss_fn: L
         if not isinstance(calibration, Calibration):
             raise InvalidInputError("calibration must be a Calibration (from calibrate() or "
                                     f"LLCResult.calibration), got {type(calibration).__name__}")
-    if isinstance(model, SamplingTarget):
-        target = model
-    else:
-        if loss_fn is None or data is None:
-            raise InvalidInputError("estimate_llc needs data and loss_fn(model, batch)")
-        if batch_size is None and not isinstance(data, torch.utils.data.DataLoader):
-            batch_size = 512
-        target = prepare_target(model, data, loss_fn, params=params, batch_size=batch_size,
-                                device=device, vectorize=vectorize, compile=compile,
-                                expected_calls=expected_calls)
+    target = as_target(model, data, loss_fn, caller="estimate_llc", params=params, batch_size=batch_size,
+                       device=device, vectorize=vectorize, compile=compile,
+                       expected_calls=expected_calls)
     reused = calibration is not None
     if calibration is None and auto:
         from devinterp.analyses.calibration import calibrate

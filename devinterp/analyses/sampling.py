@@ -435,6 +435,22 @@ class SamplingTarget:
             torch.cuda.synchronize(self.device)
 
 
+def as_target(model: nn.Module | SamplingTarget, data: Any, loss_fn: LossFn | None, *, caller: str,
+              batch_size: int | None = None, **prepare_kwargs: Any) -> SamplingTarget:
+    """``model`` itself if it is a prepared :class:`SamplingTarget`, else :func:`prepare_target`.
+
+    Shared by ``estimate_llc`` and ``calibrate``: the batch size defaults to the DataLoader's, else
+    512; ``caller`` names the function in the error raised when data or loss_fn is missing.
+    """
+    if isinstance(model, SamplingTarget):
+        return model
+    if loss_fn is None or data is None:
+        raise InvalidInputError(f"{caller} needs data and loss_fn(model, batch)")
+    if batch_size is None and not isinstance(data, torch.utils.data.DataLoader):
+        batch_size = 512
+    return prepare_target(model, data, loss_fn, batch_size=batch_size, **prepare_kwargs)
+
+
 def prepare_target(model: nn.Module, data: Any, loss_fn: LossFn, *, params: ParamSelection = None,
                    batch_size: int | None = None, device: str | torch.device | None = None,
                    vectorize: bool | str = "auto", eval_batch_size: int = 8192,
