@@ -13,7 +13,7 @@ def register(subparsers) -> None:
             "Train the reference 2-layer attention-only transformer on synthetic data until "
             "induction heads form, with snapshots, online LLC estimates, circuit scores and "
             "phase-transition detection; write DIR/summary.png, DIR/summary.json and TensorBoard "
-            "logs under DIR/tensorboard. About 3 minutes on 2 CPU cores (--quick: about 1)."
+            "logs under DIR/tensorboard. About 2 minutes on 2 CPU cores (--quick: about 1)."
         ),
     )
     p.add_argument("--out", default="runs/demo", metavar="DIR",
