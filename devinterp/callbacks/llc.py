@@ -28,7 +28,7 @@ from torch import nn
 from devinterp.analyses.llc import LLCResult, estimate_llc
 from devinterp.callbacks._logging import log_scalars, log_text
 from devinterp.callbacks._trainer import resolve_schedule, total_steps
-from devinterp.errors import ChainDivergedError, InvalidInputError
+from devinterp.errors import ChainDivergedError, InvalidInputError, ScheduleError
 from devinterp.schedules import Schedule, at, log_spaced
 from devinterp.tensorboard import llc_band
 
@@ -202,7 +202,7 @@ class LLCCallback(pl.Callback):
         # counted over the whole schedule (not what is left) so a resumed run decides the same
         try:
             self._planned = max(1, len(self._resolved.steps(total_steps(trainer))))
-        except Exception:  # noqa: BLE001 - an open-ended schedule: no hint
+        except ScheduleError:  # an open-ended schedule (e.g. every(n) with no known total): no hint
             self._planned = 1
         if trainer.global_step == 0 and self._last_step is None:
             self._estimate(trainer, pl_module, 0)
