@@ -36,6 +36,20 @@ class CorruptSnapshotError(StoreError):
     """A snapshot file is truncated, unreadable or fails its checksum. The message names the file."""
 
 
+class StoreLockedError(StoreError):
+    """Another writer holds a folder's writer lock (a live training run, another ``devinterp analyze``).
+
+    Attributes:
+        lock_path: The lock file.
+        holder: What the lock file records: ``pid``, ``host``, ``started`` (ISO time), ``purpose``.
+    """
+
+    def __init__(self, message: str, *, lock_path: str = "", holder: dict | None = None):
+        super().__init__(message)
+        self.lock_path = lock_path
+        self.holder = dict(holder or {})
+
+
 class StateDictMismatchError(DevinterpError, ValueError):
     """Weights do not fit a model: missing/unexpected keys or shape mismatches, all listed."""
 
@@ -79,6 +93,26 @@ class PlanError(DevinterpError, ValueError):
     """A post-hoc analysis request cannot be planned: bad ``--steps`` spec, no analysis, no snapshot."""
 
 
+class UsageError(DevinterpError, ValueError):
+    """A command-line option is invalid or does not fit the machine (exit status 2)."""
+
+
+class OutputExistsError(DevinterpError, FileExistsError):
+    """A command would overwrite files it did not write; the message names ``--force`` / another ``--out``."""
+
+
+class DamagedItemsError(DevinterpError):
+    """Some items (snapshots, checkpoint files) were damaged; the rest was analysed (exit status 1).
+
+    Attributes:
+        damaged: ``(item, message)`` of every damaged item.
+    """
+
+    def __init__(self, message: str, *, damaged: tuple = ()):
+        super().__init__(message)
+        self.damaged = tuple(damaged)
+
+
 # --- warnings -------------------------------------------------------------------------------
 class DevinterpWarning(UserWarning):
     """Base class of the warnings devinterp emits (filter them with ``warnings.filterwarnings``)."""
@@ -86,6 +120,10 @@ class DevinterpWarning(UserWarning):
 
 class NotAtMinimumWarning(DevinterpWarning):
     """The LLC was estimated at weights that do not look like a local minimum."""
+
+
+class StaleLockWarning(DevinterpWarning):
+    """A writer lock whose holder is gone (same host, its process no longer runs) was recovered."""
 
 
 class CalibrationWarning(DevinterpWarning):

@@ -45,10 +45,13 @@ import operator
 import os
 import queue
 import re
+import socket
 import sys
 import threading
 import time
 import uuid
+import warnings
+import weakref
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,8 +66,10 @@ from devinterp.errors import (
     EmptyStoreError,
     InvalidInputError,
     SnapshotNotFoundError,
+    StaleLockWarning,
     StateDictMismatchError,
     StoreError,
+    StoreLockedError,
     StoreNotFoundError,
 )
 
@@ -75,6 +80,10 @@ __all__ = [
     "VerifyReport",
     "Problem",
     "BackgroundSaver",
+    "LOCK_FILE",
+    "LockHolder",
+    "RepairReport",
+    "WriterLock",
     "snapshot_filename",
     "class_path",
     "jsonable",
@@ -267,6 +276,36 @@ class _LocalFS:
             f.flush()
             os.fsync(f.fileno())
 
+    def create_exclusive(self, rel: str, data: bytes) -> None:
+        """Create ``rel`` holding ``data``; FileExistsError if it exists (atomic: O_CREAT | O_EXCL)."""
+        fd = os.open(self._p(rel), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        self._fsync_dir(rel.rpartition("/")[0])
+
+    def remove(self, rel: str) -> None:
+        os.unlink(self._p(rel))
+
+    def take_aside(self, rel: str) -> str | None:
+        """Atomically move ``rel`` to a unique name next to it; None if it no longer exists."""
+        aside = f"{rel}{_TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        try:
+            os.rename(self._p(rel), self._p(aside))
+        except FileNotFoundError:
+            return None
+        return aside
+
+    def put_back(self, aside: str, rel: str) -> None:
+        """Move ``aside`` back to ``rel`` unless ``rel`` exists again (then drop ``aside``)."""
+        try:
+            os.link(self._p(aside), self._p(rel))
+        except OSError:
+            pass
+        os.unlink(self._p(aside))
+
 
 class _FsspecFS:
     def __init__(self, url: str):
@@ -321,6 +360,39 @@ class _FsspecFS:
 
     def truncate(self, rel: str, length: int) -> None:
         self.write_atomic(rel, self.read(rel)[:length])
+
+    def create_exclusive(self, rel: str, data: bytes) -> None:
+        """Create ``rel`` with mode ``"xb"`` where the filesystem supports it (local, memory, s3fs
+        with conditional writes); elsewhere check-then-write, which is not atomic."""
+        try:
+            with self.fs.open(self._p(rel), "xb") as f:
+                f.write(data)
+            return
+        except FileExistsError:
+            raise
+        except (NotImplementedError, ValueError, TypeError):
+            pass
+        if self.exists(rel):
+            raise FileExistsError(self.display(rel))
+        with self.fs.open(self._p(rel), "wb") as f:
+            f.write(data)
+
+    def remove(self, rel: str) -> None:
+        self.fs.rm_file(self._p(rel))
+
+    def take_aside(self, rel: str) -> str | None:
+        aside = f"{rel}{_TMP_MARK}{uuid.uuid4().hex[:8]}"
+        try:
+            self.fs.mv(self._p(rel), self._p(aside))
+        except FileNotFoundError:
+            return None
+        return aside
+
+    def put_back(self, aside: str, rel: str) -> None:
+        if not self.exists(rel):
+            self.fs.mv(self._p(aside), self._p(rel))
+        else:
+            self.remove(aside)
 
 
 def _make_fs(root: str | os.PathLike) -> _LocalFS | _FsspecFS:
@@ -440,6 +512,303 @@ def library_versions() -> dict[str, str]:
     return out
 
 
+def _valid_record(rec: Any) -> bool:
+    if not isinstance(rec, dict):
+        return False
+    kind = rec.get("kind")
+    if kind == "snapshot":
+        return _is_step(rec.get("step")) and isinstance(rec.get("file"), str)
+    if kind == "truncate":
+        return _is_step(rec.get("after"))
+    if kind == "drop":
+        return _is_step(rec.get("step"))
+    return isinstance(kind, str)  # unknown kinds from newer versions are ignored on purpose
+
+
+def _is_step(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+@dataclass
+class _ParsedIndex:
+    entries: dict[int, dict[str, Any]]
+    records: list[tuple[int, dict[str, Any]]]  # (line number, record) of every valid line
+    bad_lines: list[int]  # garbled lines other than a torn last one
+    torn_tail: bool
+
+
+def _parse_index(data: bytes) -> _ParsedIndex:
+    """Replay the index log; garbled lines are collected, not raised (callers decide)."""
+    entries: dict[int, dict[str, Any]] = {}
+    records: list[tuple[int, dict[str, Any]]] = []
+    bad: list[int] = []
+    torn = False
+    lines = data.split(b"\n")
+    # The last element is b"" when the file ends with a newline; otherwise it is a torn write.
+    for lineno, raw in enumerate(lines, start=1):
+        if not raw.strip():
+            continue
+        try:
+            rec = json.loads(raw)
+        except ValueError:
+            rec = None
+        if not _valid_record(rec):
+            if lineno == len(lines):  # torn final line from an interrupted append: never committed
+                torn = True
+            else:
+                bad.append(lineno)
+            continue
+        records.append((lineno, rec))
+        kind = rec["kind"]
+        if kind == "snapshot":
+            entries[int(rec["step"])] = rec
+        elif kind == "truncate":
+            for s in [s for s in entries if s > rec["after"]]:
+                del entries[s]
+        elif kind == "drop":
+            entries.pop(rec["step"], None)
+    return _ParsedIndex(entries, records, bad, torn)
+
+
+@dataclass(frozen=True)
+class RepairReport:
+    """What :meth:`SnapshotStore.repair` did. Nothing is ever deleted.
+
+    Attributes:
+        root: The store.
+        kept: Steps whose index record and file agree (size and sha256): kept as they were.
+        recovered: Steps whose file is a complete snapshot that no readable index line lists
+            (its line was garbled): listed again, with the checksum of the file as it is.
+        excluded: ``(file, reason)`` of snapshot files left out of the new index (missing,
+            truncated, failing their checksum, unreadable); the files stay on disk.
+        backup: Where the old index was copied (None when the index was already sound).
+        bad_lines: The garbled index lines that were dropped.
+    """
+
+    root: str
+    kept: tuple[int, ...]
+    recovered: tuple[int, ...]
+    excluded: tuple[Problem, ...]
+    backup: str | None
+    bad_lines: tuple[int, ...] = ()
+
+    def __str__(self) -> str:
+        lines = [f"{self.root}: index rebuilt: {len(self.kept) + len(self.recovered)} snapshot(s) listed "
+                 f"({len(self.kept)} kept, {len(self.recovered)} recovered from their files), "
+                 f"{len(self.excluded)} file(s) left out (not deleted)"]
+        if self.bad_lines:
+            lines.append(f"  garbled index line(s) dropped: {list(self.bad_lines)}")
+        if self.backup:
+            lines.append(f"  old index kept as {self.backup}")
+        lines += [f"  recovered step {s} (meta such as epoch/train_loss was on the lost line)" for s in self.recovered]
+        lines += [f"  left out {p}" for p in self.excluded]
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# the writer lock: one writer per folder
+
+
+#: The lock file a writer holds in the folder it writes (a store's root, a results folder).
+LOCK_FILE = "writer.lock"
+_HELD: dict[str, str] = {}  # lock file (display path) -> token, for the locks this process holds
+_HELD_GUARD = threading.Lock()
+
+
+def _hostname() -> str:
+    return socket.gethostname() or "unknown-host"
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists on this host (True when that cannot be told)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):  # exists but not ours, or no way to tell
+        return True
+    return True
+
+
+def _process_start(pid: int) -> float | None:
+    """Start time (epoch seconds) of process ``pid`` from /proc (Linux); None elsewhere."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        with open("/proc/stat") as f:
+            boot = next(int(line.split()[1]) for line in f if line.startswith("btime"))
+        return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration, AttributeError):
+        return None
+
+
+def _command_line() -> str:
+    argv = [os.path.basename(sys.argv[0])] + sys.argv[1:4] if sys.argv and sys.argv[0] else ["python"]
+    return " ".join(argv)[:200]
+
+
+@dataclass(frozen=True)
+class LockHolder:
+    """What a lock file records about its writer."""
+
+    pid: int
+    host: str
+    started: float
+    purpose: str = ""
+    command: str = ""
+    token: str = ""
+
+    @classmethod
+    def parse(cls, data: bytes) -> LockHolder | None:
+        try:
+            d = json.loads(data)
+            return cls(pid=int(d["pid"]), host=str(d["host"]), started=float(d["started"]),
+                       purpose=str(d.get("purpose", "")), command=str(d.get("command", "")),
+                       token=str(d.get("token", "")))
+        except (ValueError, KeyError, TypeError):
+            return None
+
+    def describe(self) -> str:
+        what = f", {self.purpose}" if self.purpose else ""
+        cmd = f", command `{self.command}`" if self.command else ""
+        return f"pid {self.pid} on host {self.host}, since {_iso(self.started)}{what}{cmd}"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"pid": self.pid, "host": self.host, "started": _iso(self.started), "purpose": self.purpose,
+                "command": self.command}
+
+
+class WriterLock:
+    """Exclusive writer lock of one folder: the file ``<folder>/writer.lock``.
+
+    The lock file is created atomically (``O_CREAT | O_EXCL`` locally, mode ``"xb"`` on fsspec) and
+    holds the writer's pid, host, start time and purpose as JSON. A lock whose holder is gone
+    (same host and its pid no longer runs, or runs a process started after the lock was taken)
+    is recovered, with a :class:`~devinterp.errors.StaleLockWarning`. A holder on another host
+    cannot be checked: its lock stands until it is released or the file is deleted by hand.
+
+    Args:
+        fs: The folder's filesystem (from the store).
+        what: What is being written, for the messages (``"snapshot store"``, ``"results folder"``).
+        purpose: Recorded in the lock file (who holds it and why).
+        advice: What the refused writer should do (appended to the error message).
+    """
+
+    def __init__(self, fs: _LocalFS | _FsspecFS, *, what: str, purpose: str = "", advice: str = ""):
+        self._fs = fs
+        self.what = what
+        self.purpose = purpose
+        self.advice = advice
+        self.path = fs.display(LOCK_FILE)
+        self.note: str | None = None
+        self._token: str | None = None
+
+    @property
+    def held(self) -> bool:
+        return self._token is not None
+
+    def holder(self) -> LockHolder | None:
+        """The current holder recorded in the lock file (None: unlocked or unreadable)."""
+        try:
+            return LockHolder.parse(self._fs.read(LOCK_FILE))
+        except FileNotFoundError:
+            return None
+
+    def _stale(self, holder: LockHolder | None, raw: bytes) -> str | None:
+        """Why the lock is stale (a note), or None if its holder may be alive."""
+        if holder is None:
+            return f"unreadable lock file ({len(raw)} bytes) treated as stale"
+        if holder.host != _hostname():
+            return None
+        if holder.pid == os.getpid():
+            with _HELD_GUARD:
+                if holder.token and holder.token in _HELD.values():
+                    return None  # held by a live object of this very process
+            return f"lock of an earlier process with this pid ({holder.describe()}) recovered"
+        if not _pid_alive(holder.pid):
+            return f"stale lock of a process that is gone ({holder.describe()}) recovered"
+        start = _process_start(holder.pid)
+        if start is not None and start > holder.started + 2.0:
+            return f"stale lock ({holder.describe()}): that pid now runs a newer process; recovered"
+        return None
+
+    def acquire(self) -> None:
+        """Take the lock, or raise :class:`~devinterp.errors.StoreLockedError` naming the holder."""
+        if self._token is not None:
+            return
+        token = uuid.uuid4().hex
+        record = {"pid": os.getpid(), "host": _hostname(), "started": time.time(), "purpose": self.purpose,
+                  "command": _command_line(), "token": token}
+        data = (json.dumps(record) + "\n").encode()
+        for _attempt in range(8):
+            try:
+                self._fs.create_exclusive(LOCK_FILE, data)
+            except FileExistsError:
+                pass
+            else:
+                self._token = token
+                with _HELD_GUARD:
+                    _HELD[self.path] = token
+                return
+            try:
+                raw = self._fs.read(LOCK_FILE)
+            except FileNotFoundError:  # released meanwhile: try again
+                continue
+            holder = LockHolder.parse(raw)
+            why = self._stale(holder, raw)
+            if why is None:
+                raise self._refusal(holder)
+            aside = self._fs.take_aside(LOCK_FILE)
+            if aside is None:
+                continue
+            if self._fs.read(aside) == raw:  # still the stale lock we judged: drop it
+                self._fs.remove(aside)
+                self.note = f"{self.path}: {why}"
+                warnings.warn(self.note, StaleLockWarning, stacklevel=3)
+            else:  # someone took the lock meanwhile: give it back
+                self._fs.put_back(aside, LOCK_FILE)
+        holder = self.holder()
+        raise self._refusal(holder)
+
+    def _refusal(self, holder: LockHolder | None) -> StoreLockedError:
+        who = holder.describe() if holder is not None else "an unknown process"
+        same = holder is not None and holder.host == _hostname() and holder.pid == os.getpid()
+        if same:
+            who += " (this very process: close the earlier writer with .close() first)"
+        gone = (f" If that process is gone (one on another host cannot be checked from here), delete "
+                f"{self.path}")
+        advice = f" {self.advice}" if self.advice else ""
+        return StoreLockedError(
+            f"{self._fs.display()} is a {self.what} that another writer holds ({who}); one writer at a "
+            f"time, so that nothing it wrote is replaced.{advice}{gone}",
+            lock_path=self.path, holder=holder.as_dict() if holder is not None else None,
+        )
+
+    def release(self) -> None:
+        """Give the lock up (only if the lock file is still ours). Idempotent."""
+        token, self._token = self._token, None
+        if token is None:
+            return
+        with _HELD_GUARD:
+            if _HELD.get(self.path) == token:
+                del _HELD[self.path]
+        try:
+            holder = LockHolder.parse(self._fs.read(LOCK_FILE))
+            if holder is not None and holder.token == token:
+                self._fs.remove(LOCK_FILE)
+        except (FileNotFoundError, OSError):
+            pass
+
+
+def _release_quietly(lock: WriterLock) -> None:
+    try:
+        lock.release()
+    except Exception:  # at interpreter exit: never raise
+        pass
+
+
 # --------------------------------------------------------------------------------------------
 # the store
 
@@ -461,6 +830,11 @@ class SnapshotStore:
         >>> store.load_into(model, 100)                       # doctest: +SKIP
     """
 
+    # Class-level defaults, so that views built with ``cls.__new__`` (checkpoint folders) have them.
+    _lock: WriterLock | None = None
+    _closed: bool = False
+    _damaged: tuple[Problem, ...] = ()
+
     def __init__(self, root: str | os.PathLike, *, mode: str = "r"):
         if mode not in ("r", "a"):
             raise InvalidInputError(f"mode must be 'r' (read) or 'a' (append), got {mode!r}")
@@ -477,8 +851,21 @@ class SnapshotStore:
         self._torn_tail = False
         self._recovered = False
         if mode == "a":
+            if self._fs.exists() and not self._fs.isdir():
+                raise StoreError(f"{self.root} is a file, not a folder: give SnapshotStore a folder path")
+            self._fs.makedirs()
+            self._lock = WriterLock(
+                self._fs, what="snapshot store", purpose="SnapshotStore(mode='a')",
+                advice="Wait for that run to end, or write to another folder (SnapshotCallback(dirpath=...)); "
+                       "reading needs no lock.",
+            )
+            self._lock.acquire()
+            # released on close(), when the store is garbage-collected, and at interpreter exit
+            self._finalizer = weakref.finalize(self, _release_quietly, self._lock)
             self._fs.makedirs(SNAPSHOT_DIR)
         else:
+            if self._fs.exists() and not self._fs.isdir():
+                raise StoreNotFoundError(f"{self.root} is a file, not a snapshot store folder")
             if not self._fs.exists():
                 raise StoreNotFoundError(f"no snapshot store at {self.root}: the path does not exist")
             if not (self._fs.exists(INDEX_FILE) or self._fs.exists(RUN_FILE)):
@@ -489,7 +876,34 @@ class SnapshotStore:
                 raise StoreNotFoundError(
                     f"{self.root} holds no snapshot store (no {INDEX_FILE} or {RUN_FILE}).{hint}"
                 )
-        self.refresh()
+        try:
+            self.refresh()
+        except BaseException:
+            self.close()
+            raise
+
+    # ---- the writer lock --------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Release the writer lock (mode ``"a"``); later writes raise. Reading keeps working.
+
+        Also done by ``with SnapshotStore(path, mode="a") as store:``, when the store is
+        garbage-collected and at normal interpreter exit. Idempotent.
+        """
+        self._closed = True
+        if self._lock is not None:
+            self._lock.release()
+
+    def __enter__(self) -> SnapshotStore:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    @property
+    def lock_note(self) -> str | None:
+        """The note of a stale writer lock this store recovered when it was opened (else None)."""
+        return self._lock.note if self._lock is not None else None
 
     # ---- opening ----------------------------------------------------------------------------
 
@@ -520,7 +934,8 @@ class SnapshotStore:
 
         Raises:
             StoreNotFoundError: ``dirpath`` does not exist or holds no ``.ckpt`` file.
-            CorruptSnapshotError: A ``.ckpt`` file cannot be read (named in the message).
+            CorruptSnapshotError: No ``.ckpt`` file can be read (each is named in the message).
+                Single damaged files are left out and listed by :meth:`damaged`.
         """
         fs = _make_fs(dirpath)
         if not fs.exists():
@@ -539,13 +954,18 @@ class SnapshotStore:
         self._ckpt_run = None
         entries: dict[int, dict[str, Any]] = {}
         # "last*.ckpt" duplicates another file's step: prefer the named one.
+        damaged: list[Problem] = []
         for name in sorted(names, key=lambda n: (n.startswith("last"), n)):
-            ckpt = self._load_ckpt(name)
-            step = ckpt.get("global_step")
-            if not isinstance(step, int):
-                raise CorruptSnapshotError(f"{fs.display(name)} has no integer 'global_step'")
-            if "state_dict" not in ckpt:
-                raise CorruptSnapshotError(f"{fs.display(name)} has no 'state_dict'")
+            try:  # one damaged file must not hide the others: it is listed in damaged()
+                ckpt = self._load_ckpt(name)
+                step = ckpt.get("global_step")
+                if not isinstance(step, int):
+                    raise CorruptSnapshotError(f"{fs.display(name)} has no integer 'global_step'")
+                if "state_dict" not in ckpt:
+                    raise CorruptSnapshotError(f"{fs.display(name)} has no 'state_dict'")
+            except CorruptSnapshotError as exc:
+                damaged.append(Problem(name, str(exc)))
+                continue
             if self._ckpt_run is None and "hyper_parameters" in ckpt:
                 self._ckpt_run = {
                     "format": "lightning-checkpoints",
@@ -567,6 +987,11 @@ class SnapshotStore:
             self._ckpt_files[step] = name
         self._entries = entries
         self._steps = sorted(entries)
+        self._damaged = tuple(damaged)
+        if not entries:
+            raise CorruptSnapshotError(
+                f"no .ckpt file in {fs.display()} can be read: " + "; ".join(p.message for p in damaged)
+            )
         return self
 
     def _load_ckpt(self, name: str) -> dict[str, Any]:
@@ -585,41 +1010,27 @@ class SnapshotStore:
     # ---- reading the index ------------------------------------------------------------------
 
     def refresh(self) -> None:
-        """Re-read the index (to see snapshots another process appended since opening)."""
+        """Re-read the index (to see snapshots another process appended since opening).
+
+        Raises:
+            CorruptSnapshotError: A line other than the last is garbled; the message names the line
+                and the repair (``devinterp verify --repair PATH`` / :meth:`repair`).
+        """
         if self._ckpt_files is not None:
             return
-        entries: dict[int, dict[str, Any]] = {}
-        self._torn_tail = False
         data = self._fs.read(INDEX_FILE) if self._fs.exists(INDEX_FILE) else b""
-        lines = data.split(b"\n")
-        # The last element is b"" when the file ends with a newline; otherwise it is a torn write.
-        for lineno, raw in enumerate(lines, start=1):
-            if not raw.strip():
-                continue
-            last = lineno == len(lines)
-            try:
-                rec = json.loads(raw)
-                if not isinstance(rec, dict) or "kind" not in rec:
-                    raise ValueError("not an index record")
-            except ValueError as exc:
-                if last:  # torn final line from an interrupted append: never committed
-                    self._torn_tail = True
-                    continue
-                raise CorruptSnapshotError(
-                    f"{self._fs.display(INDEX_FILE)} line {lineno} is not a valid index record ({exc})"
-                ) from exc
-            kind = rec["kind"]
-            if kind == "snapshot":
-                entries[int(rec["step"])] = rec
-            elif kind == "truncate":
-                after = int(rec["after"])
-                for s in [s for s in entries if s > after]:
-                    del entries[s]
-            elif kind == "drop":
-                entries.pop(int(rec["step"]), None)
-            # unknown kinds from newer versions are ignored on purpose
-        self._entries = entries
-        self._steps = sorted(entries)
+        parsed = _parse_index(data)
+        if parsed.bad_lines:
+            first = parsed.bad_lines[0]
+            more = f" (and line(s) {parsed.bad_lines[1:]})" if len(parsed.bad_lines) > 1 else ""
+            raise CorruptSnapshotError(
+                f"{self._fs.display(INDEX_FILE)} line {first}{more} is not a valid index record: the index "
+                f"is damaged. Rebuild it from the snapshot files that pass their checksums with "
+                f"`devinterp verify --repair {self.root}` (SnapshotStore.repair; no file is deleted)"
+            )
+        self._torn_tail = parsed.torn_tail
+        self._entries = parsed.entries
+        self._steps = sorted(parsed.entries)
 
     # ---- queries ----------------------------------------------------------------------------
 
@@ -753,6 +1164,114 @@ class SnapshotStore:
         except ValueError as exc:
             raise CorruptSnapshotError(f"{self._fs.display(RUN_FILE)} is not valid JSON ({exc})") from exc
 
+    # ---- damage -----------------------------------------------------------------------------
+
+    def damaged(self) -> tuple[Problem, ...]:
+        """Items found damaged when the store was opened and left out of :meth:`steps` (a ``.ckpt``
+        file of a checkpoint folder that cannot be read); ``()`` for a snapshot store, whose
+        damaged files show up when loaded or in :meth:`verify`."""
+        return tuple(self._damaged)
+
+    def file_status(self, step: int) -> str | None:
+        """A cheap check of the file at ``step`` (no checksum): None if present with its recorded
+        size, else ``"missing"`` or ``"truncated (N of M bytes)"``."""
+        rec = self._entry(step)
+        try:
+            size = self._fs.size(rec["file"])
+        except (FileNotFoundError, OSError):
+            return "missing"
+        recorded = rec.get("bytes")
+        if self._ckpt_files is None and isinstance(recorded, int) and size != recorded:
+            return f"truncated ({size} of {recorded} bytes)" if size < recorded else f"altered ({size} bytes, {recorded} recorded)"
+        return None
+
+    @classmethod
+    def repair(cls, root: str | os.PathLike) -> RepairReport:
+        """Rebuild ``index.jsonl`` from the snapshot files that pass their checksums. Never deletes a file.
+
+        Every snapshot whose record and file agree (size and sha256) is kept with its record (and
+        meta). When index lines are garbled, snapshot files that no readable line lists are read
+        in full and listed again if they are complete (meta lost with the line). Records whose
+        file is missing, truncated or corrupt are left out of the new index (the files stay).
+        The old index is kept next to it as ``index.jsonl.damaged-<time>``. Takes the writer lock,
+        so it is refused while a run writes the store.
+
+        Raises:
+            StoreNotFoundError: ``root`` holds no snapshot store.
+            StoreLockedError: A writer holds the store.
+        """
+        fs = _make_fs(root)
+        if not fs.isdir() or not (fs.exists(INDEX_FILE) or fs.isdir(SNAPSHOT_DIR)):
+            raise StoreNotFoundError(f"no snapshot store to repair at {fs.display()}")
+        lock = WriterLock(fs, what="snapshot store", purpose="SnapshotStore.repair",
+                          advice="Repair it once that run has ended.")
+        lock.acquire()
+        try:
+            return cls._repair(fs)
+        finally:
+            lock.release()
+
+    @staticmethod
+    def _repair(fs: _LocalFS | _FsspecFS) -> RepairReport:
+        data = fs.read(INDEX_FILE) if fs.exists(INDEX_FILE) else b""
+        parsed = _parse_index(data)
+        by_file: dict[str, dict[str, Any]] = {}
+        for _, rec in parsed.records:
+            if rec["kind"] == "snapshot":
+                by_file[rec["file"]] = rec
+        kept: list[int] = []
+        recovered: list[int] = []
+        excluded: list[Problem] = []
+        records: dict[int, dict[str, Any]] = {}
+        for step, rec in sorted(parsed.entries.items()):
+            try:
+                blob = fs.read(rec["file"])
+            except FileNotFoundError:
+                excluded.append(Problem(rec["file"], f"missing (step {step})"))
+                continue
+            if rec.get("bytes") is not None and len(blob) != rec["bytes"]:
+                excluded.append(Problem(rec["file"], f"truncated or altered: {len(blob)} bytes, {rec['bytes']} recorded"))
+                continue
+            if rec.get("sha256") is not None and _sha256(blob) != rec["sha256"]:
+                excluded.append(Problem(rec["file"], "fails its sha256 checksum"))
+                continue
+            kept.append(step)
+            records[step] = rec
+        listed = {rec["file"] for rec in parsed.entries.values()}
+        for name in fs.listdir(SNAPSHOT_DIR):
+            m = _NAME_RE.match(name)
+            rel = f"{SNAPSHOT_DIR}/{name}"
+            if not m or rel in listed or not parsed.bad_lines:
+                continue  # without garbled lines, an unlisted file is an orphan or superseded: it stays out
+            blob = fs.read(rel)
+            old = by_file.get(rel)
+            if old is not None and old.get("sha256") == _sha256(blob):
+                continue  # the very file a readable record superseded (truncate/drop)
+            step = int(m.group(1))
+            try:
+                _from_safetensors_bytes(blob, fs.display(rel))
+                header = json.loads(blob[8 : 8 + int.from_bytes(blob[:8], "little")])
+                if (header.get("__metadata__") or {}).get("step") not in (None, str(step)):
+                    raise CorruptSnapshotError(f"{fs.display(rel)} holds another step than its name says")
+            except (CorruptSnapshotError, ValueError) as exc:
+                excluded.append(Problem(rel, f"not listed and not a readable snapshot ({exc})"))
+                continue
+            records[step] = {"kind": "snapshot", "step": step, "file": rel, "bytes": len(blob),
+                             "sha256": _sha256(blob), "epoch": None, "samples_seen": None, "train_loss": None,
+                             "wall_time": None, "recovered": True}
+            recovered.append(step)
+        backup = None
+        changed = bool(parsed.bad_lines or excluded or recovered)
+        if changed:
+            stamp = _dt.datetime.now(tz=_dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
+            backup_rel = f"{INDEX_FILE}.damaged-{stamp}-{uuid.uuid4().hex[:4]}"
+            fs.write_atomic(backup_rel, data)
+            backup = fs.display(backup_rel)
+            text = "".join(json.dumps(records[s], separators=(",", ":")) + "\n" for s in sorted(records))
+            fs.write_atomic(INDEX_FILE, text.encode())
+        return RepairReport(fs.display(), tuple(kept), tuple(sorted(recovered)), tuple(excluded), backup,
+                            tuple(parsed.bad_lines))
+
     # ---- verification -----------------------------------------------------------------------
 
     def verify(self) -> VerifyReport:
@@ -774,6 +1293,7 @@ class SnapshotStore:
                 self.run_info()
             except CorruptSnapshotError as exc:
                 problems.append(Problem(RUN_FILE, str(exc)))
+        problems.extend(self._damaged)
         for step in self._steps:
             rec = self._entries[step]
             checked += 1
@@ -800,6 +1320,9 @@ class SnapshotStore:
     def _check_writable(self) -> None:
         if self._readonly:
             raise StoreError(f"{self.root} is open read-only; open it with SnapshotStore(path, mode='a') to write")
+        if self._closed:
+            raise StoreError(f"{self.root}: this writer was closed (its lock released); open the store again "
+                             f"with SnapshotStore(path, mode='a') to write")
         if not self._recovered:
             self._recover()
 
