@@ -23,6 +23,7 @@ scores about one half on such sequences.)
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,10 +34,11 @@ from torch import Tensor, nn
 from devinterp.analyses.attention_capture import attention_not_found, capture_attention
 from devinterp.analyses.head_params import head_params, head_params_from_projections
 from devinterp.data import repeated_tokens
-from devinterp.errors import InvalidInputError
+from devinterp.errors import DevinterpWarning, InvalidInputError
 
 __all__ = [
     "HeadScores",
+    "check_scoring_inputs",
     "induction_scores",
     "icl_score",
     "head_params",
@@ -150,6 +152,84 @@ def _check_common(vocab_size: int, seq_len: int, num_sequences: int, batch_size:
         raise InvalidInputError(f"batch_size must be a positive integer or None, got {batch_size!r}")
 
 
+def _model_limits(model: nn.Module) -> tuple[int | None, int | None]:
+    """``(vocabulary, context length)`` of a token model where it says so, else None each."""
+    vocab = ctx = None
+    get = getattr(model, "get_input_embeddings", None)
+    if callable(get):
+        try:
+            emb = get()
+            vocab = int(emb.num_embeddings) if isinstance(emb, nn.Embedding) else None
+        except (NotImplementedError, AttributeError, TypeError):
+            vocab = None
+    if vocab is None:
+        for name in ("embed", "wte", "tok_emb", "token_embedding", "embed_tokens", "tok_embeddings"):
+            emb = getattr(model, name, None)
+            if isinstance(emb, nn.Embedding):
+                vocab = int(emb.num_embeddings)
+                break
+    for holder in (getattr(model, "config", None), getattr(model, "cfg", None), model):
+        if holder is None:
+            continue
+        for key in ("n_positions", "max_position_embeddings", "n_ctx"):
+            value = getattr(holder, key, None)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0 and ctx is None:
+                ctx = value
+        value = getattr(holder, "vocab_size", getattr(holder, "d_vocab", None))
+        if vocab is None and isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            vocab = value
+    return vocab, ctx
+
+
+def check_scoring_inputs(model: nn.Module, *, vocab_size: int, seq_len: int, bos_token: int | None = None,
+                         device: str | torch.device | None = None) -> None:
+    """Check that ``model`` can be scored on repeated random tokens of this vocabulary and length.
+
+    Called by :func:`induction_scores` first, and by ``CircuitCallback`` / ``devinterp analyze``
+    before any work starts.
+
+    Raises:
+        InvalidInputError: ``vocab_size`` exceeds the model's embedding, ``seq_len`` its context,
+            or the model does not take token ids at all (e.g. an MLP).
+
+    Warns:
+        DevinterpWarning: ``vocab_size`` has fewer tokens than a repeat is long, so tokens recur
+            within a repeat and the induction scores are biased down.
+    """
+    if not isinstance(model, nn.Module):
+        raise InvalidInputError(f"model must be a torch.nn.Module mapping token ids to logits, got "
+                                f"{type(model).__name__}")
+    has_bos = bos_token is not None
+    half = (seq_len - has_bos) // 2
+    if 0 < vocab_size - has_bos < half:
+        warnings.warn(
+            f"vocab_size={vocab_size} gives fewer distinct tokens than a repeat is long ({half} for "
+            f"seq_len={seq_len}): tokens recur within a repeat, which biases the induction scores down; "
+            f"use seq_len <= {2 * (vocab_size - has_bos) + has_bos}",
+            DevinterpWarning, stacklevel=3)
+    vocab, ctx = _model_limits(model)
+    if vocab is not None and vocab_size > vocab:
+        raise InvalidInputError(
+            f"vocab_size={vocab_size} is larger than the model's vocabulary ({vocab} token embeddings): "
+            f"pass vocab_size <= {vocab}")
+    if ctx is not None and seq_len > ctx:
+        raise InvalidInputError(
+            f"seq_len={seq_len} is longer than the model's context ({ctx} positions): pass seq_len <= {ctx}")
+    if vocab is None:  # nothing says it takes tokens: one short probe forward, with a clear error
+        probe = torch.zeros(1, min(seq_len, 2), dtype=torch.long, device=_device_of(model, device))
+        try:
+            with _EvalMode(model):
+                model(probe)
+        except InvalidInputError:
+            raise
+        except (IndexError, RuntimeError, TypeError, ValueError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise InvalidInputError(
+                f"{type(model).__name__} cannot be run on token ids (batch, T) ({type(exc).__name__}: "
+                f"{first}): circuit scores need a model mapping token ids to logits through attention "
+                f"heads, not e.g. an MLP on float features") from exc
+
+
 def _pattern_sums(pattern: Tensor, offset: int, half: int) -> tuple[Tensor, Tensor, Tensor]:
     """Per-head sums over batch and rows of the induction, duplicate and previous-token entries."""
     ind = torch.diagonal(pattern, offset=-(half - 1), dim1=-2, dim2=-1)[..., offset + 1:]
@@ -201,6 +281,7 @@ def induction_scores(
         InvalidInputError: Bad arguments, or the model output is not logits.
     """
     _check_common(vocab_size, seq_len, num_sequences, batch_size)
+    check_scoring_inputs(model, vocab_size=vocab_size, seq_len=seq_len, bos_token=bos_token, device=device)
     if copying_sequences is not None and (not isinstance(copying_sequences, int) or copying_sequences <= 0):
         raise InvalidInputError(f"copying_sequences must be a positive integer or None, got {copying_sequences!r}")
     n_copy = num_sequences if copying_sequences is None else min(num_sequences, copying_sequences)

@@ -254,6 +254,10 @@ def estimate_llc(model: nn.Module | SamplingTarget, data: Any = None, loss_fn: L
     auto = isinstance(step_size, str)
     if auto and step_size != "auto":
         raise InvalidInputError(f"step_size must be a number or 'auto', got {step_size!r}")
+    if not auto and (isinstance(step_size, bool) or not isinstance(step_size, (int, float, np.number))
+                     or not math.isfinite(step_size) or step_size <= 0):
+        raise InvalidInputError(f"step_size must be a finite number > 0 (or 'auto'), got {step_size!r}: "
+                                f"with step_size=0 the chain never moves and the LLC reads 0")
     if calibration is not None:
         from devinterp.analyses.calibration import Calibration
 

@@ -16,7 +16,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
-from devinterp.callbacks._trainer import total_steps
+from devinterp.callbacks._gate import StepGate
 from devinterp.errors import InvalidInputError, ScheduleError
 from devinterp.schedules import Schedule, log_spaced
 from devinterp.store import BackgroundSaver, SnapshotStore, detached_copy
@@ -77,9 +77,7 @@ class SnapshotCallback(Callback):
         self._saver: BackgroundSaver | None = None
         self._resolved_dirpath: str | None = None
         self._restored_dirpath: str | None = None
-        self._due: frozenset[int] | None = None
-        self._resolved: Schedule | None = None
-        self._last_step = -1
+        self._gate = StepGate(schedule, owner="SnapshotCallback", initial=self.save_initial)
         self._samples_seen: int | None = 0
         self._restored = False
 
@@ -96,11 +94,7 @@ class SnapshotCallback(Callback):
         return self._resolved_dirpath
 
     def is_due(self, step: int) -> bool:
-        if self._due is not None:
-            return step in self._due
-        if self._resolved is None:
-            raise ScheduleError("the snapshot schedule is resolved at fit start; no fit has started")
-        return self._resolved.is_due(step)
+        return self._gate.is_due(step)
 
     # ---- Lightning hooks ------------------------------------------------------------------
 
@@ -113,14 +107,10 @@ class SnapshotCallback(Callback):
         else:
             dirpath = os.path.join(trainer.log_dir or trainer.default_root_dir, "snapshots")  # all ranks
         self._resolved_dirpath = dirpath
-        total = total_steps(trainer)
-        try:
-            self._resolved = self.schedule.resolve(total)
-        except ScheduleError as exc:
-            raise ScheduleError(f"SnapshotCallback: {exc}") from exc
-        self._due = frozenset(self._resolved.steps(total)) if total is not None else None
+        act_now = self._gate.start(trainer)  # resolves the schedule; 0, a resumed due step, or None
+        resolved, total = self._gate.resolved, self._gate.total
+        due = self._gate.planned_steps() if total is not None else None
         step = trainer.global_step
-        self._last_step = step
         if step == 0:
             self._samples_seen = 0
         elif not self._restored:  # resumed from a checkpoint written without this callback
@@ -134,19 +124,19 @@ class SnapshotCallback(Callback):
                 datamodule_class=type(dm) if dm is not None else None,
                 datamodule_hparams=dict(dm.hparams) if dm is not None else None,
                 extra={
-                    "snapshot_schedule": repr(self._resolved),
+                    "snapshot_schedule": repr(resolved),
                     "total_steps": total,
-                    "planned_snapshots": len(self._due) if self._due is not None else None,
+                    "planned_snapshots": len(due) if due is not None else None,
                     "world_size": trainer.world_size,
                 },
             )
             self.store.truncate_after(step)  # a resumed (or re-run) fit replaces what came later
             if self.background:
                 self._saver = BackgroundSaver(self.store, max_pending_bytes=self.max_pending_bytes)
-        if (step == 0 and self.save_initial) or (step > 0 and self.is_due(step)):
-            # Step S of a resumed run is rewritten with the checkpoint's (identical) weights, so it
-            # exists even if the interrupted run died between the checkpoint and its snapshot.
-            self._snapshot(trainer, pl_module, step, outputs=None)
+        if act_now is not None:
+            # Step S of a resumed run is written when the checkpoint does not record it as done
+            # (the interrupted run died between the checkpoint and its snapshot).
+            self._snapshot(trainer, pl_module, act_now, outputs=None)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:
@@ -154,10 +144,7 @@ class SnapshotCallback(Callback):
             n = _leading_size(batch)
             self._samples_seen = None if n is None else self._samples_seen + n * trainer.world_size
         step = trainer.global_step
-        if step == self._last_step:  # accumulating gradients: no optimizer step yet
-            return
-        self._last_step = step
-        if self.is_due(step):
+        if self._gate.reached(step):  # a new optimizer step that is due (accumulation handled)
             self._snapshot(trainer, pl_module, step, outputs)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -181,10 +168,12 @@ class SnapshotCallback(Callback):
             "dirpath": self._resolved_dirpath,
             "samples_seen": self._samples_seen,
             "schedule": repr(self.schedule),
+            **self._gate.state_dict(),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._restored = True
+        self._gate.load_state_dict(state_dict)
         self._restored_dirpath = state_dict.get("dirpath")
         self._samples_seen = state_dict.get("samples_seen")
 
@@ -207,9 +196,15 @@ class SnapshotCallback(Callback):
             self.store.save(step, state, meta)
 
     def _close(self) -> None:
+        """Commit what is pending, then release the store's writer lock (run end, error, teardown)."""
         saver, self._saver = self._saver, None
-        if saver is not None:
-            saver.close()
+        try:
+            if saver is not None:
+                saver.close()
+        finally:
+            store = self.store
+            if store is not None:
+                store.close()
 
 
 def full_state_dict(trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Tensor]:
