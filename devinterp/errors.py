@@ -113,6 +113,20 @@ class DamagedItemsError(DevinterpError):
         self.damaged = tuple(damaged)
 
 
+def exit_status(exc: BaseException) -> int:
+    """The command-line exit status of an error: 1 for problems found in the data (damaged or
+    missing files, a live writer, failed items), 2 for usage errors (bad options, paths, factories)."""
+    if isinstance(exc, StoreNotFoundError):
+        return 2
+    if isinstance(exc, (StoreError, DamagedItemsError, ResultsError, ChainDivergedError)):
+        return 1
+    if isinstance(exc, DevinterpError):
+        return int(getattr(exc, "exit_status", 2))
+    if isinstance(exc, OSError):
+        return 1
+    return 2
+
+
 # --- warnings -------------------------------------------------------------------------------
 class DevinterpWarning(UserWarning):
     """Base class of the warnings devinterp emits (filter them with ``warnings.filterwarnings``)."""

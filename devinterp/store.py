@@ -913,6 +913,11 @@ class SnapshotStore:
         fs = _make_fs(path)
         if not fs.exists():
             raise StoreNotFoundError(f"no snapshot store at {fs.display()}: the path does not exist")
+        if not fs.isdir():
+            raise StoreNotFoundError(
+                f"{fs.display()} is a file, not a folder: give the snapshot store's folder (the one holding "
+                f"{INDEX_FILE}) or the folder holding the .ckpt files"
+            )
         if fs.exists(INDEX_FILE) or fs.exists(RUN_FILE):
             return cls(path, mode="r")
         if any(n.endswith(".ckpt") for n in fs.listdir()):
@@ -940,6 +945,8 @@ class SnapshotStore:
         fs = _make_fs(dirpath)
         if not fs.exists():
             raise StoreNotFoundError(f"no checkpoint folder at {fs.display()}: the path does not exist")
+        if not fs.isdir():
+            raise StoreNotFoundError(f"{fs.display()} is a file, not a folder: give the folder holding the .ckpt files")
         names = [n for n in fs.listdir() if n.endswith(".ckpt")]
         if not names:
             raise StoreNotFoundError(f"{fs.display()} holds no Lightning .ckpt files")

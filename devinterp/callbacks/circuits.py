@@ -15,9 +15,9 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
-from devinterp.analyses.circuits import icl_score, induction_scores
+from devinterp.analyses.circuits import check_scoring_inputs, icl_score, induction_scores
+from devinterp.callbacks._gate import StepGate
 from devinterp.callbacks._logging import log_scalars
-from devinterp.callbacks._trainer import resolve_schedule
 from devinterp.errors import InvalidInputError
 from devinterp.schedules import Schedule, log_spaced
 
@@ -78,28 +78,30 @@ class CircuitCallback(pl.Callback):
         self.icl, self.icl_tokens = icl, icl_tokens
         self.icl_early, self.icl_late = icl_early, icl_late
         self.model_attr = model_attr
-        self._resolved: Schedule | None = None
-        self._last_step: int | None = None
+        self._gate = StepGate(self.schedule, owner="CircuitCallback")
 
     # -- Lightning hooks ----------------------------------------------------------------------
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # before any callback acts (e.g. the first snapshot): the options must fit the model
+        check_scoring_inputs(self._model(pl_module), vocab_size=self.vocab_size, seq_len=self.seq_len,
+                             bos_token=self.bos_token)
+
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # on_train_start, not on_fit_start: by now a resumed run's global_step is restored,
-        # so a resume does not score step 0 again
-        self._resolved = resolve_schedule(self.schedule, trainer)
-        if trainer.global_step == 0 and self._last_step is None:
-            self._score(trainer, pl_module, 0)
+        # the shared gate: step 0 of a fresh run, or a resumed due step not yet done
+        step = self._gate.start(trainer)
+        if step is not None:
+            self._score(trainer, pl_module, step)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:
-        step = trainer.global_step
-        if step != self._last_step and self._resolved is not None and self._resolved.is_due(step):
-            self._score(trainer, pl_module, step)
+        if self._gate.reached(trainer.global_step):
+            self._score(trainer, pl_module, trainer.global_step)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"last_step": self._last_step}
+        return self._gate.state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._last_step = state_dict.get("last_step")
+        self._gate.load_state_dict(state_dict)
 
     # -- the adapter --------------------------------------------------------------------------
     def _model(self, pl_module: pl.LightningModule) -> nn.Module:
@@ -129,4 +131,3 @@ class CircuitCallback(pl.Callback):
                     device=pl_module.device,
                 )
         log_scalars(trainer, values, step)
-        self._last_step = step

@@ -26,10 +26,10 @@ import torch
 from torch import nn
 
 from devinterp.analyses.llc import LLCResult, estimate_llc
+from devinterp.callbacks._gate import StepGate
 from devinterp.callbacks._logging import log_scalars, log_text
-from devinterp.callbacks._trainer import resolve_schedule, total_steps
 from devinterp.errors import ChainDivergedError, InvalidInputError, ScheduleError
-from devinterp.schedules import Schedule, at, log_spaced
+from devinterp.schedules import Schedule, log_spaced
 from devinterp.tensorboard import llc_band
 
 __all__ = ["LLCCallback", "calibration_available"]
@@ -191,27 +191,25 @@ class LLCCallback(pl.Callback):
         self._deferred: list[tuple[int, dict[str, torch.Tensor]]] = []
         self.estimate_kwargs = {"seed": 0, **estimate_kwargs}
         self.results: list[tuple[int, LLCResult]] = []
-        self._resolved: Schedule | None = None
-        self._last_step: int | None = None
+        self._gate = StepGate(self.schedule, owner="LLCCallback")
 
     # -- Lightning hooks ----------------------------------------------------------------------
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # on_train_start, not on_fit_start: by now a resumed run's global_step is restored
-        self._resolved = resolve_schedule(self.schedule, trainer) | at([0])
+        # the shared gate: step 0 of a fresh run, or a resumed due step not yet done
+        step = self._gate.start(trainer)
         # the number of estimates this run plans: the hint for estimate_llc(compile="auto"),
         # counted over the whole schedule (not what is left) so a resumed run decides the same
         try:
-            self._planned = max(1, len(self._resolved.steps(total_steps(trainer))))
+            self._planned = max(1, len(self._gate.planned_steps()))
         except ScheduleError:  # an open-ended schedule (e.g. every(n) with no known total): no hint
             self._planned = 1
-        if trainer.global_step == 0 and self._last_step is None:
-            self._estimate(trainer, pl_module, 0)
+        if step is not None:
+            self._estimate(trainer, pl_module, step)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:
-        step = trainer.global_step
-        if step != self._last_step and self._resolved is not None and self._resolved.is_due(step):
-            self._estimate(trainer, pl_module, step)
+        if self._gate.reached(trainer.global_step):
+            self._estimate(trainer, pl_module, trainer.global_step)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # training ended before calibrate_at: calibrate on the final weights, flush what was deferred
@@ -224,7 +222,7 @@ class LLCCallback(pl.Callback):
     def state_dict(self) -> dict[str, Any]:
         cal = self.calibration
         return {
-            "last_step": self._last_step,
+            **self._gate.state_dict(),
             "calibration": None if cal is None else cal.to_dict(),
             "calibrate": self._calibrate,
             "calibrated_at": self.calibrated_at,
@@ -233,7 +231,7 @@ class LLCCallback(pl.Callback):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._last_step = state_dict.get("last_step")
+        self._gate.load_state_dict(state_dict)
         self.calibrated_at = state_dict.get("calibrated_at")
         self._deferred = [(int(step), dict(weights)) for step, weights in state_dict.get("deferred", [])]
         saved = state_dict.get("calibration")
@@ -293,16 +291,13 @@ class LLCCallback(pl.Callback):
         if self._deferring(step):
             weights = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
             self._deferred.append((step, weights))
-            self._last_step = step
             return
         replica = self._copy(model, self.eval_mode)
         if self._calibrate and self.calibration is None:
             if not self._guarded(trainer, replica, step, calibrate_only=True):
-                self._last_step = step
                 return
             self._flush_deferred(trainer, pl_module)
         self._guarded(trainer, replica, step)
-        self._last_step = step
 
     def _flush_deferred(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Estimate the deferred weights with the calibration, in step order, at their own steps."""

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from devinterp.errors import PlanError
+from devinterp.cli._common import check_accelerator, check_folder_arg
+from devinterp.errors import PlanError, UsageError
 
 _EPILOG = """\
 --steps SPEC (comma-separated union): all | N | A:B | A: | :B | every:K | first:K | last:K | log:K
@@ -116,8 +117,11 @@ def build_job(args: argparse.Namespace):
     for spec in args.analysis:
         factory = import_object(spec, what="--analysis")
         analyses.append(call_with_hparams(factory, {}, what=f"--analysis {spec}") if callable(factory) else factory)
-    metrics = tuple(m.strip() for m in args.transition_metrics.split(",") if m.strip()) \
-        if args.transition_metrics else None
+    metrics = None
+    if args.transition_metrics is not None:
+        metrics = tuple(m.strip() for m in args.transition_metrics.split(",") if m.strip())
+        if not metrics:
+            raise UsageError("--transition-metrics is empty: give tags such as llc/mean,induction/max")
     return Job(path=args.path, analyses=tuple(analyses), steps=args.steps, out_dir=args.out, logdir=args.logdir,
                model=args.model, data=args.data, loss=args.loss, seed=args.seed, force=args.force,
                transitions=do_transitions, transition_metrics=metrics, progress=not args.no_progress,
@@ -138,9 +142,24 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Everything about the command line that can be checked before any work starts."""
+    if args.steps is not None and not args.steps.strip(" ,"):
+        raise UsageError("--steps is empty: give a spec such as all, log:30 or 0,100:500 (or leave it out)")
+    check_folder_arg(args.out, "--out")
+    check_folder_arg(args.logdir, "--logdir")
+    if args.num_nodes < 1:
+        raise UsageError(f"--num-nodes must be >= 1, got {args.num_nodes}")
+    devices = _devices(args.devices)
+    if isinstance(devices, int) and devices < 1:
+        raise UsageError(f"--devices must be a positive integer or 'auto', got {args.devices!r}")
+    check_accelerator(args.accelerator, devices)
+
+
 def run(args: argparse.Namespace) -> int:
     from devinterp.posthoc.distributed import launch
 
+    check_args(args)
     job = build_job(args)
     summary = launch(job, devices=_devices(args.devices), num_nodes=args.num_nodes,
                      accelerator=args.accelerator, strategy="ddp", log=_log)
@@ -156,4 +175,18 @@ def run(args: argparse.Namespace) -> int:
               file=sys.stderr)
     for err in summary.errors[:10]:
         print(f"  failed: {err}", file=sys.stderr)
-    return 1 if summary.failed else 0
+    if len(summary.errors) > 10:
+        print(f"  ... and {len(summary.errors) - 10} more: see the error records in {summary.out_dir}/results.jsonl",
+              file=sys.stderr)
+    damaged = getattr(summary, "damaged", ())
+    for item, message in damaged:
+        print(f"  damaged: {item}: {message}", file=sys.stderr)
+    unknown = getattr(summary, "unknown_metrics", ())
+    if unknown:
+        available = ", ".join(getattr(summary, "available_metrics", ())[:12]) or "none"
+        print(f"analyze: --transition-metrics {','.join(unknown)}: no such curve in the results "
+              f"(available: {available})", file=sys.stderr)
+    if damaged:
+        print(f"analyze: {len(damaged)} damaged item(s) left out; the others were analysed. "
+              f"`devinterp verify {args.path}` lists the problems", file=sys.stderr)
+    return 1 if (summary.failed or damaged or unknown) else 0

@@ -278,7 +278,24 @@ class CircuitAnalysis:
                 f"(looked for {list(_VOCAB_KEYS)} in its hyper-parameters); pass --vocab-size N"
             )
         seq = self.seq_len or hparam_lookup(context.hparams, _SEQ_KEYS) or 64
-        return replace(self, vocab_size=vocab, seq_len=min(seq, 64) if self.seq_len is None else seq)
+        ready = replace(self, vocab_size=vocab, seq_len=min(seq, 64) if self.seq_len is None else seq)
+        # before any snapshot is analysed: the options must fit the model (context, vocabulary)
+        from devinterp.analyses.circuits import check_scoring_inputs
+
+        try:
+            check_scoring_inputs(ready._target(model), vocab_size=ready.vocab_size, seq_len=ready.seq_len,
+                                 bos_token=ready.bos_token, device=context.device)
+        except InvalidInputError as exc:
+            raise InvalidInputError(f"circuit scores: {exc} (--vocab-size / --seq-len)") from exc
+        return ready
+
+    def _target(self, model: nn.Module) -> nn.Module:
+        if not self.model_attr:
+            return model
+        target = getattr(model, self.model_attr, None)
+        if not isinstance(target, nn.Module):
+            raise InvalidInputError(f"model_attr={self.model_attr!r}: {type(model).__name__} has no such submodule")
+        return target
 
     def compute(self, model: nn.Module, snapshot: Any, context: AnalysisContext) -> dict[str, float]:
         from devinterp.analyses import icl_score, induction_scores

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from devinterp.errors import DevinterpError, InvalidInputError
+from devinterp.errors import DevinterpError, InvalidInputError, exit_status
 from devinterp.posthoc.runner import Job, RunSummary, run_job
 
 __all__ = ["FabricComm", "launch"]
@@ -69,11 +69,25 @@ def _work(fabric: Any, job: Job, log: Callable[[str], None] | None, local_proces
         _threads_per_process(local_processes)
     try:
         summary = run_job(job, comm, log=log)
-    except DevinterpError:
-        if comm.global_rank != 0:  # rank zero reports the error; the others leave quietly
-            raise SystemExit(2) from None
+    except (DevinterpError, OSError) as exc:
+        _end_process_group(comm)  # a clean exit, not "terminate called without an active exception"
+        if comm.global_rank != 0:  # rank zero reports the error; the others leave with its status
+            raise SystemExit(exit_status(exc)) from None
         raise
     return summary if comm.global_rank == 0 else None
+
+
+def _end_process_group(comm: FabricComm) -> None:
+    """Leave the process group so that every rank can exit normally after an error."""
+    if comm.world_size <= 1:
+        return
+    try:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    except Exception:  # exiting anyway
+        pass
 
 
 def launch(job: Job, *, devices: int | str = 1, num_nodes: int = 1, accelerator: str = "cpu",

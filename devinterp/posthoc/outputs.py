@@ -40,6 +40,9 @@ DEFAULT_TRANSITION_METRICS = ("llc/mean", "loss/train", "induction/max", "previo
 #: A curve needs at least this many points to be searched for transitions.
 MIN_TRANSITION_POINTS = 8
 
+#: Files a run writes into its results folder besides ``results.jsonl`` (replaced by every run).
+OWN_FILES = ("results.csv", "results.json", "transitions.json")
+
 FLAG_TAG = "transitions/flag"
 TEXT_TAG = "transitions"
 

@@ -28,12 +28,15 @@ from torch import nn
 from devinterp.errors import (
     ChainDivergedError,
     CorruptSnapshotError,
+    DamagedItemsError,
     DevinterpError,
     EmptyStoreError,
     FactoryError,
+    OutputExistsError,
     PlanError,
     StateDictMismatchError,
     StoreNotFoundError,
+    exit_status,
 )
 from devinterp.factories import (
     as_data,
@@ -47,7 +50,7 @@ from devinterp.posthoc import outputs
 from devinterp.posthoc.analyses import AnalysisContext, config_hash, derive_seed
 from devinterp.posthoc.plan import Plan, PlanItem, make_plan, parse_steps
 from devinterp.posthoc.results import RESULTS_FILE, ResultRecord, ResultsFile, curves_from_records
-from devinterp.store import SnapshotStore
+from devinterp.store import SnapshotStore, WriterLock
 
 __all__ = ["Job", "RunSummary", "Comm", "LocalComm", "run_job", "default_out_dir"]
 
@@ -147,8 +150,13 @@ class RunSummary:
         tensorboard_dir: Folder of the TensorBoard events (None if not written).
         transitions: Transitions found over the finished curves.
         world_size: Number of processes.
-        errors: ``"step S analysis: message"`` of the failures.
+        errors: ``"step S analysis: message"`` of the failures (damaged snapshots aside).
         noted: Results of this run that carry warnings (``notes`` in their line).
+        damaged: ``(item, message)`` of each damaged item: a snapshot whose file is missing,
+            truncated or corrupt (``"step S (file)"``; its analyses are saved as failures and
+            retried next run) or a ``.ckpt`` file that cannot be read. The rest is analysed.
+        unknown_metrics: ``transition_metrics`` that name no curve of the results.
+        available_metrics: The curves there are (when some were unknown).
     """
 
     plan: Plan
@@ -161,6 +169,9 @@ class RunSummary:
     world_size: int = 1
     errors: tuple[str, ...] = ()
     noted: int = 0
+    damaged: tuple[tuple[str, str], ...] = ()
+    unknown_metrics: tuple[str, ...] = ()
+    available_metrics: tuple[str, ...] = ()
 
     @property
     def snapshots_per_second(self) -> float:
@@ -319,6 +330,26 @@ def _load(store: SnapshotStore, model: nn.Module, step: int, label: str) -> Any:
         ) from exc
 
 
+def _load_first_sound(store: SnapshotStore, model: nn.Module, steps: Sequence[int], label: str,
+                      damaged: dict[int, str] | None) -> int:
+    """Load the first of ``steps`` whose file is sound; damaged ones go to ``damaged`` (step -> message)."""
+    for step in steps:
+        if damaged is not None and step in damaged:
+            continue
+        try:
+            _load(store, model, step, label)
+            return step
+        except CorruptSnapshotError as exc:
+            if damaged is None:
+                raise
+            damaged[step] = str(exc)
+    raise DamagedItemsError(
+        f"every selected snapshot is damaged ({len(damaged or {})}), e.g. "
+        + "; ".join(list((damaged or {}).values())[:2])
+        + f". `devinterp verify {store.root}` lists the problems",
+        damaged=tuple((f"step {s}", m) for s, m in (damaged or {}).items()))
+
+
 @dataclass
 class _Setup:
     model: nn.Module
@@ -328,12 +359,14 @@ class _Setup:
 
 
 def _build(job: Job, store: SnapshotStore, info: Mapping[str, Any], need_data: bool,
-           device: torch.device, check_step: int | None) -> _Setup:
+           device: torch.device, check_step: int | Sequence[int] | None,
+           damaged: dict[int, str] | None = None) -> _Setup:
     model = _make_model(job, info)
     label = job.model if isinstance(job.model, str) else (info.get("model_class") or "--model")
     model.to(device)
     if check_step is not None:
-        _load(store, model, check_step, str(label))
+        _load_first_sound(store, model, [check_step] if isinstance(check_step, int) else check_step,
+                          str(label), damaged)
     data = loss_fn = None
     if need_data:
         data = _make_data(job, info, model)
@@ -442,16 +475,22 @@ def run_job(job: Job, comm: Comm | None = None, *, log: Callable[[str], None] | 
         KeyboardInterrupt: Interrupted; everything finished before is saved.
     """
     comm = comm or LocalComm()
-    rank, world = comm.global_rank, comm.world_size
+    rank = comm.global_rank
     say = log if (log is not None and rank == 0) else (lambda _msg: None)
 
     # ---- setup on rank zero: everything that can fail on bad input, before any work ----------
     setup_state: dict[str, Any] = {}
     error: BaseException | None = None
+    damaged_steps: dict[int, str] = {}
+    out_lock: WriterLock | None = None
+    store: SnapshotStore | None = None
+    setup: _Setup | None = None
     if rank == 0:
         try:
             store = open_store(job.path)
             out_dir = job.out_dir or default_out_dir(store)
+            check_out_dir(out_dir)
+            out_lock = _lock_out_dir(out_dir)
             info = store.run_info()
             steps = parse_steps(job.steps, store.steps())
             results = ResultsFile(Path(out_dir) / RESULTS_FILE)
@@ -462,11 +501,13 @@ def run_job(job: Job, comm: Comm | None = None, *, log: Callable[[str], None] | 
             need_data = any(getattr(a, "needs_data", False) for a in job.analyses if a.name in pending_names)
             analyses = list(job.analyses)
             if plan.pending:
-                setup = _build(job, store, info, need_data, comm.device, plan.pending[0].step)
-                # prepare (e.g. calibrate) at the last selected snapshot, once, here
-                _load(store, setup.model, plan.pending[-1].step, setup.label)
-                ctx = AnalysisContext(step=plan.pending[-1].step, seed=job.seed,
-                                      step_seed=derive_seed(job.seed, plan.pending[-1].step, "prepare"),
+                # a damaged snapshot is skipped here (and reported at the end), never fatal
+                pending_steps = [item.step for item in plan.pending]
+                setup = _build(job, store, info, need_data, comm.device, pending_steps, damaged_steps)
+                # prepare (e.g. calibrate) at the last sound selected snapshot, once, here
+                last = _load_first_sound(store, setup.model, pending_steps[::-1], setup.label, damaged_steps)
+                ctx = AnalysisContext(step=last, seed=job.seed,
+                                      step_seed=derive_seed(job.seed, last, "prepare"),
                                       device=comm.device, data=setup.data, loss_fn=setup.loss_fn,
                                       hparams=info.get("hparams") or {}, workdir=out_dir)
                 Path(out_dir).mkdir(parents=True, exist_ok=True)
@@ -475,12 +516,25 @@ def run_job(job: Job, comm: Comm | None = None, *, log: Callable[[str], None] | 
             setup_state = dict(out_dir=out_dir, plan=plan, hashes=hashes, analyses=analyses, need_data=need_data)
         except BaseException as exc:  # sent to the other ranks so that nobody waits forever
             error = exc
+            if out_lock is not None:
+                out_lock.release()
     shared = comm.broadcast((setup_state, _picklable_error(error)) if rank == 0 else None, src=0)
     if error is not None:
         raise error
     setup_state, remote_error = shared
     if remote_error is not None:
-        raise _RankZeroFailed(remote_error)
+        raise _RankZeroFailed(*remote_error)
+    try:
+        return _run_rounds(job, comm, store, setup, setup_state, damaged_steps, say)
+    finally:
+        if out_lock is not None:
+            out_lock.release()
+
+
+def _run_rounds(job: Job, comm: Comm, store: SnapshotStore | None, setup: _Setup | None,
+                setup_state: dict[str, Any], damaged_steps: dict[int, str],
+                say: Callable[[str], None]) -> RunSummary:
+    rank, world = comm.global_rank, comm.world_size
     out_dir: str = setup_state["out_dir"]
     plan: Plan = setup_state["plan"]
     hashes: dict[str, str] = setup_state["hashes"]
@@ -489,17 +543,19 @@ def run_job(job: Job, comm: Comm | None = None, *, log: Callable[[str], None] | 
     if rank != 0:
         try:
             store = open_store(job.path)
-            info = store.run_info()
             if plan.pending:
-                setup = _build(job, store, info, setup_state["need_data"], comm.device, None)
+                setup = _build(job, store, store.run_info(), setup_state["need_data"], comm.device, None)
         except Exception as exc:  # e.g. a node that cannot import the model: everyone stops
             local_error = exc
+    assert store is not None
+    info = store.run_info()
     if world > 1:
-        failures = [f"rank {r}: {m}" for r, m in enumerate(comm.all_gather_object(_picklable_error(local_error))) if m]
-        if local_error is not None:
-            raise local_error
-        if failures:
-            raise DevinterpError(f"another process could not start: {'; '.join(failures)}")
+        gathered = comm.all_gather_object(_picklable_error(local_error))
+        failures = [(r, e) for r, e in enumerate(gathered) if e]
+        if failures:  # every rank ends with the same one-line error and exit status
+            first_rank, (name, message, status) = failures[0]
+            raise _RankFailed(f"process {first_rank} of {world} could not start: {name}: {message}",
+                              exit_status=status)
     say(f"{store.root}: {plan.describe()}")
     hparams = info.get("hparams") or {}
 
@@ -531,14 +587,14 @@ def run_job(job: Job, comm: Comm | None = None, *, log: Callable[[str], None] | 
     try:
         for k in range(rounds):
             idx = k * world + rank
-            mine: tuple[list[ResultRecord], str | None] = ([], None)
+            mine: tuple[list[ResultRecord], str | None, int] = ([], None, 0)
             if idx < len(items):
                 recs, msg, local_exc = _compute_item(items[idx], store, setup, analyses, hashes, job,
                                                      out_dir, comm.device, rank, hparams)
-                mine = (recs, msg)
+                mine = (recs, msg, exit_status(local_exc) if local_exc is not None else 0)
             gathered = comm.all_gather_object(mine) if world > 1 else [mine]
-            batch = [rec for recs, _ in gathered for rec in recs]
-            fatal = next((msg for _, msg in gathered if msg), None)
+            batch = [rec for recs, _, _ in gathered for rec in recs]
+            fatal, fatal_status = next(((msg, st) for _, msg, st in gathered if msg), (None, 2))
             if rank == 0:
                 results.append(batch)
                 for rec in batch:
@@ -549,7 +605,10 @@ def run_job(job: Job, comm: Comm | None = None, *, log: Callable[[str], None] | 
                             tb.scalars(rec.step, rec.scalars)
                     else:
                         failed += 1
-                        errors.append(f"step {rec.step} {rec.analysis}: {rec.error}")
+                        if rec.error.startswith(f"{CorruptSnapshotError.__name__}:"):  # a damaged file
+                            damaged_steps.setdefault(rec.step, rec.error.split(": ", 1)[1])
+                        else:
+                            errors.append(f"step {rec.step} {rec.analysis}: {rec.error}")
                 if tb is not None:
                     tb.flush()
                 if bar is not None:
@@ -570,12 +629,16 @@ def run_job(job: Job, comm: Comm | None = None, *, log: Callable[[str], None] | 
     if fatal:
         if tb is not None:
             tb.close()
-        if local_exc is not None:
+        if local_exc is not None and world == 1:
             raise local_exc
-        raise DevinterpError(f"another process stopped: {fatal}. Results finished before this are saved")
+        # every rank ends with the same one-line error and exit status
+        raise _RankFailed(f"{fatal.splitlines()[0]} (results finished before this are saved)",
+                          exit_status=fatal_status)
 
     # ---- rank zero: transitions, tables ------------------------------------------------------
     transitions: list = []
+    unknown: tuple[str, ...] = ()
+    curves: dict = {}
     if rank == 0:
         records = results.read()
         keys = _current_keys(list(hashes.items()), records)
@@ -583,6 +646,7 @@ def run_job(job: Job, comm: Comm | None = None, *, log: Callable[[str], None] | 
         if job.transitions:
             transitions = outputs.run_transitions(curves, job.transition_metrics)
             outputs.write_transitions(out_dir, transitions)
+            unknown = tuple(m for m in job.transition_metrics or () if m not in curves)
         if curves:
             outputs.write_tables(out_dir, outputs.with_band(curves))
         if tb is not None:
@@ -591,14 +655,57 @@ def run_job(job: Job, comm: Comm | None = None, *, log: Callable[[str], None] | 
         say(f"{computed} computed, {failed} failed, {plan.done} already done; results in {out_dir}"
             + (f"; {len(transitions)} transition(s)" if job.transitions else ""))
     comm.barrier()
+    damaged = tuple((f"step {s}", m) for s, m in sorted(damaged_steps.items()))
+    damaged += tuple((p.file, p.message) for p in store.damaged())
+    if rank == 0 and damaged:
+        say(f"{len(damaged)} damaged item(s) left out: " + "; ".join(f"{i}: {m}" for i, m in damaged[:5]))
     return RunSummary(plan=plan, computed=computed, failed=failed, seconds=seconds, out_dir=out_dir,
                       tensorboard_dir=tb_dir, transitions=tuple(transitions), world_size=world,
-                      errors=tuple(errors), noted=noted)
+                      errors=tuple(errors), noted=noted, damaged=damaged, unknown_metrics=unknown,
+                      available_metrics=tuple(sorted(curves)) if unknown else ())
 
 
-class _RankZeroFailed(DevinterpError):
+class _RankFailed(DevinterpError):
+    """The same error on every rank of a distributed run (rank zero reports it; the others exit
+    quietly with the same status)."""
+
+    def __init__(self, message: str, *, exit_status: int = 2):
+        super().__init__(message)
+        self.exit_status = int(exit_status)
+
+
+class _RankZeroFailed(_RankFailed):
     """Raised on ranks > 0 when rank zero's setup failed (rank zero reports the error itself)."""
 
+    def __init__(self, name: str, message: str, status: int):
+        super().__init__(f"{name}: {message}", exit_status=status)
 
-def _picklable_error(exc: BaseException | None) -> str | None:
-    return None if exc is None else f"{type(exc).__name__}: {exc}"
+
+def _picklable_error(exc: BaseException | None) -> tuple[str, str, int] | None:
+    if exc is None:
+        return None
+    return type(exc).__name__, " ".join(str(exc).split("\n")), exit_status(exc)
+
+
+def check_out_dir(out_dir: str) -> None:
+    """The results folder must be a folder, and must not hold tables that ``devinterp analyze`` did not write."""
+    path = Path(out_dir)
+    if path.exists() and not path.is_dir():
+        raise PlanError(f"the results folder {out_dir} is a file, not a folder: pass --out DIR")
+    if path.is_dir() and not (path / RESULTS_FILE).exists():
+        ours = [n for n in outputs.OWN_FILES if (path / n).exists()]
+        if ours:
+            raise OutputExistsError(
+                f"{out_dir} holds {', '.join(ours)}, which `devinterp analyze` did not write there (no "
+                f"{RESULTS_FILE}): it would replace them. Pass another --out DIR")
+
+
+def _lock_out_dir(out_dir: str) -> WriterLock:
+    """One ``devinterp analyze`` at a time per results folder (the store itself is only read)."""
+    from devinterp.store import _make_fs
+
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    lock = WriterLock(_make_fs(out_dir), what="results folder", purpose="devinterp analyze",
+                      advice="Wait for that analysis to end, or pass another --out DIR.")
+    lock.acquire()
+    return lock
