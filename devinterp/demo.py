@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
@@ -41,8 +40,6 @@ __all__ = ["DemoConfig", "DemoResult", "InductionLM", "SyntheticBatches", "demo_
 
 #: Marks a directory as the output of ``devinterp demo`` (so a re-run may replace it).
 MARKER = ".devinterp-demo"
-#: What a demo writes into its output directory (removed before a re-run into the same one).
-_OUTPUTS = ("tensorboard", "snapshots", "summary.png", "summary.json", MARKER)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -233,25 +230,84 @@ class DemoResult:
         return lines
 
 
-def prepare_output(out: str | Path) -> Path:
-    """Create ``out``, or clear a previous demo's outputs there; refuse any other non-empty dir."""
+def _demo_owned(rel: str) -> bool:
+    """Whether ``rel`` (a file path relative to the output directory) is something a demo writes."""
+    parts = rel.split("/")
+    if rel in (MARKER, "summary.png", "summary.json"):
+        return True
+    if parts[0] == "snapshots":  # the demo's snapshot store (its analysis/ folder is the user's)
+        return (len(parts) == 2 and parts[1] in ("index.jsonl", "run.json", "writer.lock")) or (
+            len(parts) == 3 and parts[1] == "snapshots")
+    if parts[0] == "tensorboard" and len(parts) == 2:  # the demo's own events (subfolders are the user's)
+        return parts[1].startswith("events.out.tfevents.") or parts[1] == "hparams.yaml"
+    return False
+
+
+def prepare_output(out: str | Path, *, force: bool = False, echo: Callable[[str], None] | None = None) -> Path:
+    """Create ``out``, or clear a previous demo's own outputs there, keeping everything else.
+
+    A re-run replaces only what a demo writes (its snapshot store, TensorBoard events, summary).
+    Files it did not write (e.g. the results ``devinterp analyze`` saved in ``snapshots/analysis``)
+    make it refuse, unless ``force``: then those inside the demo's folders (which would describe
+    the old weights) are moved to ``out/previous-<time>/`` and any others stay where they are.
+
+    Raises:
+        InvalidInputError: ``out`` is a file.
+        OutputExistsError: ``out`` is not a demo's output, or holds files the demo did not write
+            (without ``force``).
+        StoreLockedError: A demo is writing there right now.
+    """
+    from devinterp.errors import OutputExistsError
+    from devinterp.store import WriterLock, _make_fs
+
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise InvalidInputError(f"--out {out} exists and is not a directory")
+        raise InvalidInputError(f"--out {out} is a file, not a folder: give a folder path")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise InvalidInputError(f"--out {out}: {parent} is a file, not a folder")
+            break
     if out.exists() and any(out.iterdir()):
         if not (out / MARKER).exists():
-            raise InvalidInputError(
-                f"--out {out} is not empty and was not written by `devinterp demo`; choose a new "
-                "or empty directory"
+            raise OutputExistsError(
+                f"--out {out} is not empty and was not written by `devinterp demo`; choose a new or empty --out"
             )
-        for name in _OUTPUTS:
-            p = out / name
-            if p.is_dir():
-                shutil.rmtree(p)
-            elif p.exists():
-                p.unlink()
+        files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file() or p.is_symlink())
+        foreign = [f for f in files if not _demo_owned(f)]
+        if foreign and not force:
+            raise OutputExistsError(
+                f"--out {out} holds {len(foreign)} file(s) that `devinterp demo` did not write (e.g. {foreign[0]}); "
+                f"nothing was changed. Choose another --out, or pass --force to re-run here (those inside the "
+                f"demo's folders are then moved to {out}/previous-<time>/, the others stay)"
+            )
+        store_dir = out / "snapshots"
+        lock = None
+        if store_dir.is_dir():  # a demo writing there right now keeps its folder
+            lock = WriterLock(_make_fs(store_dir), what="snapshot store", purpose="devinterp demo (re-run check)",
+                              advice="Another `devinterp demo` is writing there: wait for it or choose another --out.")
+            lock.acquire()
+        try:
+            moved = [f for f in foreign if f.split("/")[0] in ("snapshots", "tensorboard")]
+            if moved:
+                stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+                keep = out / f"previous-{stamp}"
+                for rel in moved:
+                    dest = keep / rel
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    (out / rel).rename(dest)
+                if echo is not None:
+                    echo(f"devinterp demo: kept {len(moved)} file(s) of the previous run that the demo did not "
+                         f"write (e.g. {moved[0]}) in {keep}")
+            for rel in files:
+                if _demo_owned(rel) and rel != "snapshots/writer.lock":
+                    (out / rel).unlink(missing_ok=True)
+        finally:
+            if lock is not None:
+                lock.release()
     out.mkdir(parents=True, exist_ok=True)
-    (out / MARKER).write_text("written by `devinterp demo`; a re-run replaces this directory's outputs\n")
+    (out / MARKER).write_text("written by `devinterp demo`; a re-run replaces the demo's own outputs here "
+                              "and keeps any other file\n")
     return out
 
 
@@ -296,6 +352,7 @@ def run_demo(
     threads: int | None = 1,
     progress: bool = True,
     echo: Callable[[str], None] = print,
+    force: bool = False,
 ) -> DemoResult:
     """Train the reference transformer with every devinterp callback and write the summary.
 
@@ -311,6 +368,8 @@ def run_demo(
             2-core machine (threads fight over cores for microsecond-sized operations).
         progress: Show Lightning's progress bar.
         echo: Where progress messages go.
+        force: Re-run over a previous demo whose folder holds files the demo did not write
+            (they are kept: see :func:`prepare_output`); without it such a re-run is refused.
 
     Returns:
         A :class:`DemoResult`.
@@ -327,13 +386,13 @@ def run_demo(
         torch.set_num_threads(threads)
     try:
         return _run(out, quick=quick, seed=seed, cfg=cfg,
-                    progress=progress, echo=echo)
+                    progress=progress, echo=echo, force=force)
     finally:
         torch.set_num_threads(previous_threads)
 
 
 def _run(out, *, quick: bool, seed: int, cfg: DemoConfig, progress: bool,
-         echo: Callable[[str], None]) -> DemoResult:
+         echo: Callable[[str], None], force: bool = False) -> DemoResult:
     from lightning.pytorch.loggers import TensorBoardLogger
 
     from devinterp.callbacks import (
@@ -348,7 +407,7 @@ def _run(out, *, quick: bool, seed: int, cfg: DemoConfig, progress: bool,
 
     recipe = cfg.recipe
     t_start = time.perf_counter()
-    out = prepare_output(out)
+    out = prepare_output(out, force=force, echo=echo)
     torch.manual_seed(seed)
 
     train_data = recipe.build_data(seed)

@@ -134,10 +134,10 @@ def test_summary_files_exist_and_agree_with_tensorboard(demo):
 
 def test_rerun_refuses_a_foreign_directory(tmp_path):
     from devinterp.demo import prepare_output
-    from devinterp.errors import InvalidInputError
+    from devinterp.errors import OutputExistsError
 
     (tmp_path / "precious.txt").write_text("keep me")
-    with pytest.raises(InvalidInputError, match="not written by `devinterp demo`"):
+    with pytest.raises(OutputExistsError, match="not written by `devinterp demo`"):
         prepare_output(tmp_path)
     assert (tmp_path / "precious.txt").exists()
     fresh = prepare_output(tmp_path / "new")

@@ -17,7 +17,11 @@ def register(subparsers) -> None:
         ),
     )
     p.add_argument("--out", default="runs/demo", metavar="DIR",
-                   help="output directory (default: runs/demo; a previous demo there is replaced)")
+                   help="output directory (default: runs/demo; a previous demo's own outputs there are replaced, "
+                        "anything else is kept: a re-run over files the demo did not write needs --force)")
+    p.add_argument("--force", action="store_true",
+                   help="re-run over a previous demo whose folder holds other files (e.g. `devinterp analyze` "
+                        "results): those are kept, moved to DIR/previous-<time>/ when inside the demo's folders")
     p.add_argument("--quick", action="store_true", help="a short run (about a minute)")
     p.add_argument("--seed", type=int, default=0, metavar="N", help="random seed (default 0)")
     cal = p.add_mutually_exclusive_group()
@@ -36,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     from devinterp.demo import run_demo
 
     result = run_demo(args.out, quick=args.quick, seed=args.seed, calibrate=args.calibrate,
-                        threads=args.threads,
+                        threads=args.threads, force=args.force,
                         progress=not args.no_progress)
     print()
     print("\n".join(result.summary_lines()))
