@@ -88,3 +88,25 @@ def make_run(root, max_steps: int = 24, every_n: int = 3, ckpt_every: int = 8):
            ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=ckpt_every, save_top_k=-1)]
     trainer(root, max_steps, cbs).fit(TinyModule(), loader())
     return root
+
+
+@dataclass(frozen=True)
+class BadInputAt:
+    """An analysis that hits a usage error (an InvalidInputError) at one step: fatal for the whole run."""
+
+    step: int = 9
+    name: str = "bad_input"
+
+    def config(self):
+        return {"step": self.step}
+
+    def compute(self, model, snapshot, context):
+        from devinterp.errors import InvalidInputError
+
+        if context.step == self.step:
+            raise InvalidInputError(f"option does not fit the model at step {context.step}")
+        return {"bad_input/ok": 1.0}
+
+
+def bad_input_at_9():
+    return BadInputAt(step=int(os.environ.get("POSTHOC_BAD_STEP", "9")))

@@ -38,6 +38,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--png", help="save the λ̂-against-ε plot to this image file")
     p.add_argument("--logdir", help="write the plot and scalars to TensorBoard in this folder")
     p.add_argument("--save", help="write the calibration as JSON to this file (for reuse)")
+    p.add_argument("--force", action="store_true", help="replace existing --png / --save files")
     p.set_defaults(func=run)
 
 
@@ -85,9 +86,14 @@ def _from_store(args: argparse.Namespace) -> tuple[Any, Any, Any, str]:
 
 def run(args: argparse.Namespace) -> int:
     from devinterp.analyses.calibration import calibrate
+    from devinterp.cli._common import check_device, check_file_arg, check_folder_arg
 
     if bool(args.problem) == bool(args.path):
         raise InvalidInputError("give either a snapshot store PATH or --problem (not both)")
+    check_device(args.device)
+    check_folder_arg(args.logdir, "--logdir")
+    check_file_arg(args.png, "--png", force=args.force)
+    check_file_arg(args.save, "--save", force=args.force)
     if args.problem:
         model, data, loss_fn, what = _problem(args.problem, args.n, args.seed)
     else:

@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
                 _fmt(m.get("samples_seen")),
                 _fmt(m.get("train_loss"), ".4g"),
                 f"+{wall - t0:.1f}s" if isinstance(wall, (int, float)) and t0 is not None else "-",
-                str(m.get("file")) + (f"  <- {status[step].upper()}" if status[step] else ""),
+                str(m.get("file")) + (f"  <- {_shout(status[step])}" if status[step] else ""),
             ))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         for r in rows:
@@ -92,6 +92,11 @@ def run(args: argparse.Namespace) -> int:
     for p in damaged:
         print(f"  UNREADABLE {p.file} (left out: {p.message})")
     return _marked(store, bad, damaged)
+
+
+def _shout(status: str) -> str:
+    word, _, rest = status.partition(" ")
+    return f"{word.upper()} {rest}".rstrip()
 
 
 def _marked(store: SnapshotStore, bad: dict, damaged: tuple) -> int:
