@@ -116,6 +116,7 @@ def test_resume_supersedes_interrupted_snapshots(tmp_path):
     junk = SnapshotStore(b_dir, mode="a")
     for step in (9, 10, 12, 21):
         junk.save(step, {k: torch.zeros_like(v) for k, v in ref.state_dict().items()}, {"junk": True})
+    junk.close()  # one writer at a time: the resumed run takes the store over
 
     # C: resume from step 8 in another root dir: the store comes from the checkpoint's state.
     pl.seed_everything(123, verbose=False)
