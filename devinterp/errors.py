@@ -116,7 +116,7 @@ class DamagedItemsError(DevinterpError):
 def exit_status(exc: BaseException) -> int:
     """The command-line exit status of an error: 1 for problems found in the data (damaged or
     missing files, a live writer, failed items), 2 for usage errors (bad options, paths, factories)."""
-    if isinstance(exc, StoreNotFoundError):
+    if isinstance(exc, (StoreNotFoundError, SnapshotNotFoundError)):  # a wrong path or step: usage
         return 2
     if isinstance(exc, (StoreError, DamagedItemsError, ResultsError, ChainDivergedError)):
         return 1

@@ -98,3 +98,24 @@ def test_gate_alone():
     assert gate.planned_steps() == [0, 4, 8]  # every(4) itself holds step 0
     with pytest.raises(ScheduleError, match="must be a devinterp.schedules.Schedule"):
         StepGate("every 5", owner="X")  # type: ignore[arg-type]
+
+
+def test_circuit_options_are_checked_before_the_first_snapshot(tmp_path):
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader
+
+    from devinterp.demo import InductionLM, SyntheticBatches
+    from devinterp.errors import InvalidInputError
+    from devinterp.models import induction_recipe
+
+    recipe = induction_recipe()
+    module = InductionLM(recipe, 0)
+    loader = DataLoader(SyntheticBatches(recipe.build_data(0), 4, 1), batch_size=None)
+    callbacks = [SnapshotCallback(tmp_path / "s", every(1)),  # first: it would write step 0 at train start
+                 CircuitCallback(recipe.vocab_size, every(1), seq_len=2 * recipe.n_ctx, model_attr="model")]
+    trainer = pl.Trainer(max_steps=2, callbacks=callbacks, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+                         default_root_dir=str(tmp_path))
+    with pytest.raises(InvalidInputError, match=f"seq_len={2 * recipe.n_ctx} is longer than the model's context"):
+        trainer.fit(module, loader)
+    assert not (tmp_path / "s" / "index.jsonl").exists()  # no snapshot was written

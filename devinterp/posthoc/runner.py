@@ -547,8 +547,6 @@ def _run_rounds(job: Job, comm: Comm, store: SnapshotStore | None, setup: _Setup
                 setup = _build(job, store, store.run_info(), setup_state["need_data"], comm.device, None)
         except Exception as exc:  # e.g. a node that cannot import the model: everyone stops
             local_error = exc
-    assert store is not None
-    info = store.run_info()
     if world > 1:
         gathered = comm.all_gather_object(_picklable_error(local_error))
         failures = [(r, e) for r, e in enumerate(gathered) if e]
@@ -556,6 +554,10 @@ def _run_rounds(job: Job, comm: Comm, store: SnapshotStore | None, setup: _Setup
             first_rank, (name, message, status) = failures[0]
             raise _RankFailed(f"process {first_rank} of {world} could not start: {name}: {message}",
                               exit_status=status)
+    if local_error is not None:
+        raise local_error
+    assert store is not None
+    info = store.run_info()
     say(f"{store.root}: {plan.describe()}")
     hparams = info.get("hparams") or {}
 
