@@ -277,17 +277,39 @@ class _LocalFS:
             os.fsync(f.fileno())
 
     def create_exclusive(self, rel: str, data: bytes) -> None:
-        """Create ``rel`` holding ``data``; FileExistsError if it exists (atomic: O_CREAT | O_EXCL)."""
-        fd = os.open(self._p(rel), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        """Create ``rel`` holding ``data``; FileExistsError if it exists.
+
+        Atomic and never seen half-written: the data go to a temporary file, which is then
+        hard-linked to ``rel`` (``link`` fails if ``rel`` exists); where hard links are not
+        supported, ``O_CREAT | O_EXCL``.
+        """
+        path = self._p(rel)
+        directory, name = os.path.split(path)
+        tmp = os.path.join(directory, f".{name}{_TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
         try:
-            os.write(fd, data)
-            os.fsync(fd)
+            os.link(tmp, path)
+        except FileExistsError:
+            raise
+        except OSError:  # no hard links here (some network / FAT filesystems)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                os.write(fd, data)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         finally:
-            os.close(fd)
+            os.unlink(tmp)
         self._fsync_dir(rel.rpartition("/")[0])
 
     def remove(self, rel: str) -> None:
         os.unlink(self._p(rel))
+
+    def mtime(self, rel: str) -> float:
+        return os.path.getmtime(self._p(rel))
 
     def take_aside(self, rel: str) -> str | None:
         """Atomically move ``rel`` to a unique name next to it; None if it no longer exists."""
@@ -379,6 +401,10 @@ class _FsspecFS:
 
     def remove(self, rel: str) -> None:
         self.fs.rm_file(self._p(rel))
+
+    def mtime(self, rel: str) -> float:
+        modified = self.fs.modified(self._p(rel))
+        return modified.timestamp()
 
     def take_aside(self, rel: str) -> str | None:
         aside = f"{rel}{_TMP_MARK}{uuid.uuid4().hex[:8]}"
@@ -611,7 +637,7 @@ class RepairReport:
 
 #: The lock file a writer holds in the folder it writes (a store's root, a results folder).
 LOCK_FILE = "writer.lock"
-_HELD: dict[str, str] = {}  # lock file (display path) -> token, for the locks this process holds
+_HELD: dict[str, str] = {}  # "<lock file>#<token>" -> token, for the locks this process holds (or is taking)
 _HELD_GUARD = threading.Lock()
 
 
@@ -718,8 +744,12 @@ class WriterLock:
 
     def _stale(self, holder: LockHolder | None, raw: bytes) -> str | None:
         """Why the lock is stale (a note), or None if its holder may be alive."""
-        if holder is None:
-            return f"unreadable lock file ({len(raw)} bytes) treated as stale"
+        if holder is None:  # never half-written locally; elsewhere give a writer time to finish
+            try:
+                young = time.time() - self._fs.mtime(LOCK_FILE) < 30.0
+            except (OSError, NotImplementedError, AttributeError, TypeError, ValueError):
+                young = False
+            return None if young else f"unreadable lock file ({len(raw)} bytes) treated as stale"
         if holder.host != _hostname():
             return None
         if holder.pid == os.getpid():
@@ -743,14 +773,19 @@ class WriterLock:
                   "command": _command_line(), "token": token}
         data = (json.dumps(record) + "\n").encode()
         for _attempt in range(8):
+            with _HELD_GUARD:  # known as this process's before the file exists (threads racing here)
+                _HELD.setdefault(f"{self.path}#{token}", token)
             try:
                 self._fs.create_exclusive(LOCK_FILE, data)
             except FileExistsError:
-                pass
+                with _HELD_GUARD:
+                    _HELD.pop(f"{self.path}#{token}", None)
+            except BaseException:
+                with _HELD_GUARD:
+                    _HELD.pop(f"{self.path}#{token}", None)
+                raise
             else:
                 self._token = token
-                with _HELD_GUARD:
-                    _HELD[self.path] = token
                 return
             try:
                 raw = self._fs.read(LOCK_FILE)
@@ -792,8 +827,7 @@ class WriterLock:
         if token is None:
             return
         with _HELD_GUARD:
-            if _HELD.get(self.path) == token:
-                del _HELD[self.path]
+            _HELD.pop(f"{self.path}#{token}", None)
         try:
             holder = LockHolder.parse(self._fs.read(LOCK_FILE))
             if holder is not None and holder.token == token:

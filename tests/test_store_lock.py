@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 import uuid
+import warnings
 from pathlib import Path
 
 import pytest
@@ -167,3 +168,31 @@ def test_a_file_is_not_a_store(tmp_path):
         SnapshotStore(path, mode="a")
     with pytest.raises(StoreError, match="is a file, not a"):
         SnapshotStore.open(path)
+
+
+def test_racing_writers_one_wins(tmp_path):
+    """Threads of one process racing for the same store: exactly one gets it, the others are refused."""
+    import threading
+
+    root = tmp_path / "s"
+    SnapshotStore(root, mode="a").close()
+    barrier = threading.Barrier(6)
+    won: list[SnapshotStore] = []
+    refused: list[str] = []
+
+    def contend() -> None:
+        barrier.wait()
+        try:
+            won.append(SnapshotStore(root, mode="a"))
+        except StoreLockedError as exc:
+            refused.append(str(exc))
+
+    threads = [threading.Thread(target=contend) for _ in range(6)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", StaleLockWarning)  # no live lock may be judged stale in a race
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert len(won) == 1 and len(refused) == 5  # a thread that judged a lock stale would count in neither
+    won[0].close()

@@ -694,7 +694,7 @@ def check_out_dir(out_dir: str) -> None:
     path = Path(out_dir)
     if path.exists() and not path.is_dir():
         raise PlanError(f"the results folder {out_dir} is a file, not a folder: pass --out DIR")
-    if path.is_dir() and not (path / RESULTS_FILE).exists():
+    if path.is_dir() and not (path / RESULTS_FILE).exists() and not (path / _OUT_MARKER).exists():
         ours = [n for n in outputs.OWN_FILES if (path / n).exists()]
         if ours:
             raise OutputExistsError(
@@ -710,4 +710,11 @@ def _lock_out_dir(out_dir: str) -> WriterLock:
     lock = WriterLock(_make_fs(out_dir), what="results folder", purpose="devinterp analyze",
                       advice="Wait for that analysis to end, or pass another --out DIR.")
     lock.acquire()
+    marker = Path(out_dir) / _OUT_MARKER
+    if not marker.exists():
+        marker.write_text("results.csv, results.json and transitions.json here are written by `devinterp analyze`\n")
     return lock
+
+
+#: Marks a folder whose tables ``devinterp analyze`` writes (so a later run may rewrite them).
+_OUT_MARKER = ".devinterp-analysis"
