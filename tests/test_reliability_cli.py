@@ -285,6 +285,7 @@ def test_checkpoint_folder_with_one_truncated_ckpt(run_dir, tmp_path, capsys):
 
 # ---- distributed: the same one-line error and exit status on every rank -------------------------
 
+@pytest.mark.slow  # two processes: about 90 s on a loaded 2-core machine
 def test_two_processes_fail_cleanly_with_one_line(run_dir, tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "devinterp", "analyze", str(run_dir / "store"), "--analysis",

@@ -199,14 +199,6 @@ def check_scoring_inputs(model: nn.Module, *, vocab_size: int, seq_len: int, bos
     if not isinstance(model, nn.Module):
         raise InvalidInputError(f"model must be a torch.nn.Module mapping token ids to logits, got "
                                 f"{type(model).__name__}")
-    has_bos = bos_token is not None
-    half = (seq_len - has_bos) // 2
-    if 0 < vocab_size - has_bos < half:
-        warnings.warn(
-            f"vocab_size={vocab_size} gives fewer distinct tokens than a repeat is long ({half} for "
-            f"seq_len={seq_len}): tokens recur within a repeat, which biases the induction scores down; "
-            f"use seq_len <= {2 * (vocab_size - has_bos) + has_bos}",
-            DevinterpWarning, stacklevel=3)
     vocab, ctx = _model_limits(model)
     if vocab is not None and vocab_size > vocab:
         raise InvalidInputError(
@@ -218,7 +210,7 @@ def check_scoring_inputs(model: nn.Module, *, vocab_size: int, seq_len: int, bos
     if vocab is None:  # nothing says it takes tokens: one short probe forward, with a clear error
         probe = torch.zeros(1, min(seq_len, 2), dtype=torch.long, device=_device_of(model, device))
         try:
-            with _EvalMode(model):
+            with _EvalMode(model), torch.no_grad():
                 model(probe)
         except InvalidInputError:
             raise
@@ -228,6 +220,14 @@ def check_scoring_inputs(model: nn.Module, *, vocab_size: int, seq_len: int, bos
                 f"{type(model).__name__} cannot be run on token ids (batch, T) ({type(exc).__name__}: "
                 f"{first}): circuit scores need a model mapping token ids to logits through attention "
                 f"heads, not e.g. an MLP on float features") from exc
+    has_bos = bos_token is not None
+    half = (seq_len - has_bos) // 2
+    if 0 < vocab_size - has_bos < half:
+        warnings.warn(
+            f"vocab_size={vocab_size} gives fewer distinct tokens than a repeat is long ({half} for "
+            f"seq_len={seq_len}): tokens recur within a repeat, which biases the induction scores down; "
+            f"use seq_len <= {2 * (vocab_size - has_bos) + has_bos}",
+            DevinterpWarning, stacklevel=3)
 
 
 def _pattern_sums(pattern: Tensor, offset: int, half: int) -> tuple[Tensor, Tensor, Tensor]:
