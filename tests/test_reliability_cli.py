@@ -313,3 +313,22 @@ def test_circuit_options_checked_before_any_snapshot_is_analysed(tmp_path, capsy
     assert code == 2 and "vocab_size=99 is larger" in _one_error_line(err, "analyze")
     results = root / "analysis" / "results.jsonl"
     assert not results.exists() or results.read_text() == ""  # nothing was computed
+
+
+def test_second_analyze_on_the_same_results_folder_is_refused(run_dir, tmp_path, capsys):
+    import time
+
+    root = run_dir / "store"
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "writer.lock").write_text(json.dumps({"pid": 4321, "host": "node-2", "started": time.time(),
+                                                 "purpose": "devinterp analyze", "token": "t"}))
+    code, _, err = _run(capsys, "analyze", str(root), "--analysis", "_posthoc_helpers:WeightNorm", "--out", str(out),
+                        "--no-progress")
+    line = _one_error_line(err, "analyze")
+    assert code == 1 and "pid 4321 on host node-2" in line and "another --out" in line
+    assert not (out / "results.jsonl").exists()
+    (out / "writer.lock").unlink()
+    assert _run(capsys, "analyze", str(root), "--analysis", "_posthoc_helpers:WeightNorm", "--out", str(out),
+                "--no-progress", "--no-tensorboard")[0] == 0
+    assert not (out / "writer.lock").exists()  # released at the end
