@@ -38,6 +38,7 @@ __all__ = [
     "ov_copying_scores",
     "qk_previous_token_scores",
     "weight_circuit_scalars",
+    "weight_scalars",
     "KINDS",
 ]
 
@@ -227,7 +228,8 @@ def weight_circuit_scalars(model, *, kinds: tuple[str, ...] = KINDS, copying: bo
     """Every weight-space circuit score as TensorBoard scalars.
 
     Tags: ``composition/{kind}/L{l1}H{h1}->L{l2}H{h2}`` for every pair with ``l1 < l2`` and
-    ``composition/{kind}/max``; ``ov_copying/L{l}H{h}`` (when the embedding and unembedding are
+    ``composition/{kind}/max`` and ``composition/{kind}/baseline`` (:func:`composition_baseline`,
+    64 samples, seed 0); ``ov_copying/L{l}H{h}`` (when the embedding and unembedding are
     found); ``qk_previous_token/L{l}H{h}`` (learned absolute positions only). For large models
     restrict ``kinds`` (a 12 × 12 model has 9,504 pairs per kind).
     """
@@ -240,6 +242,7 @@ def weight_circuit_scalars(model, *, kinds: tuple[str, ...] = KINDS, copying: bo
             out[f"composition/{kind}/{labels[l1][h1]}->{labels[l2][h2]}"] = float(scores[l1, h1, l2, h2])
         if np.isfinite(scores).any():
             out[f"composition/{kind}/max"] = float(np.nanmax(scores))
+            out[f"composition/{kind}/baseline"] = composition_baseline(hw, kind, num_samples=64, seed=0)
     if copying and hw.W_E is not None and hw.W_U is not None:
         for (layer, h), v in np.ndenumerate(ov_copying_scores(hw)):
             out[f"ov_copying/{labels[layer][h]}"] = float(v)
@@ -247,3 +250,24 @@ def weight_circuit_scalars(model, *, kinds: tuple[str, ...] = KINDS, copying: bo
         for (layer, h), v in np.ndenumerate(qk_previous_token_scores(hw)):
             out[f"qk_previous_token/{labels[layer][h]}"] = float(v)
     return out
+
+
+def weight_scalars(model, weights: bool | str = "auto", kinds: tuple[str, ...] = KINDS) -> dict[str, float]:
+    """:func:`weight_circuit_scalars` of ``model`` or of its first submodule whose heads can be read.
+
+    Args:
+        model: An ``nn.Module`` (e.g. a LightningModule holding the network).
+        weights: ``"auto"``: ``{}`` when no heads can be located; ``True``: then raise; ``False``:
+            always ``{}``.
+        kinds: Composition kinds.
+    """
+    if weights is False:
+        return {}
+    from devinterp.analyses.head_weights import find_supported
+
+    target = find_supported(model)
+    if target is None:
+        if weights == "auto":
+            return {}
+        target = model  # raises the family error
+    return weight_circuit_scalars(target, kinds=kinds)

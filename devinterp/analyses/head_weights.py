@@ -45,7 +45,7 @@ from torch import Tensor, nn
 
 from devinterp.errors import InvalidInputError
 
-__all__ = ["HeadWeights", "head_weights", "head_param_masks", "model_family"]
+__all__ = ["HeadWeights", "head_weights", "head_param_masks", "model_family", "find_supported"]
 
 
 @dataclass(frozen=True)
@@ -494,6 +494,16 @@ def _family(model: nn.Module) -> type[_Family]:
 def model_family(model: nn.Module) -> str:
     """The name of the adapter that reads ``model``'s heads (see the module docstring)."""
     return _family(model).name
+
+
+def find_supported(module: nn.Module) -> nn.Module | None:
+    """``module`` itself if its heads can be read, else its first submodule whose heads can
+    (e.g. the network inside a LightningModule), else None."""
+    for _, m in module.named_modules():
+        for fam in _FAMILIES:
+            if fam is not _MHA and fam.match(m):
+                return m
+    return module if _MHA.match(module) else None
 
 
 def head_weights(model: nn.Module | HeadWeights) -> HeadWeights:
