@@ -17,8 +17,8 @@ _EXPORTS = {
     "head_params_from_projections": "devinterp.analyses.head_params",
     "capture_attention": "devinterp.analyses.attention_capture",
     # weight-space circuits (issue 15)
-    "HeadWeights": "devinterp.analyses.head_weights",
-    "head_weights": "devinterp.analyses.head_weights",
+    "HeadWeights": "devinterp.analyses.head_access",
+    "head_weights": "devinterp.analyses.head_access",
     "composition_scores": "devinterp.analyses.composition",
     "composition_baseline": "devinterp.analyses.composition",
     "ov_copying_scores": "devinterp.analyses.composition",

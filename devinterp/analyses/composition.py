@@ -1,7 +1,7 @@
 """Circuits read from the weights: head composition, OV copying, positional QK circuits.
 
 No data, no forward pass: every score is a function of the per-head weights that
-:func:`devinterp.analyses.head_weights.head_weights` reads (our model, TransformerLens' bridge,
+:func:`devinterp.analyses.head_access.head_weights` reads (our model, TransformerLens' bridge,
 HF GPT-2 / GPT-NeoX / Llama, ``nn.MultiheadAttention`` models), in the row-vector convention of
 Elhage et al. (2021): a head's QK circuit is ``W_QK = W_Q W_Kᵀ``, its OV circuit ``W_OV = W_V W_O``
 (both ``d_model × d_model``).
@@ -17,7 +17,7 @@ Elhage et al. (2021): a head's QK circuit is ``W_QK = W_Q W_Kᵀ``, its OV circu
 - :func:`weight_circuit_scalars`: all of them as TensorBoard scalars (``composition/K/L0H0->L1H1``,
   ``ov_copying/L1H0``, ``qk_previous_token/L0H1``), as ``CircuitCallback(weights=True)`` logs them.
 
-LayerNorm is not folded (see :mod:`devinterp.analyses.head_weights`); biases are left out (as in
+LayerNorm is not folded (see :mod:`devinterp.analyses.head_access`); biases are left out (as in
 TransformerLens' circuits).
 """
 
@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from devinterp.analyses.head_weights import HeadWeights, head_weights
+from devinterp.analyses.head_access import HeadWeights, head_weights
 from devinterp.errors import InvalidInputError
 
 __all__ = [
@@ -103,7 +103,7 @@ def composition_scores(model, kind: str = "K", *, dtype: torch.dtype = torch.flo
     products), never the ``d_model × d_model`` circuits.
 
     Args:
-        model: A supported model (see :mod:`devinterp.analyses.head_weights`) or a ``HeadWeights``.
+        model: A supported model (see :mod:`devinterp.analyses.head_access`) or a ``HeadWeights``.
         kind: ``"Q"``, ``"K"`` or ``"V"``.
         dtype: Precision of the products (float32, as TransformerLens; float64 for more digits).
 
@@ -263,7 +263,7 @@ def weight_scalars(model, weights: bool | str = "auto", kinds: tuple[str, ...] =
     """
     if weights is False:
         return {}
-    from devinterp.analyses.head_weights import find_supported
+    from devinterp.analyses.head_access import find_supported
 
     target = find_supported(model)
     if target is None:

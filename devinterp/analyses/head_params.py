@@ -9,7 +9,7 @@ The result is a dict ``{parameter name: bool mask}`` (``True`` = belongs to the 
   each of the q, k, v blocks), GPT-NeoX / Pythia (fused, head-interleaved ``query_key_value``: the
   head's contiguous ``3 * d_head`` rows), Llama / Mistral (separate projections; grouped-query
   attention selects the shared key/value head): located by
-  :mod:`devinterp.analyses.head_weights`, which also serves the composition / QK / OV analyses.
+  :mod:`devinterp.analyses.head_access`, which also serves the composition / QK / OV analyses.
 - Models built from :class:`torch.nn.MultiheadAttention`: layer ``l`` is the ``l``-th such module in
   registration order (the order ``nn.TransformerEncoder`` also runs them); the head's rows of the
   q/k/v input projection (and biases) and its columns of ``out_proj.weight`` are selected.
@@ -68,7 +68,7 @@ def _mha_masks(prefix: str, module: nn.MultiheadAttention, head: int) -> dict[st
 def head_params(model: nn.Module, layer: int, head: int) -> dict[str, Tensor]:
     """Boolean masks ``{name: mask}`` selecting the weights of head ``head`` of layer ``layer``.
 
-    The heads are located by :func:`devinterp.analyses.head_weights.head_param_masks` (the one
+    The heads are located by :func:`devinterp.analyses.head_access.head_param_masks` (the one
     per-head weight access shared with the composition / QK / OV analyses): a model's own
     ``head_param_masks`` method, TransformerLens' ``TransformerBridge``, HF GPT-2, GPT-NeoX/Pythia,
     Llama/Mistral (grouped-query attention: the query head's rows plus the rows of the key/value
@@ -80,7 +80,7 @@ def head_params(model: nn.Module, layer: int, head: int) -> dict[str, Tensor]:
         InvalidInputError: No such head, or the model's attention weights cannot be located
             automatically (then use :func:`head_params_from_projections`).
     """
-    from devinterp.analyses.head_weights import head_param_masks
+    from devinterp.analyses.head_access import head_param_masks
 
     try:
         return head_param_masks(model, layer, head)

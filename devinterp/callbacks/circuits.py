@@ -49,7 +49,7 @@ class CircuitCallback(pl.Callback):
             (which must then map tokens to logits).
         weights: Also log the weight-space circuits (composition, OV copying, positional QK):
             ``"auto"`` (default) when the heads of the model, or of the first submodule whose heads
-            can be read, are located (:mod:`devinterp.analyses.head_weights`), ``True`` always
+            can be read, are located (:mod:`devinterp.analyses.head_access`), ``True`` always
             (an unsupported model is an error), ``False`` never.
         weight_kinds: Composition kinds logged (``"Q"``, ``"K"``, ``"V"``).
     """
