@@ -398,7 +398,7 @@ class _Bridge(_Family):
         _check_head(layer, head, n_layers, n_heads)
         attn = model.blocks[layer].attn
         params = [p for p in attn.parameters() if p.requires_grad]
-        names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+        names = {id(p): n for n, p in model.named_parameters()}  # the names estimate_llc sees
         gen = torch.Generator().manual_seed(0)
         with torch.enable_grad():
             group = n_heads // int(attn.W_K.shape[0])
