@@ -53,7 +53,8 @@ def ours(hw: HeadWeights) -> None:
 
 def baseline_fn(hw: HeadWeights):
     try:
-        from transformer_lens.utilities import FactoredMatrix, composition_scores as tl_scores
+        from transformer_lens.FactoredMatrix import FactoredMatrix
+        from transformer_lens.utilities import composition_scores as tl_scores
     except ImportError:
         tl_scores = None
 

@@ -188,6 +188,10 @@ def ov_copying_scores(model) -> np.ndarray:
     return score.numpy()
 
 
+#: Positions :func:`qk_previous_token_scores` uses by default (all of ``W_pos`` when it is shorter).
+QK_POSITIONS = 256
+
+
 def qk_previous_token_scores(model, *, seq_len: int | None = None) -> np.ndarray:
     """Attention to the previous position predicted by each head's positional QK circuit.
 
@@ -201,7 +205,8 @@ def qk_previous_token_scores(model, *, seq_len: int | None = None) -> np.ndarray
 
     Args:
         model: A supported model or a ``HeadWeights``.
-        seq_len: Positions used (default all of ``W_pos``).
+        seq_len: Positions used, ``T`` (default the first :data:`QK_POSITIONS` = 256, or all of
+            ``W_pos`` when it is shorter: the cost grows as ``T²``).
 
     Returns:
         ``np.ndarray`` ``(layers, heads)``.
@@ -209,18 +214,23 @@ def qk_previous_token_scores(model, *, seq_len: int | None = None) -> np.ndarray
     hw = head_weights(model)
     if hw.W_pos is None:
         return np.full((hw.n_layers, hw.n_heads), np.nan)
-    T = hw.W_pos.shape[0] if seq_len is None else int(seq_len)
-    if not 2 <= T <= hw.W_pos.shape[0]:
-        raise InvalidInputError(f"seq_len must be in [2, {hw.W_pos.shape[0]}], got {seq_len!r}")
+    n = hw.W_pos.shape[0]
+    T = min(n, QK_POSITIONS) if seq_len is None else seq_len
+    if isinstance(T, bool) or not isinstance(T, int) or not 2 <= T <= n:
+        raise InvalidInputError(f"seq_len must be an integer in [2, {n}], got {seq_len!r}")
+    out = np.empty((hw.n_layers, hw.n_heads))
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
     with torch.no_grad():
-        P = hw.W_pos[:T].double()
-        q = P @ hw.W_Q.double()                                 # (L, H, T, dh)
-        k = P @ hw.W_K.double()
-        logits = q @ k.transpose(-1, -2) / math.sqrt(hw.d_head)  # (L, H, T, T)
-        causal = torch.ones(T, T, dtype=torch.bool).tril()
-        pattern = logits.masked_fill(~causal, -math.inf).softmax(-1)
-        prev = torch.diagonal(pattern, offset=-1, dim1=-2, dim2=-1)  # (L, H, T-1)
-    return prev.mean(-1).numpy()
+        P = hw.W_pos[:T]
+        for layer in range(hw.n_layers):  # one layer at a time: (heads, T, T) in memory
+            q = P @ hw.W_Q[layer]                                     # (H, T, dh)
+            k = P @ hw.W_K[layer]
+            logits = (q @ k.transpose(-1, -2)).double() / math.sqrt(hw.d_head)
+            logits = logits.masked_fill(~causal, -math.inf)
+            prev = torch.diagonal(logits, offset=-1, dim1=-2, dim2=-1)    # (H, T-1)
+            lse = torch.logsumexp(logits[:, 1:], dim=-1)                 # rows 1..T-1
+            out[layer] = (prev - lse).exp().mean(-1).numpy()
+    return out
 
 
 def weight_circuit_scalars(model, *, kinds: tuple[str, ...] = KINDS, copying: bool = True,
