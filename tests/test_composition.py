@@ -289,3 +289,82 @@ def test_lightning_style_wrappers_and_errors():
     hw = _random_weights(2, 2, 8, 4, seed=0)
     with pytest.raises(InvalidInputError, match="unembedding"):
         ov_copying_scores(hw)
+
+
+# ----------------------------------------------------------------------------------------------
+# tracked over training: callback, post-hoc analysis, report
+# ----------------------------------------------------------------------------------------------
+def test_callback_and_posthoc_log_the_weight_circuits(tmp_path):
+    import lightning.pytorch as pl
+    import torch.nn.functional as F
+    from torch.utils.data import DataLoader
+
+    from devinterp.callbacks._logging import metric_history
+    from devinterp.callbacks.circuits import CircuitCallback
+    from devinterp.data import InductionData
+    from devinterp.posthoc.analyses import AnalysisContext, CircuitAnalysis
+    from devinterp.schedules import every
+
+    class Lit(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = AttentionOnlyTransformer(16, 2, 2, 16, 16, seed=0)
+
+        def forward(self, tokens):
+            return self.net(tokens)
+
+        def training_step(self, batch, batch_idx):
+            logits = self(batch[:, :-1])
+            return F.cross_entropy(logits.reshape(-1, 16), batch[:, 1:].reshape(-1))
+
+        def configure_optimizers(self):
+            return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+    module = Lit()
+    cb = CircuitCallback(16, every(3), seq_len=16, num_sequences=2, icl=False)  # the LightningModule itself
+    trainer = pl.Trainer(max_steps=3, callbacks=[cb], logger=pl.loggers.CSVLogger(tmp_path),
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         default_root_dir=tmp_path)
+    trainer.fit(module, DataLoader(InductionData(16, 16, num_sequences=32, span_min=4, span_max=8), batch_size=8))
+    history = metric_history(trainer)
+    K = composition_scores(module.net, "K")
+    assert [s for s, _ in history["composition/K/L0H1->L1H0"]] == [0, 3]
+    assert history["composition/K/L0H1->L1H0"][-1][1] == pytest.approx(K[0, 1, 1, 0], abs=1e-6)
+    assert {"composition/Q/max", "composition/V/L0H0->L1H1", "ov_copying/L1H1", "qk_previous_token/L0H0",
+            "composition/K/baseline"} <= set(history)
+    with pytest.raises(InvalidInputError, match="weights"):
+        CircuitCallback(16, weights="yes")
+
+    ctx = AnalysisContext(step=3, seed=0, step_seed=1, device=torch.device("cpu"))
+    values = CircuitAnalysis(vocab_size=16, seq_len=16, num_sequences=2, icl=False).compute(module.net, None, ctx)
+    assert values["composition/K/L0H1->L1H0"] == pytest.approx(K[0, 1, 1, 0], abs=1e-6)
+    off = CircuitAnalysis(vocab_size=16, seq_len=16, num_sequences=2, icl=False, weights=False)
+    assert not any(k.startswith("composition/") for k in off.compute(module.net, None, ctx))
+
+
+def test_report_panel_and_circuit_naming():
+    from devinterp.report import induction_circuits, strongest_pairs, summary_dict, summary_figure
+
+    steps = np.arange(0, 400, 10)
+    rise = 1 / (1 + np.exp(-(steps - 150) / 15))
+    curves = {
+        "induction/L1H0": (steps, 0.05 + 0.8 * rise), "induction/L1H1": (steps, 0.05 + 0.1 * rise),
+        "previous_token/L0H0": (steps, 0.1 + 0.5 * rise), "previous_token/L0H1": (steps, 0.1 + 0 * rise),
+        "composition/K/L0H0->L1H0": (steps, 0.12 + 0.2 * rise), "composition/K/L0H1->L1H0": (steps, 0.12 + 0 * rise),
+        "composition/K/L0H0->L1H1": (steps, 0.12 + 0.01 * rise), "composition/K/L0H1->L1H1": (steps, 0.11 + 0 * rise),
+        "composition/K/baseline": (steps, 0.12 + 0 * rise),
+    }
+    assert strongest_pairs(curves, "K", 2) == ["composition/K/L0H0->L1H0", "composition/K/L0H0->L1H1"]
+    (c,) = induction_circuits(curves)
+    assert (c["previous_token"], c["induction"], c["flagged"]) == ("L0H0", "L1H0", False)
+    assert 140 <= c["step"] <= 160 and c["k_composition"][1] == pytest.approx(0.32, abs=1e-3)
+
+    class Flag:
+        metric, step, start, end, direction, kind = "composition/K/L0H0->L1H0", 147.0, 130, 170, "rise", "sigmoid"
+
+    (c,) = induction_circuits(curves, [Flag()])
+    assert c["flagged"] and c["step"] == 147.0
+    summary = summary_dict(curves, [Flag()])
+    assert "L0H0 (previous token) → L1H0 (induction), K-composition 0.12 → 0.32 at step ~147" in summary["circuits"][0]["text"]
+    fig = summary_figure(curves, [Flag()])
+    assert any("K-composition" in ax.get_ylabel() for ax in fig.axes)
