@@ -179,7 +179,7 @@ def ov_copying_scores(model) -> np.ndarray:
                         "no embedding" if hw.W_E is None else "no unembedding")
             + "; pass a HeadWeights with W_E and W_U")
     with torch.no_grad():
-        C = hw.W_U.double() @ hw.W_E.double()                  # (d, d)
+        C = (hw.W_U @ hw.W_E).double()                         # (d, d), summed over the vocabulary
         M = hw.W_O.double() @ C @ hw.W_V.double()              # (L, H, dh, dh)
         lam = torch.linalg.eigvals(M)                          # (L, H, dh) complex
         num = lam.real.sum(-1)
@@ -189,7 +189,7 @@ def ov_copying_scores(model) -> np.ndarray:
 
 
 #: Positions :func:`qk_previous_token_scores` uses by default (all of ``W_pos`` when it is shorter).
-QK_POSITIONS = 256
+QK_POSITIONS = 128
 
 
 def qk_previous_token_scores(model, *, seq_len: int | None = None) -> np.ndarray:
@@ -205,7 +205,7 @@ def qk_previous_token_scores(model, *, seq_len: int | None = None) -> np.ndarray
 
     Args:
         model: A supported model or a ``HeadWeights``.
-        seq_len: Positions used, ``T`` (default the first :data:`QK_POSITIONS` = 256, or all of
+        seq_len: Positions used, ``T`` (default the first :data:`QK_POSITIONS` = 128, or all of
             ``W_pos`` when it is shorter: the cost grows as ``T²``).
 
     Returns:
@@ -219,17 +219,16 @@ def qk_previous_token_scores(model, *, seq_len: int | None = None) -> np.ndarray
     if isinstance(T, bool) or not isinstance(T, int) or not 2 <= T <= n:
         raise InvalidInputError(f"seq_len must be an integer in [2, {n}], got {seq_len!r}")
     out = np.empty((hw.n_layers, hw.n_heads))
-    causal = torch.ones(T, T, dtype=torch.bool).tril()
     with torch.no_grad():
         P = hw.W_pos[:T]
+        causal = torch.zeros(T - 1, T, dtype=P.dtype).masked_fill(
+            ~torch.ones(T, T, dtype=torch.bool).tril()[1:], -math.inf)   # rows 1..T-1
         for layer in range(hw.n_layers):  # one layer at a time: (heads, T, T) in memory
-            q = P @ hw.W_Q[layer]                                     # (H, T, dh)
-            k = P @ hw.W_K[layer]
-            logits = (q @ k.transpose(-1, -2)).double() / math.sqrt(hw.d_head)
-            logits = logits.masked_fill(~causal, -math.inf)
-            prev = torch.diagonal(logits, offset=-1, dim1=-2, dim2=-1)    # (H, T-1)
-            lse = torch.logsumexp(logits[:, 1:], dim=-1)                 # rows 1..T-1
-            out[layer] = (prev - lse).exp().mean(-1).numpy()
+            q = P[1:] @ (hw.W_Q[layer] / math.sqrt(hw.d_head))           # (H, T-1, dh)
+            k = P @ hw.W_K[layer]                                         # (H, T, dh)
+            logits = q @ k.transpose(-1, -2) + causal                     # (H, T-1, T)
+            prev = torch.diagonal(logits, dim1=-2, dim2=-1)               # [i-1, i-1]: key i-1 of query i
+            out[layer] = (prev - torch.logsumexp(logits, dim=-1)).exp().mean(-1).double().numpy()
     return out
 
 
