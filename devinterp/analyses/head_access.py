@@ -163,7 +163,20 @@ class _Family:
         raise NotImplementedError
 
 
+def _tensor(model: nn.Module, paths: tuple[str, ...]) -> Tensor | None:
+    """The first of the dotted attribute ``paths`` that is a tensor (HookedTransformer-style names too)."""
+    for path in paths:
+        obj = model
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+        if isinstance(obj, Tensor):
+            return obj
+    return None
+
+
 class _Ours(_Family):
+    """Head-first ``blocks[l].attn.W_Q (heads, d_model, d_head)``: ours, and HookedTransformer-style."""
+
     name = "devinterp"
 
     @staticmethod
@@ -182,7 +195,9 @@ class _Ours(_Family):
             W_V=_stack([a.W_V for a in attns]), W_O=_stack([a.W_O for a in attns]),
             b_Q=_stack([a.b_Q for a in attns]), b_K=_stack([a.b_K for a in attns]),
             b_V=_stack([a.b_V for a in attns]), b_O=_stack([a.b_O for a in attns]),
-            W_E=_f(model.embed.weight), W_U=_f(W_U), W_pos=_f(getattr(model, "pos_embed", None)),
+            W_E=_f(_tensor(model, ("embed.weight", "embed.W_E"))),
+            W_U=_f(W_U if isinstance(W_U, Tensor) else _tensor(model, ("unembed.W_U",))),
+            W_pos=_f(_tensor(model, ("pos_embed", "pos_embed.W_pos"))),
             family="devinterp",
         )
 
