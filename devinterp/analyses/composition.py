@@ -23,6 +23,7 @@ TransformerLens' circuits).
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -137,22 +138,27 @@ def composition_baseline(model, kind: str = "K", *, num_samples: int = 256, seed
     else:
         hw = head_weights(model)
         d, dh = hw.d_model, hw.d_head
-    gen = torch.Generator().manual_seed(int(seed))
+    return _baseline(d, dh, kind, num_samples, int(seed))
 
-    def draw(*shape):
-        return torch.randn(num_samples, *shape, generator=gen, dtype=torch.float64)
 
-    hw = HeadWeights(W_Q=draw(1, d, dh), W_K=draw(1, d, dh), W_V=draw(1, d, dh), W_O=draw(1, dh, d),
-                     b_Q=None, b_K=None, b_V=None, b_O=None, W_E=None, W_U=None, W_pos=None,
-                     family="random")
+@functools.lru_cache(maxsize=64)
+def _baseline(d: int, dh: int, kind: str, num_samples: int, seed: int) -> float:
+    """The random baseline (cached: it depends only on its arguments)."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def heads() -> HeadWeights:  # num_samples independent heads, as (num_samples, 1) "layers x heads"
+        def draw(*shape):
+            return torch.randn(num_samples, 1, *shape, generator=gen, dtype=torch.float64)
+
+        return HeadWeights(W_Q=draw(d, dh), W_K=draw(d, dh), W_V=draw(d, dh), W_O=draw(dh, d),
+                           b_Q=None, b_K=None, b_V=None, b_O=None, W_E=None, W_U=None, W_pos=None,
+                           family="random")
+
     with torch.no_grad():
-        A = _left(hw, torch.float64)[:, 0]               # earlier heads: sample i
-        Vw = HeadWeights(W_Q=draw(1, d, dh), W_K=draw(1, d, dh), W_V=draw(1, d, dh), W_O=draw(1, dh, d),
-                         b_Q=None, b_K=None, b_V=None, b_O=None, W_E=None, W_U=None, W_pos=None,
-                         family="random")
-        B = _right(Vw, kind, torch.float64)[:, 0]        # later heads: an independent draw
-        num = torch.linalg.matrix_norm(A @ B)
-        score = num / torch.linalg.matrix_norm(A) / torch.linalg.matrix_norm(B)
+        A = _left(heads(), torch.float64)[:, 0]          # earlier heads
+        B = _right(heads(), kind, torch.float64)[:, 0]   # later heads: independent draws
+        score = (torch.linalg.matrix_norm(A @ B) / torch.linalg.matrix_norm(A)
+                 / torch.linalg.matrix_norm(B))
     return float(score.mean())
 
 
