@@ -147,4 +147,3 @@ class CircuitCallback(pl.Callback):
             values.update(weight_scalars(model, self.weights, self.weight_kinds))
         log_scalars(trainer, values, step)
         self._last_step = step
-
