@@ -184,6 +184,9 @@ class DemoResult:
         final: Final values (``loss/train``, ``llc/mean``, ``llc/stderr``, ``icl_score``).
         seconds: Wall time of the whole demo.
         llc_seconds: Of which spent estimating the LLC.
+        circuits: One line per induction circuit read from the weights
+            (:func:`devinterp.report.induction_circuits`): previous-token head → induction head,
+            their K-composition from first to last step, and when it rose.
     """
 
     out: Path
@@ -194,6 +197,7 @@ class DemoResult:
     final: dict[str, float]
     seconds: float
     llc_seconds: float
+    circuits: tuple[str, ...] = ()
 
     def tensorboard_command(self) -> str:
         return f"tensorboard --logdir {self.logdir}"
@@ -219,6 +223,9 @@ class DemoResult:
             lines.append(f"Induction heads (final score > 0.5): {heads}")
         else:
             lines.append("No head became an induction head (final score > 0.5).")
+        if self.circuits:
+            lines.append("Circuits (from the weights):")
+            lines += [f"  {c}" for c in self.circuits]
         f = self.final
         if "llc/mean" in f:
             err = f" ± {f['llc/stderr']:.1f}" if "llc/stderr" in f else ""
@@ -402,7 +409,13 @@ def _run(out, *, quick: bool, seed: int, cfg: DemoConfig, progress: bool,
         TransitionCallback,
     )
     from devinterp.callbacks._logging import metric_history
-    from devinterp.report import save_summary_png, summary_dict, summary_figure
+    from devinterp.report import (
+        describe_circuit,
+        induction_circuits,
+        save_summary_png,
+        summary_dict,
+        summary_figure,
+    )
     from devinterp.tensorboard import read_scalars, write_layout
 
     recipe = cfg.recipe
@@ -417,6 +430,9 @@ def _run(out, *, quick: bool, seed: int, cfg: DemoConfig, progress: bool,
 
     heads = [f"L{layer}H{head}" for layer in range(recipe.n_layers) for head in range(recipe.n_heads)]
     induction_tags = [f"induction/{h}" for h in heads]
+    composition_tags = [f"composition/K/L{l1}H{h1}->L{l2}H{h2}" for l1 in range(recipe.n_layers)
+                        for h1 in range(recipe.n_heads) for l2 in range(l1 + 1, recipe.n_layers)
+                        for h2 in range(recipe.n_heads)]
     llc_common = dict(num_chains=cfg.llc_chains, localization=cfg.llc_localization,
                       batch_size=cfg.llc_batch_size, seed=seed)
     if cfg.llc_calibrate:  # once, after the head formed; chain lengths bounded by the budget
@@ -431,7 +447,7 @@ def _run(out, *, quick: bool, seed: int, cfg: DemoConfig, progress: bool,
     llc_cb = LLCCallback((llc_tokens,), token_loss, log_spaced(cfg.llc_points, start=cfg.llc_start),
                          model_getter=lambda m: m.model, **llc_settings)
     transitions_cb = TransitionCallback(
-        ["loss/train", "llc/mean", "icl_score", *induction_tags],
+        ["loss/train", "llc/mean", "icl_score", *induction_tags, *composition_tags],
         sample_schedule=log_spaced(cfg.loss_points), check_every=cfg.check_every,
     )
     callbacks = [
@@ -490,6 +506,7 @@ def _run(out, *, quick: bool, seed: int, cfg: DemoConfig, progress: bool,
         out=out, logdir=Path(logger.log_dir), transitions=transitions, stages=stages,
         induction_heads={h: s for h, s in final_heads.items() if s > 0.5}, final=final,
         seconds=time.perf_counter() - t_start, llc_seconds=llc_seconds,
+        circuits=tuple(describe_circuit(c) for c in induction_circuits(curves, transitions)),
     )
 
 

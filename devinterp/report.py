@@ -16,7 +16,9 @@ import numpy as np
 
 Curves = Mapping[str, tuple[np.ndarray, np.ndarray]]
 
-_HEAD_PREFIXES = ("induction/", "previous_token/")
+_HEAD_PREFIXES = ("induction/", "previous_token/", "composition/K/", "ov_copying/")
+#: How many K-composition pairs the summary figure draws (the strongest at the end of the run).
+TOP_PAIRS = 4
 
 
 def _positive(steps: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -52,6 +54,9 @@ def summary_figure(curves: Curves, transitions: Sequence = (), *, title: str | N
     prev_tags = sorted(t for t in curves if t.startswith("previous_token/"))
     if prev_tags:
         panels.append(("previous-token score", prev_tags))
+    pairs = strongest_pairs(curves, "K", TOP_PAIRS)
+    if pairs:
+        panels.append(("K-composition\n(strongest pairs)", pairs))
     if "icl_score" in curves:
         panels.append(("ICL score", ["icl_score"]))
     if not panels:
@@ -69,6 +74,9 @@ def summary_figure(curves: Curves, transitions: Sequence = (), *, title: str | N
                 ls, lo = _positive(*curves["llc/lower"])
                 _, hi = _positive(*curves["llc/upper"])
                 ax.fill_between(ls, lo, hi, alpha=0.25, lw=0, label="± stderr")
+        base = "composition/K/baseline"
+        if tags and tags[0].startswith("composition/K/") and base in curves and len(curves[base][1]):
+            ax.axhline(float(curves[base][1][-1]), color="0.4", lw=1.0, ls=":", label="random baseline")
         for tr in transitions:
             ax.axvspan(max(tr.start, 0.5), max(tr.end, 0.5), color="tab:red", alpha=0.12, lw=0)
             ax.axvline(max(tr.step, 0.5), color="tab:red", lw=1.0, ls="--")
@@ -95,6 +103,75 @@ def save_summary_png(path: str | Path, curves: Curves, transitions: Sequence = (
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def strongest_pairs(curves: Curves, kind: str = "K", top: int = TOP_PAIRS) -> list[str]:
+    """Tags ``composition/{kind}/A->B`` of the ``top`` pairs with the highest final score."""
+    prefix = f"composition/{kind}/"
+    finals = {t: float(v[-1]) for t, (_, v) in curves.items()
+              if t.startswith(prefix) and "->" in t and len(v) and np.isfinite(v[-1])}
+    return sorted(finals, key=lambda t: -finals[t])[:top]
+
+
+def _rise_step(steps: np.ndarray, values: np.ndarray) -> float | None:
+    """First step where ``values`` is half-way from its first to its last value."""
+    steps, values = np.asarray(steps, float), np.asarray(values, float)
+    if len(values) < 2 or not (np.isfinite(values[0]) and np.isfinite(values[-1])) or values[-1] <= values[0]:
+        return None
+    hit = np.nonzero(values >= (values[0] + values[-1]) / 2)[0]
+    return float(steps[hit[0]]) if len(hit) else None
+
+
+def induction_circuits(curves: Curves, transitions: Sequence = (), *, threshold: float = 0.5) -> list[dict]:
+    """The induction circuits visible in the curves: previous-token head → induction head.
+
+    For each head whose final ``induction/`` score exceeds ``threshold``, the earlier-layer head
+    with the highest final ``previous_token/`` score is its partner; the K-composition of the pair
+    (``composition/K/prev->ind``) is reported from its first to its last value, with the step of
+    the transition flagged on that curve (the one closest to its half-way rise) or, if none was
+    flagged, the half-way step itself.
+
+    Returns:
+        ``[{"previous_token": "L0H0", "induction": "L1H1", "k_composition": (first, last),
+        "step": ..., "flagged": bool, "baseline": ...}, ...]`` (empty without the curves).
+    """
+    def layer(head: str) -> int:
+        return int(head[1:].split("H")[0])
+
+    ind = {h: v for h, v in final_values(curves, "induction/").items() if h != "max" and v > threshold}
+    prev = {h: v for h, v in final_values(curves, "previous_token/").items() if h != "max"}
+    base = curves.get("composition/K/baseline")
+    out = []
+    for head in sorted(ind, key=lambda h: -ind[h]):
+        earlier = {h: v for h, v in prev.items() if layer(h) < layer(head)}
+        if not earlier:
+            continue
+        src = max(earlier, key=earlier.get)
+        tag = f"composition/K/{src}->{head}"
+        if tag not in curves or not len(curves[tag][1]):
+            continue
+        steps, values = curves[tag]
+        half = _rise_step(steps, values)
+        flags = [float(t.step) for t in transitions if getattr(t, "metric", None) == tag
+                 and getattr(t, "direction", "rise") == "rise"]
+        step, flagged = half, False
+        if flags:
+            ref = half if half is not None else float(steps[-1])
+            step, flagged = min(flags, key=lambda s: abs(math.log(max(s, 0.5) / max(ref, 0.5)))), True
+        out.append({"previous_token": src, "induction": head,
+                    "k_composition": (float(values[0]), float(values[-1])), "step": step,
+                    "flagged": flagged,
+                    "baseline": None if base is None or not len(base[1]) else float(base[1][-1])})
+    return out
+
+
+def describe_circuit(c: Mapping) -> str:
+    """``"L0H0 (previous token) → L1H1 (induction), K-composition 0.13 → 0.21 at step ~150"``."""
+    a, b = c["k_composition"]
+    when = "" if c["step"] is None else f" at step ~{c['step']:.0f}" + ("" if c["flagged"] else " (not flagged)")
+    base = "" if c.get("baseline") is None else f" (random baseline {c['baseline']:.2f})"
+    return (f"{c['previous_token']} (previous token) → {c['induction']} (induction), "
+            f"K-composition {a:.2f} → {b:.2f}{when}{base}")
 
 
 def transition_record(tr) -> dict:
@@ -126,6 +203,15 @@ def summary_dict(curves: Curves, transitions: Sequence = ()) -> dict:
     for tag in ("llc/mean", "llc/stderr", "loss/train", "icl_score"):
         if tag in curves and len(curves[tag][1]):
             out.setdefault("final", {})[tag] = float(curves[tag][1][-1])
+    copying = {h: v for h, v in final_values(curves, "ov_copying/").items()}
+    if copying:
+        out["final_head_scores"]["ov_copying"] = copying
+    pairs = strongest_pairs(curves, "K", TOP_PAIRS)
+    if pairs:
+        out["strongest_k_composition"] = {t.split("/", 2)[2]: float(curves[t][1][-1]) for t in pairs}
+    circuits = induction_circuits(curves, transitions)
+    if circuits:
+        out["circuits"] = [dict(c, text=describe_circuit(c)) for c in circuits]
     return out
 
 
@@ -165,4 +251,8 @@ def markdown_report(curves: Curves, transitions: Sequence = (), *, title: str = 
         for head, score in sorted(heads.items(), key=lambda kv: -kv[1]):
             p = prev.get(head)
             lines.append(f"| {head} | {score:.3f} | {'' if p is None else f'{p:.3f}'} |")
+    circuits = induction_circuits(curves, transitions)
+    if circuits:
+        lines += ["", "## Circuits (from the weights)", ""]
+        lines += [f"- {describe_circuit(c)}" for c in circuits]
     return "\n".join(lines) + "\n"

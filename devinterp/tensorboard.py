@@ -11,6 +11,9 @@ back into curves. The tags:
 ``induction/L{l}H{h}``    induction (prefix-matching) score of each head
 ``previous_token/L{l}H{h}``  previous-token score of each head
 ``icl_score``             in-context-learning score (late minus early token loss)
+``composition/{Q,K,V}/L0H0->L1H1``  weight-space composition score of a head pair (and ``/max``, ``/baseline``)
+``ov_copying/L{l}H{h}``   copying score of the head's OV circuit (eigenvalues)
+``qk_previous_token/L{l}H{h}``  previous-token attention of the positional QK circuit
 ``transitions/flag``      1 at each flagged transition step
 ``transitions`` (text)    one line per flagged transition, with its evidence
 ========================  =========================================================
@@ -49,6 +52,8 @@ def custom_scalars_layout() -> dict:
             "Previous-token score, all heads": ["Multiline", [r"previous_token/.*"]],
             "Loss with transition markers": ["Multiline", [r"loss/train", r"transitions/flag"]],
             "In-context-learning score": ["Multiline", [r"icl_score"]],
+            "K-composition, all head pairs": ["Multiline", [r"composition/K/.*"]],
+            "OV copying, all heads": ["Multiline", [r"ov_copying/.*"]],
         }
     }
 

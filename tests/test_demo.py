@@ -144,3 +144,33 @@ def test_rerun_refuses_a_foreign_directory(tmp_path):
     (fresh / "summary.json").write_text("{}")
     prepare_output(fresh)  # a previous demo's output is replaced
     assert not (fresh / "summary.json").exists()
+
+
+def test_the_induction_circuit_is_read_from_the_weights(demo):
+    """Issue 15: K-composition of the previous-token head into each induction head rises at formation."""
+    scalars = demo["scalars"]
+    finals = {h: scalars[f"induction/{h}"][1][-1] for h in HEADS}
+    inductions = [h for h, v in finals.items() if v > 0.5 and h.startswith("L1")]
+    assert inductions
+    prev = max((h for h in HEADS if h.startswith("L0")), key=lambda h: scalars[f"previous_token/{h}"][1][-1])
+    base = scalars["composition/K/baseline"][1][-1]
+    assert 0.05 < base < 0.2
+    flags = [re.match(r"(?P<metric>[^:]+): (?P<dir>rise|fall) \(\w+\) at step (?P<step>[\d.e+]+)", t)
+             for _, t in demo["text"]]
+    for head in inductions:
+        tag = f"composition/K/{prev}->{head}"
+        steps, k = scalars[tag]
+        assert k[-1] > k[0] + 0.05 and k[-1] > base + 0.05, (tag, k[0], k[-1], base)
+        others = [t for t in scalars if t.startswith("composition/K/") and t.endswith(f"->{head}") and t != tag]
+        assert all(scalars[t][1][-1] < k[-1] for t in others)   # the strongest K pair into the head
+        t_half = half_crossing(*scalars[f"induction/{head}"])
+        hits = [float(m["step"]) for m in flags if m["metric"] == tag and m["dir"] == "rise"]
+        assert any(t_half / 1.5 <= s <= t_half * 1.5 for s in hits), (tag, t_half, hits)
+        for kind in "QV":  # the previous-token head's output is not read by queries or values
+            _, v = scalars[f"composition/{kind}/{prev}->{head}"]
+            assert v[-1] < v[0] + 0.01, (kind, v[0], v[-1])
+        assert scalars[f"ov_copying/{head}"][1][-1] > 0.8            # induction heads copy
+        assert f"{prev} (previous token) → {head} (induction), K-composition" in demo["stdout"]
+    assert scalars[f"qk_previous_token/{prev}"][1][-1] > 0.4        # its QK circuit: previous position
+    summary = json.loads((demo["out"] / "summary.json").read_text())
+    assert {c["induction"] for c in summary["circuits"]} == set(inductions)

@@ -16,6 +16,14 @@ _EXPORTS = {
     "head_params": "devinterp.analyses.head_params",
     "head_params_from_projections": "devinterp.analyses.head_params",
     "capture_attention": "devinterp.analyses.attention_capture",
+    # weight-space circuits (issue 15)
+    "HeadWeights": "devinterp.analyses.head_access",
+    "head_weights": "devinterp.analyses.head_access",
+    "composition_scores": "devinterp.analyses.composition",
+    "composition_baseline": "devinterp.analyses.composition",
+    "ov_copying_scores": "devinterp.analyses.composition",
+    "qk_previous_token_scores": "devinterp.analyses.composition",
+    "weight_circuit_scalars": "devinterp.analyses.composition",
     # transitions (issue 6)
     "detect_transitions": "devinterp.analyses.transitions",
     "detect_stages": "devinterp.analyses.transitions",

@@ -5,6 +5,11 @@ The result is a dict ``{parameter name: bool mask}`` (``True`` = belongs to the 
 
 - Models that define ``head_param_masks(layer, head)`` (e.g.
   :class:`devinterp.models.AttentionOnlyTransformer`) are asked directly.
+- TransformerLens ``TransformerBridge``, HF GPT-2 (fused ``c_attn`` Conv1D: the head's columns of
+  each of the q, k, v blocks), GPT-NeoX / Pythia (fused, head-interleaved ``query_key_value``: the
+  head's contiguous ``3 * d_head`` rows), Llama / Mistral (separate projections; grouped-query
+  attention selects the shared key/value head): located by
+  :mod:`devinterp.analyses.head_access`, which also serves the composition / QK / OV analyses.
 - Models built from :class:`torch.nn.MultiheadAttention`: layer ``l`` is the ``l``-th such module in
   registration order (the order ``nn.TransformerEncoder`` also runs them); the head's rows of the
   q/k/v input projection (and biases) and its columns of ``out_proj.weight`` are selected.
@@ -63,27 +68,31 @@ def _mha_masks(prefix: str, module: nn.MultiheadAttention, head: int) -> dict[st
 def head_params(model: nn.Module, layer: int, head: int) -> dict[str, Tensor]:
     """Boolean masks ``{name: mask}`` selecting the weights of head ``head`` of layer ``layer``.
 
-    Shared parameters (output biases, embeddings) are not included.
+    The heads are located by :func:`devinterp.analyses.head_access.head_param_masks` (the one
+    per-head weight access shared with the composition / QK / OV analyses): a model's own
+    ``head_param_masks`` method, TransformerLens' ``TransformerBridge``, HF GPT-2, GPT-NeoX/Pythia,
+    Llama/Mistral (grouped-query attention: the query head's rows plus the rows of the key/value
+    head it reads, ``head // (heads // kv_heads)``, shared with its group), or
+    :class:`torch.nn.MultiheadAttention`. Shared parameters (output biases, embeddings,
+    LayerNorms) are not included.
 
     Raises:
         InvalidInputError: No such head, or the model's attention weights cannot be located
             automatically (then use :func:`head_params_from_projections`).
     """
-    if hasattr(model, "head_param_masks"):
-        return model.head_param_masks(layer, head)
-    mhas = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)]
-    if not mhas:
+    from devinterp.analyses.head_access import head_param_masks
+
+    try:
+        return head_param_masks(model, layer, head)
+    except InvalidInputError as err:
+        if "cannot locate" not in str(err):
+            raise
         raise InvalidInputError(
-            f"cannot locate the attention weights of {type(model).__name__}: it has no "
-            "nn.MultiheadAttention and no head_param_masks(layer, head) method. Name the q/k/v/out "
-            "projections with head_params_from_projections(model, q=..., k=..., v=..., o=..., ...)"
-        )
-    if not 0 <= layer < len(mhas):
-        raise InvalidInputError(f"no layer {layer}: the model has {len(mhas)} nn.MultiheadAttention modules")
-    name, module = mhas[layer]
-    if not 0 <= head < module.num_heads:
-        raise InvalidInputError(f"no head {head} in layer {layer} ({name}): it has {module.num_heads} heads")
-    return _mha_masks(name, module, head)
+            f"cannot locate the attention weights of {type(model).__name__}: not a supported family "
+            "(ours, TransformerBridge, HF GPT-2/GPT-NeoX/Llama, nn.MultiheadAttention) and no "
+            "head_param_masks(layer, head) method. Name the q/k/v/out projections with "
+            "head_params_from_projections(model, q=..., k=..., v=..., o=..., ...)"
+        ) from None
 
 
 def head_params_from_projections(

@@ -4,7 +4,10 @@ A thin adapter: it resolves its schedule at fit start, and at each scheduled ste
 calls :func:`devinterp.analyses.circuits.induction_scores` and
 :func:`devinterp.analyses.circuits.icl_score` on the LightningModule (or one of its attributes),
 then publishes ``induction/L{l}H{h}``, ``previous_token/L{l}H{h}``, ``duplicate_token/...``,
-``*/max`` and ``icl_score`` through :func:`devinterp.callbacks._logging.log_scalars`.
+``*/max`` and ``icl_score`` through :func:`devinterp.callbacks._logging.log_scalars`; with
+``weights`` also the weight-space circuits of
+:func:`devinterp.analyses.composition.weight_circuit_scalars` (``composition/K/L0H0->L1H1``,
+``ov_copying/L1H0``, ``qk_previous_token/L0H0``...).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from devinterp.analyses.circuits import check_scoring_inputs, icl_score, induction_scores
+from devinterp.analyses.composition import weight_scalars
 from devinterp.callbacks._gate import StepGate
 from devinterp.callbacks._logging import log_scalars
 from devinterp.errors import InvalidInputError
@@ -43,6 +47,11 @@ class CircuitCallback(pl.Callback):
         icl_late: ``late`` argument of :func:`icl_score`.
         model_attr: Score ``getattr(pl_module, model_attr)`` instead of the LightningModule itself
             (which must then map tokens to logits).
+        weights: Also log the weight-space circuits (composition, OV copying, positional QK):
+            ``"auto"`` (default) when the heads of the model, or of the first submodule whose heads
+            can be read, are located (:mod:`devinterp.analyses.head_access`), ``True`` always
+            (an unsupported model is an error), ``False`` never.
+        weight_kinds: Composition kinds logged (``"Q"``, ``"K"``, ``"V"``).
     """
 
     def __init__(
@@ -60,8 +69,15 @@ class CircuitCallback(pl.Callback):
         icl_early: int | None = None,
         icl_late: int | None = None,
         model_attr: str | None = None,
+        weights: bool | str = "auto",
+        weight_kinds: tuple[str, ...] = ("Q", "K", "V"),
     ):
         super().__init__()
+        if weights not in (True, False, "auto"):
+            raise InvalidInputError(f"weights must be True, False or 'auto', got {weights!r}")
+        if not set(weight_kinds) <= {"Q", "K", "V"}:
+            raise InvalidInputError(f"weight_kinds must be among 'Q', 'K', 'V', got {weight_kinds!r}")
+        self.weights, self.weight_kinds = weights, tuple(weight_kinds)
         for name, value in (("vocab_size", vocab_size), ("seq_len", seq_len),
                             ("num_sequences", num_sequences)):
             if not isinstance(value, int) or value <= 0:
@@ -130,4 +146,5 @@ class CircuitCallback(pl.Callback):
                     num_sequences=self.num_sequences, seed=self.seed, bos_token=self.bos_token,
                     device=pl_module.device,
                 )
+            values.update(weight_scalars(model, self.weights, self.weight_kinds))
         log_scalars(trainer, values, step)

@@ -39,7 +39,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("path", metavar="PATH")
     what = p.add_argument_group("analyses")
     what.add_argument("--llc", action="store_true", help="estimate the local learning coefficient")
-    what.add_argument("--circuits", action="store_true", help="induction / previous-token head scores and ICL score")
+    what.add_argument("--circuits", action="store_true",
+                      help="induction / previous-token head scores, ICL score, and weight-space circuits "
+                           "(composition, OV copying, positional QK) where the heads can be located")
     what.add_argument("--transitions", action="store_true", help="detect transitions over the finished curves")
     what.add_argument("--analysis", action="append", default=[], metavar="package.module:factory",
                       help="a custom analysis: a factory returning an object with name, config(), compute() "

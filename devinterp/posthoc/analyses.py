@@ -244,6 +244,9 @@ class CircuitAnalysis:
         copying: Also compute the behavioural copying score.
         icl: Also compute ``icl_score``.
         model_attr: Score ``getattr(model, model_attr)`` instead of the model itself.
+        weights: Also the weight-space circuits (composition, OV copying, positional QK), as
+            ``CircuitCallback(weights=...)``: ``"auto"``, ``True`` or ``False``.
+        weight_kinds: Composition kinds computed.
     """
 
     vocab_size: int | None = None
@@ -253,6 +256,8 @@ class CircuitAnalysis:
     copying: bool = False
     icl: bool = True
     model_attr: str | None = None
+    weights: bool | str = "auto"
+    weight_kinds: tuple[str, ...] = ("Q", "K", "V")
     name: str = "circuits"
 
     needs_data = False
@@ -263,6 +268,10 @@ class CircuitAnalysis:
             if v is not None:
                 _positive_int(key, v)
         _positive_int("num_sequences", self.num_sequences)
+        if self.weights not in (True, False, "auto"):
+            raise InvalidInputError(f"weights must be True, False or 'auto', got {self.weights!r}")
+        if not set(self.weight_kinds) <= {"Q", "K", "V"}:
+            raise InvalidInputError(f"weight_kinds must be among 'Q', 'K', 'V', got {self.weight_kinds!r}")
 
     def config(self) -> dict[str, Any]:
         d = asdict(self)
@@ -314,4 +323,7 @@ class CircuitAnalysis:
             values = dict(induction_scores(target, copying=self.copying, **common).scalars())
             if self.icl:
                 values["icl_score"] = float(icl_score(target, None, **common))
+        from devinterp.analyses.composition import weight_scalars
+
+        values.update(weight_scalars(target, self.weights, tuple(self.weight_kinds)))
         return _finite_scalars(values)

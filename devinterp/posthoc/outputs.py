@@ -36,7 +36,8 @@ __all__ = [
 Curves = dict[str, tuple[np.ndarray, np.ndarray]]
 
 #: Curves searched for transitions by default (those present with enough points).
-DEFAULT_TRANSITION_METRICS = ("llc/mean", "loss/train", "induction/max", "previous_token/max", "icl_score")
+DEFAULT_TRANSITION_METRICS = ("llc/mean", "loss/train", "induction/max", "previous_token/max", "icl_score",
+                              "composition/K/max")
 #: A curve needs at least this many points to be searched for transitions.
 MIN_TRANSITION_POINTS = 8
 
