@@ -784,6 +784,14 @@ def calibrate(model: nn.Module | SamplingTarget, data: Any = None, loss_fn: Loss
         num_pilot_chains=num_pilot_chains, num_chains=num_chains, target_ess=target_ess,
         target_rel_stderr=target_rel_stderr, min_draws=min_draws, max_draws=max_draws,
         min_burnin=min_burnin, max_burnin=max_burnin)
+    if budget is not None:
+        num_chains_est, num_burnin, num_draws, fill = _fill_budget(
+            num_chains, num_burnin, num_draws, budget - meter.used, max_burnin=max_burnin,
+            max_draws=max_draws)
+        if fill:
+            extra += "; " + fill
+    else:
+        num_chains_est = num_chains
     reason = f"{reason}; {extra}"
     if gamma != localization:
         reason += (f"; localization raised from {localization:g} to {gamma:g} because draws fell "
@@ -794,7 +802,7 @@ def calibrate(model: nn.Module | SamplingTarget, data: Any = None, loss_fn: Loss
             "estimate as the LLC of the γ-localized posterior")
     cal = Calibration(
         step_size=chosen.step_size, localization=gamma, nbeta=nbeta, num_burnin=num_burnin,
-        num_draws=num_draws, num_chains=num_chains, batch_size=target.batch_size,
+        num_draws=num_draws, num_chains=num_chains_est, batch_size=target.batch_size,
         sampler=sampler, n=target.n, init_loss=float(target.init_loss),
         curvature=nbeta * mu + gamma, ok=ok, reason=reason, table=tuple(table), seed=seed,
         seconds=time.perf_counter() - t_start, warnings=tuple(warnings), target_ess=ess_aim,
@@ -889,6 +897,42 @@ def _lengths(chosen: PilotRow, rows: list[PilotRow],
             f"chains (autocorrelation time {tau:.1f} steps; a stderr of "
             f"{target_rel_stderr:.0%} of λ̂ needs ~{aim:.0f}, at most {target_ess:.0f})")
     return num_burnin, num_draws, aim, text
+
+
+#: At most this factor longer than the calibrated lengths when filling the budget.
+MAX_STRETCH = 8.0
+
+
+def _fill_budget(num_chains: int, num_burnin: int, num_draws: int, available: float, *,
+                 max_burnin: int, max_draws: int) -> tuple[int, int, int, str]:
+    """Chains and lengths that use the estimate's share of the budget.
+
+    On these networks λ̂ keeps changing with the Langevin time ε·t long after the loss trace
+    looks flat (``docs/calibration.md``, "Lengths under a budget"), and the per-chain
+    estimate is unbiased only when the chain is long: so the budget left after the calibration
+    goes into longer chains rather than being left unused. With a burn-in longer than a third
+    of a chain, two chains instead of more (each chain pays the burn-in again). Burn-in and
+    draws grow in proportion, at most ``MAX_STRETCH`` times and up to ``max_burnin`` /
+    ``max_draws``.
+    """
+    per_check = 1 + 1 / 30
+    chains = num_chains
+    per = available / chains / per_check
+    if chains > 2 and num_burnin > per / 3:
+        chains = 2
+        per = available / chains / per_check
+    total = num_burnin + num_draws
+    if per <= total:
+        return chains, num_burnin, num_draws, (
+            f"{chains} chains (the budget cannot fit {num_chains} with this burn-in)"
+            if chains != num_chains else "")
+    scale = min(per / total, MAX_STRETCH)
+    burn = int(min(num_burnin * scale, max_burnin))
+    draws = int(min(num_draws * scale, max_draws, per - burn))
+    draws = max(draws, num_draws)
+    text = (f"stretched to {chains} chains × ({burn} + {draws}) steps to use the budget "
+            f"({int(available):,} model evaluations left after the calibration)")
+    return chains, burn, draws, text
 
 
 def _validate(**kw: Any) -> None:
