@@ -37,7 +37,7 @@ import math
 import os
 import time
 from collections.abc import Mapping
-from dataclasses import MISSING, asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -576,7 +576,8 @@ def calibrate(model: nn.Module | SamplingTarget, data: Any = None, loss_fn: Loss
               batch_size: int | None = None, sampler: str = "sgld",
               sampler_kwargs: Mapping[str, Any] | None = None, params: ParamSelection = None,
               min_acceptance: float = 0.9, max_below: float = 0.3, drift_tol: float = 0.15,
-              num_chains: int = 4, target_ess: float = 400.0, target_rel_stderr: float = 0.02,
+              num_chains: int | None = None, target_ess: float = 400.0,
+              target_rel_stderr: float = 0.02,
               min_draws: int = 200, max_draws: int = 20000, min_burnin: int = 200,
               max_burnin: int = 20000, max_localization_rounds: int = 2,
               max_extra_levels: int = 12, seed: int = 0,
@@ -610,7 +611,10 @@ def calibrate(model: nn.Module | SamplingTarget, data: Any = None, loss_fn: Loss
         max_below: largest acceptable fraction of draws below ``L_n(w*)``.
         drift_tol: largest acceptable relative excess-loss difference against ε/2 (beyond
             2 standard errors).
-        num_chains: chains of the estimate this calibration configures.
+        num_chains: chains of the estimate this calibration configures; None: 2 under a
+            budget (λ̂ depends on the Langevin time of each chain, so fewer, longer chains
+            measure better for the same model evaluations; see ``docs/calibration.md``), 4
+            without one.
         target_ess: the most effective samples (all chains) the chosen ``num_draws`` aims for.
         target_rel_stderr: ... fewer when the pilot shows that fewer give a stderr of this
             fraction of λ̂ (a large λ̂ needs few samples), but at least ``MIN_ESS``.
@@ -640,6 +644,8 @@ def calibrate(model: nn.Module | SamplingTarget, data: Any = None, loss_fn: Loss
     """
     t_start = time.perf_counter()
     budget = check_budget(budget)
+    if num_chains is None:
+        num_chains = 2 if budget is not None else 4
     if num_steps is None:
         auto_steps = True
         num_steps = 400
@@ -764,9 +770,16 @@ def calibrate(model: nn.Module | SamplingTarget, data: Any = None, loss_fn: Loss
         # the most conservative: the highest acceptance among the largest γ tried
         g_max = max(r.localization for r in live)
         cands = [r for r in live if r.localization == g_max]
-        # (among those that reached a plateau, when any did)
-        chosen = max(cands, key=lambda r: (r.plateau, np.nan_to_num(r.acceptance, nan=0.0),
-                                           -r.step_size))
+        # pilots too short to see a plateau (the budget): the largest ε meeting every other
+        # criterion; else the highest acceptance (among those that reached a plateau, if any)
+        unsettled = [r for r in cands if not r.plateau and _failures(
+            replace(r, plateau=True), min_acceptance=min_acceptance, max_below=max_below,
+            drift_tol=drift_tol) == []]
+        if unsettled:
+            chosen = max(unsettled, key=lambda r: r.step_size)
+        else:
+            chosen = max(cands, key=lambda r: (r.plateau, np.nan_to_num(r.acceptance, nan=0.0),
+                                               -r.step_size))
         spent = (f"the calibration's share of the budget ({int(limit):,} model evaluations) "
                  "ran out; " if exhausted else "")
         warnings.append(
@@ -776,8 +789,11 @@ def calibrate(model: nn.Module | SamplingTarget, data: Any = None, loss_fn: Loss
             "smaller values and a larger num_steps" + (", or a larger budget=" if exhausted
                                                         else ""))
         reason = (f"fallback: no step size met every criterion ({spent}{reason}); chose ε="
-                  f"{chosen.step_size:.3g} with the highest acceptance"
-                  + (" among those that reached a plateau" if chosen.plateau else ""))
+                  f"{chosen.step_size:.3g}, " + (
+                      "the largest that met every criterion but the plateau (the pilots were "
+                      "too short to see one)" if unsettled else
+                      "with the highest acceptance" + (" among those that reached a plateau"
+                                                       if chosen.plateau else "")))
     gamma = chosen.localization
     num_burnin, num_draws, ess_aim, extra = _lengths(
         chosen, [r for r in table if r.localization == gamma], traces, num_steps=num_steps,

@@ -291,7 +291,7 @@ def estimate_llc(model: nn.Module | SamplingTarget, data: Any = None, loss_fn: L
 
             calibration = calibrate(target, localization=localization or _DEFAULTS["localization"],
                                     nbeta=nbeta, sampler=sampler, sampler_kwargs=sampler_kwargs,
-                                    num_chains=num_chains or _DEFAULTS["num_chains"], seed=seed,
+                                    num_chains=num_chains, seed=seed,
                                     compile=compile, expected_calls=expected_calls,
                                     budget=budget, progress=progress, _meter=meter)
         chosen = dict(_DEFAULTS) if calibration is None else calibration.estimate_kwargs()
