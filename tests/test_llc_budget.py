@@ -120,3 +120,22 @@ def test_meter_counts_and_stays_quiet_without_a_terminal(capsys):
         m.say("nothing")
     assert m.used == 30 and m.remaining() == 70
     assert capsys.readouterr().err == ""  # pytest's stderr is not a terminal
+
+
+def test_llc_callback_recalibrates_only_later_snapshots_whose_calibration_no_longer_fits():
+    from dataclasses import replace
+
+    from devinterp.analyses.calibration import calibrate
+    from devinterp.callbacks import LLCCallback
+
+    p = make_dln_problem([4, 5, 6, 4], 1, 2000, seed=0, noise_std=0.0)
+    cal = calibrate(p.model, p.data, p.loss_fn, seed=0, num_steps=60, grid_size=3,
+                    max_burnin=200, max_draws=200, progress=False)
+    tiny = replace(cal, step_size=cal.step_size / 1000)  # MALA acceptance ≈ 1: no longer fits
+    res = estimate_llc(p.model, p.data, p.loss_fn, calibration=tiny, seed=0, progress=False)
+    assert res.diagnostics.acceptance > 0.995
+    cb = LLCCallback(p.data, p.loss_fn, progress=False)
+    cb.calibration, cb.calibrated_at = tiny, 100
+    assert cb._misfit(res, 200) and "acceptance" in cb._misfit(res, 200)
+    assert cb._misfit(res, 50) is None  # a deferred, earlier estimate is not recalibrated
+    assert LLCCallback(p.data, p.loss_fn, recalibrate=False)._misfit(res, 200) is None

@@ -364,7 +364,7 @@ def _fit_budget(wanted: tuple[int, int, int], available: float, *, num_chains: i
     c, b, d = wanted
     if not math.isfinite(available) or None not in (num_chains, num_burnin, num_draws):
         return c, b, d
-    frac = min(num_checks, max(1, d // 30)) / d if num_checks > 0 else 0.0
+    frac = 1 / 30 if num_checks > 0 else 0.0  # checks are capped at num_draws // 30
     fc, fb, fd = fit_lengths(c, b, d, available, min_chains=min(2, c) if num_chains is None else c,
                              check_fraction=frac)
     # explicit values win over the budget

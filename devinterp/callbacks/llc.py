@@ -104,7 +104,7 @@ class LLCCallback(pl.Callback):
             the deferred estimates are published then. ``None`` (default): calibrate at the first
             estimate.
         recalibrate: When an estimate made with a calibration made here shows that it no longer
-            fits the snapshot (:func:`devinterp.analyses.calibration.reuse_warning`: MALA
+            fits a later snapshot (:func:`devinterp.analyses.calibration.reuse_warning`: MALA
             acceptance outside [0.6, 0.995], draws below L(w*), a changed loss scale),
             calibrate again on that snapshot, publish the estimate made with the new
             calibration (the text ``llc/calibration`` says why) and reuse the new one from
@@ -282,10 +282,15 @@ class LLCCallback(pl.Callback):
                 p.grad = grads[name]
         return replica.eval() if eval_mode else replica
 
-    def _misfit(self, result: LLCResult) -> str | None:
-        """Why the calibration made here no longer fits this estimate's snapshot, or None."""
+    def _misfit(self, result: LLCResult, step: int) -> str | None:
+        """Why the calibration made here no longer fits this estimate's snapshot, or None.
+
+        Only later snapshots than the calibration's are recalibrated: the estimates deferred
+        until ``calibrate_at`` are of a network still far from a minimum, where a calibration
+        is what ``calibrate_at`` is there to avoid (their warnings stay).
+        """
         if not (self.recalibrate and self.calibrated_at is not None
-                and self.calibration is not None):
+                and self.calibration is not None and step > self.calibrated_at):
             return None
         module = _calibration_module()
         fn = getattr(module, "reuse_warning", None)
@@ -357,17 +362,11 @@ class LLCCallback(pl.Callback):
                 if self.calibration is not None:
                     kwargs["calibration"] = self.calibration
                 result = estimate_llc(replica, self.data, self.loss_fn, **kwargs)
-                misfit = self._misfit(result)
+                misfit = self._misfit(result, step)
                 if misfit:
-                    if step < self.calibrated_at:  # a deferred, earlier estimate: a one-off
-                        kwargs["calibration"] = self._new_calibration(replica)
-                        log_text(trainer, CALIBRATION_TAG, f"calibrated again for step {step} "
-                                 f"only: {misfit}\n\n```\n{kwargs['calibration']}\n```",
-                                 step=step)
-                    else:
-                        self._calibrate_once(trainer, replica, step, why=misfit)
-                        kwargs["calibration"] = self.calibration
+                    self._calibrate_once(trainer, replica, step, why=misfit)
                     self.recalibrated_at.append(step)
+                    kwargs["calibration"] = self.calibration
                     result = estimate_llc(replica, self.data, self.loss_fn, **kwargs)
         except ChainDivergedError as exc:
             if self.on_divergence == "raise":
