@@ -365,7 +365,8 @@ def _run(out, *, quick: bool, seed: int, cfg: DemoConfig, progress: bool,
     llc_common = dict(num_chains=cfg.llc_chains, localization=cfg.llc_localization,
                       batch_size=cfg.llc_batch_size, seed=seed)
     if cfg.llc_calibrate:  # once, after the head formed; chain lengths bounded by the budget
-        llc_settings = dict(calibrate=True, calibrate_at=cfg.llc_calibrate_at, calibrate_kwargs=dict(
+        llc_settings = dict(calibrate=True, calibrate_at=cfg.llc_calibrate_at, recalibrate=True,
+                            calibrate_kwargs=dict(
             num_steps=cfg.llc_calibration_steps, min_burnin=cfg.llc_min_length,
             max_burnin=cfg.llc_burnin, min_draws=cfg.llc_min_length, max_draws=cfg.llc_draws,
             target_ess=2 * cfg.llc_min_length, min_acceptance=cfg.llc_min_acceptance,

@@ -134,8 +134,8 @@ def test_llc_callback_recalibrates_only_later_snapshots_whose_calibration_no_lon
     tiny = replace(cal, step_size=cal.step_size / 1000)  # MALA acceptance ≈ 1: no longer fits
     res = estimate_llc(p.model, p.data, p.loss_fn, calibration=tiny, seed=0, progress=False)
     assert res.diagnostics.acceptance > 0.995
-    cb = LLCCallback(p.data, p.loss_fn, progress=False)
+    cb = LLCCallback(p.data, p.loss_fn, recalibrate=True, progress=False)
     cb.calibration, cb.calibrated_at = tiny, 100
     assert cb._misfit(res, 200) and "acceptance" in cb._misfit(res, 200)
     assert cb._misfit(res, 50) is None  # a deferred, earlier estimate is not recalibrated
-    assert LLCCallback(p.data, p.loss_fn, recalibrate=False)._misfit(res, 200) is None
+    assert LLCCallback(p.data, p.loss_fn)._misfit(res, 200) is None  # default: once

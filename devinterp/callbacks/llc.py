@@ -103,7 +103,8 @@ class LLCCallback(pl.Callback):
             before that step, the calibration is made on the final weights when training ends and
             the deferred estimates are published then. ``None`` (default): calibrate at the first
             estimate.
-        recalibrate: When an estimate made with a calibration made here shows that it no longer
+        recalibrate: (Default False: calibrate once.) When an estimate made with a calibration
+            made here shows that it no longer
             fits a later snapshot (:func:`devinterp.analyses.calibration.reuse_warning`: MALA
             acceptance outside [0.6, 0.995], draws below L(w*), a changed loss scale),
             calibrate again on that snapshot, publish the estimate made with the new
@@ -136,7 +137,7 @@ class LLCCallback(pl.Callback):
         on_divergence: str = "warn",
         calibrate_kwargs: Mapping[str, Any] | None = None,
         calibrate_at: int | None = None,
-        recalibrate: bool = True,
+        recalibrate: bool = False,
         **estimate_kwargs: Any,
     ):
         super().__init__()
