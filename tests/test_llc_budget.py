@@ -43,7 +43,7 @@ def _transformer():
     num_params = sum(p.numel() for p in model.parameters())
     assert 90_000 <= num_params <= 130_000, num_params
     gen = torch.Generator().manual_seed(0)
-    return model, TensorDataset(torch.randint(0, 24, (128, 16), generator=gen))
+    return model, TensorDataset(torch.randint(0, 24, (64, 8), generator=gen))
 
 
 def _check_within(res, budget, capfd):
@@ -64,12 +64,12 @@ def _check_within(res, budget, capfd):
 def test_a_100k_transformer_within_a_small_budget_counts_forward_passes(capfd):
     model, data = _transformer()
     CALLS[0] = 0
-    res = estimate_llc(model, data, _token_loss, seed=0, batch_size=16, budget=800,
+    res = estimate_llc(model, data, _token_loss, seed=0, batch_size=8, budget=800,
                        progress=True)
     _check_within(res, 800, capfd)
     # a reused calibration with a budget that cannot hold its lengths: the warning names the ESS
     CALLS[0] = 0
-    small = estimate_llc(model, data, _token_loss, seed=1, batch_size=16,
+    small = estimate_llc(model, data, _token_loss, seed=1, batch_size=8,
                          calibration=res.calibration, budget=200, progress=False)
     assert CALLS[0] <= small.cost <= 200
     text = [w for w in small.warnings if "budget of" in w]

@@ -571,7 +571,7 @@ CURVATURE_ITERS = 20
 
 def calibrate(model: nn.Module | SamplingTarget, data: Any = None, loss_fn: LossFn | None = None,
               *, num_steps: int | None = None, num_pilot_chains: int = 2, grid_size: int = 6,
-              grid_top: float = 1.0, step_sizes: list[float] | None = None,
+              grid_top: float = 0.5, step_sizes: list[float] | None = None,
               localization: float = 1.0, nbeta: float | None = None,
               batch_size: int | None = None, sampler: str = "sgld",
               sampler_kwargs: Mapping[str, Any] | None = None, params: ParamSelection = None,
