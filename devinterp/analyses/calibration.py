@@ -801,9 +801,11 @@ def calibrate(model: nn.Module | SamplingTarget, data: Any = None, loss_fn: Loss
         target_rel_stderr=target_rel_stderr, min_draws=min_draws, max_draws=max_draws,
         min_burnin=min_burnin, max_burnin=max_burnin)
     if budget is not None:
+        # fill at most the default budget: longer chains read λ̂ high on the larger networks
+        # (docs/calibration.md); a larger budget only spares the calibrated lengths from cuts
         num_chains_est, num_burnin, num_draws, fill = _fill_budget(
-            num_chains, num_burnin, num_draws, budget - meter.used, max_burnin=max_burnin,
-            max_draws=max_draws)
+            num_chains, num_burnin, num_draws, min(budget, DEFAULT_BUDGET) - meter.used,
+            max_burnin=max_burnin, max_draws=max_draws)
         if fill:
             extra += "; " + fill
     else:
