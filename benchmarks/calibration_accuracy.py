@@ -1,11 +1,16 @@
-"""Accuracy of ``estimate_llc(model, data, loss_fn, seed=s)`` (automatic calibration) against the
-exact learning coefficients of deep linear networks and reduced-rank regression.
+"""Accuracy of ``estimate_llc(model, data, loss_fn, seed=s)`` (automatic calibration, the default
+budget of 5,000 model evaluations) against the exact learning coefficients of deep linear
+networks and reduced-rank regression.
 
 Each network sits at a noise-free teacher (so L_n(w*) = 0), n = 10000, batch 512 (the default).
-Prints one line per network (exact λ, estimate ± stderr, relative error, chosen ε, burn-in, draws,
-calibration/estimate wall-time ratio) and the median and maximum relative error per family.
+Families: ``dln`` (small deep linear networks, tens of weights, incl. deep rank-1 ones), ``rrr``
+(reduced-rank regression), ``large`` (deep linear networks with 1,600-30,000 weights, depths
+3-5, ranks 1-20, λ from ~130 to ~3,900). Prints one line per network (exact λ, estimate ±
+stderr, relative error, chosen ε·h, chains × (burn-in + draws), model evaluations spent, whether
+the budget bound, wall time) and the median and maximum relative error per family.
 
-    OMP_NUM_THREADS=1 python benchmarks/calibration_accuracy.py [--seed 0] [--family dln|rrr|all]
+    OMP_NUM_THREADS=1 python benchmarks/calibration_accuracy.py [--seed 0] [--family dln|rrr|large|all]
+        [--budget 5000] [--only 3]
 """
 
 from __future__ import annotations
@@ -19,11 +24,15 @@ import torch
 from devinterp.analyses import estimate_llc
 from devinterp.analyses.theory import make_dln_problem, make_rrr_problem
 
-#: (widths, true rank) of the deep linear networks.
+#: (widths, true rank) of the small deep linear networks.
 DLNS = [([10] * 5, 5), ([4, 5, 6, 4], 1), ([6, 6, 6, 6], 2), ([10, 10, 10, 10], 3),
-        ([3, 8, 8, 3], 1), ([8, 6, 4, 6, 8], 2)]
+        ([3, 8, 8, 3], 1), ([8, 6, 4, 6, 8], 2), ([5, 5, 5, 5, 5], 1), ([6, 3, 6, 3], 1)]
 #: (M, H, N, r) of the reduced-rank regressions.
 RRRS = [(5, 3, 5, 1), (5, 4, 5, 0), (4, 3, 8, 1), (6, 2, 3, 1), (6, 3, 4, 1)]
+#: (widths, true rank) of the larger deep linear networks (depth = len(widths) - 1 layers).
+LARGE = [([20, 30, 30, 20], 5), ([16, 32, 32, 16], 1), ([30] * 6, 3), ([40, 60, 60, 40], 20),
+         ([60, 40, 40, 40, 60], 1), ([25, 50, 50, 50, 25], 8), ([50, 50, 50, 50], 10),
+         ([64, 64, 64, 64], 2), ([100, 100, 100, 100], 20)]
 
 
 def problems(family: str, n: int = 10_000, seed: int = 0) -> list:
@@ -32,39 +41,57 @@ def problems(family: str, n: int = 10_000, seed: int = 0) -> list:
         out += [make_dln_problem(w, r, n, seed, noise_std=0.0) for w, r in DLNS]
     if family in ("rrr", "all"):
         out += [make_rrr_problem(m, h, k, r, n, seed, noise_std=0.0) for m, h, k, r in RRRS]
+    if family in ("large", "all"):
+        out += [make_dln_problem(w, r, n, seed, noise_std=0.0) for w, r in LARGE]
     return out
 
 
-def run_one(problem, seed: int) -> dict:
+def family_of(problem) -> str:
+    if problem.description.startswith("RRR"):
+        return "RRR"
+    return "DLN large" if problem.num_params >= 1000 else "DLN small"
+
+
+def run_one(problem, seed: int, budget: int | None = 5000) -> dict:
     t0 = time.perf_counter()
-    res = estimate_llc(problem.model, problem.data, problem.loss_fn, seed=seed)
+    res = estimate_llc(problem.model, problem.data, problem.loss_fn, seed=seed, budget=budget,
+                       progress=False)
     total = time.perf_counter() - t0
-    cal = res.calibration
-    return {"description": problem.description, "llc": problem.llc, "estimate": res.mean,
+    cal, cfg = res.calibration, res.config
+    return {"description": problem.description, "family": family_of(problem),
+            "d": problem.num_params, "llc": problem.llc, "estimate": res.mean,
             "stderr": res.stderr, "rel": (res.mean - problem.llc) / problem.llc,
-            "step_size": cal.step_size, "num_burnin": cal.num_burnin, "num_draws": cal.num_draws,
-            "ratio": cal.seconds / max(total - cal.seconds, 1e-9), "warnings": res.warnings}
+            "eps_h": cal.step_size * cal.curvature, "chains": cfg.num_chains,
+            "num_burnin": cfg.num_burnin, "num_draws": cfg.num_draws, "cost": res.cost,
+            "bound": any("budget" in w for w in res.warnings), "ok": cal.ok,
+            "seconds": total, "warnings": res.warnings}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--family", default="all", choices=["dln", "rrr", "all"])
+    ap.add_argument("--family", default="all", choices=["dln", "rrr", "large", "all"])
+    ap.add_argument("--budget", type=int, default=5000, help="0: no limit")
+    ap.add_argument("--only", type=int, default=0, help="the first ONLY networks of the family")
     args = ap.parse_args()
     torch.set_num_threads(1)
     rows = []
-    for p in problems(args.family):
-        r = run_one(p, args.seed)
+    probs = problems(args.family, seed=args.seed)
+    if args.only:
+        probs = probs[:args.only]
+    for p in probs:
+        r = run_one(p, args.seed, args.budget or None)
         rows.append(r)
-        print(f"{r['description']:42s} λ={r['llc']:6.2f}  λ̂={r['estimate']:7.2f} ± "
-              f"{r['stderr']:.2f}  rel {r['rel']:+6.1%}  ε={r['step_size']:.3g} "
-              f"burn-in {r['num_burnin']} draws {r['num_draws']}  calib/estimate "
-              f"{r['ratio']:.2f}  warnings {len(r['warnings'])}", flush=True)
-    for fam in ("DLN", "RRR"):
-        errs = [abs(r["rel"]) for r in rows if r["description"].startswith(fam)]
+        print(f"{r['description']:48s} d={r['d']:6d} λ={r['llc']:7.1f}  λ̂={r['estimate']:8.1f} ± "
+              f"{r['stderr']:6.1f}  rel {r['rel']:+6.1%}  ε·h={r['eps_h']:.3g} "
+              f"{r['chains']}×({r['num_burnin']}+{r['num_draws']})  evals {r['cost']}"
+              f"{' (budget bound)' if r['bound'] else ''}{'' if r['ok'] else ' FALLBACK'}  "
+              f"{r['seconds']:.0f} s  warnings {len(r['warnings'])}", flush=True)
+    for fam in ("DLN small", "RRR", "DLN large"):
+        errs = [abs(r["rel"]) for r in rows if r["family"] == fam]
         if errs:
             print(f"{fam}: median |rel| {statistics.median(errs):.1%}, max {max(errs):.1%} "
-                  f"over {len(errs)} networks")
+                  f"over {len(errs)} networks (seed {args.seed}, budget {args.budget or 'none'})")
 
 
 if __name__ == "__main__":

@@ -64,6 +64,9 @@ class DemoConfig:
             lengths it may choose (from ``llc_min_length``). Without it, ``llc_step_size`` and
             those lengths are used as is (hand-tuned settings, ``--no-calibrate``).
         llc_calibrate_at: The step from which the calibration is made (see ``llc_calibrate``).
+        llc_calibration_budget: The ``budget`` the calibration plans within (its pilots get
+            40%: the whole grid of 6 pilots of ``llc_calibration_steps``); the estimates keep
+            the default budget (they cost far less: 2 chains × at most 200 steps).
         llc_chains, llc_draws, llc_burnin: SGLD chains and their (maximal) lengths.
         llc_step_size, llc_localization, llc_batch_size: SGLD ε (without calibration), γ and the
             minibatch size.
@@ -82,6 +85,7 @@ class DemoConfig:
     llc_calibrate: bool = True
     llc_calibrate_at: int = 500
     llc_calibration_steps: int = 200
+    llc_calibration_budget: int = 8000
     llc_min_acceptance: float = 0.75
     llc_min_length: int = 50
     llc_chains: int = 2
@@ -436,10 +440,12 @@ def _run(out, *, quick: bool, seed: int, cfg: DemoConfig, progress: bool,
     llc_common = dict(num_chains=cfg.llc_chains, localization=cfg.llc_localization,
                       batch_size=cfg.llc_batch_size, seed=seed)
     if cfg.llc_calibrate:  # once, after the head formed; chain lengths bounded by the budget
-        llc_settings = dict(calibrate=True, calibrate_at=cfg.llc_calibrate_at, calibrate_kwargs=dict(
+        llc_settings = dict(calibrate=True, calibrate_at=cfg.llc_calibrate_at, recalibrate=True,
+                            calibrate_kwargs=dict(
             num_steps=cfg.llc_calibration_steps, min_burnin=cfg.llc_min_length,
             max_burnin=cfg.llc_burnin, min_draws=cfg.llc_min_length, max_draws=cfg.llc_draws,
-            target_ess=2 * cfg.llc_min_length, min_acceptance=cfg.llc_min_acceptance),
+            target_ess=2 * cfg.llc_min_length, min_acceptance=cfg.llc_min_acceptance,
+            grid_top=2.0, budget=cfg.llc_calibration_budget),
             **llc_common)
     else:
         llc_settings = dict(calibrate=False, step_size=cfg.llc_step_size,

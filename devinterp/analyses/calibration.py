@@ -31,12 +31,13 @@ every snapshot of a run (``estimate_llc(..., calibration=cal)``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import time
 from collections.abc import Mapping
-from dataclasses import MISSING, asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -44,6 +45,7 @@ import torch
 from torch import nn
 
 from devinterp.analyses import diagnostics as diag
+from devinterp.analyses.budget import DEFAULT_BUDGET, Meter, check_budget
 from devinterp.analyses.sampling import (
     LossFn,
     ParamSelection,
@@ -170,6 +172,12 @@ class Calibration:
     seed: int = 0
     seconds: float = 0.0
     warnings: tuple[str, ...] = ()
+    #: effective samples (all chains) ``num_draws`` aims for (0: unknown, an older calibration).
+    target_ess: float = 0.0
+    #: model evaluations the calibration spent (curvature probe and pilots).
+    cost: int = 0
+    #: the budget it planned within (None: none).
+    budget: int | None = None
 
     # ---- use -----------------------------------------------------------------------------
     def estimate_kwargs(self) -> dict[str, Any]:
@@ -250,13 +258,17 @@ class Calibration:
         if version != FORMAT_VERSION:
             raise InvalidInputError(f"calibration format version {version} is not supported "
                                     f"(this library reads {FORMAT_VERSION}); re-run calibrate")
-        ints = {"num_burnin", "num_draws", "num_chains", "batch_size", "n", "seed"}
+        ints = {"num_burnin", "num_draws", "num_chains", "batch_size", "n", "seed", "cost"}
         kw: dict[str, Any] = {}
-        for name in cls.__dataclass_fields__:
+        for name, f in cls.__dataclass_fields__.items():
             if name not in d:
+                if f.default is not MISSING:  # a field added later (older JSON lacks it)
+                    continue
                 raise InvalidInputError(f"calibration dict lacks {name!r}")
             v = d[name]
-            if name == "table":
+            if name == "budget":
+                kw[name] = None if v is None else int(v)
+            elif name == "table":
                 kw[name] = tuple(PilotRow.from_dict(r) for r in v)
             elif name == "warnings":
                 kw[name] = tuple(str(w) for w in v)
@@ -472,7 +484,8 @@ def top_curvature(target: SamplingTarget, *, iters: int = 20, num_samples: int =
 def _pilot(target: SamplingTarget, *, step_size: float, localization: float, nbeta: float,
            num_chains: int, num_steps: int, sampler: str, seed: int,
            sampler_kwargs: Mapping[str, Any] | None, compile: bool | str = "auto",
-           expected_calls: int = 1) -> tuple[PilotRow, np.ndarray | None]:
+           expected_calls: int = 1,
+           on_progress: Any = None) -> tuple[PilotRow, np.ndarray | None]:
     every = max(1, num_steps // 40)
     checks = range(num_steps // 4, num_steps, every) if sampler != "sgnht" else ()
     traces = sample_chains(target, num_chains=num_chains, num_steps=num_steps,
@@ -480,7 +493,7 @@ def _pilot(target: SamplingTarget, *, step_size: float, localization: float, nbe
                            sampler=sampler, seed=seed, sampler_kwargs=sampler_kwargs,
                            acceptance_steps=checks, check_every=max(25, num_steps // 8),
                            on_divergence="stop", compile=compile,
-                           expected_calls=expected_calls)
+                           expected_calls=expected_calls, on_progress=on_progress)
     nan = float("nan")
     if traces.diverged:
         row = PilotRow(step_size=float(step_size), localization=float(localization), llc=nan,
@@ -545,19 +558,33 @@ def _with_drift(row: PilotRow, losses: np.ndarray | None, smaller: PilotRow,
     return PilotRow(**{**asdict(row), "drift": float(drift), "drift_stderr": float(se)})
 
 
+#: Share of the budget the calibration (curvature probe and pilots) may spend; the estimate it
+#: configures gets the rest.
+CALIBRATION_SHARE = 0.4
+#: Pilots the pilot length is planned for (the grid stops at the first step size that passes).
+PLANNED_PILOTS = 4
+#: Fewest effective samples (all chains) the draws aim for, whatever the stderr target.
+MIN_ESS = 100.0
+#: Power iterations of the curvature probe.
+CURVATURE_ITERS = 20
+
+
 def calibrate(model: nn.Module | SamplingTarget, data: Any = None, loss_fn: LossFn | None = None,
-              *, num_steps: int = 400, num_pilot_chains: int = 2, grid_size: int = 6,
-              grid_top: float = 2.0, step_sizes: list[float] | None = None,
+              *, num_steps: int | None = None, num_pilot_chains: int = 2, grid_size: int = 6,
+              grid_top: float = 0.5, step_sizes: list[float] | None = None,
               localization: float = 1.0, nbeta: float | None = None,
               batch_size: int | None = None, sampler: str = "sgld",
               sampler_kwargs: Mapping[str, Any] | None = None, params: ParamSelection = None,
               min_acceptance: float = 0.9, max_below: float = 0.3, drift_tol: float = 0.15,
-              num_chains: int = 4, target_ess: float = 400.0, min_draws: int = 2000,
-              max_draws: int = 20000, min_burnin: int = 200, max_burnin: int = 20000,
-              max_localization_rounds: int = 2, max_extra_levels: int = 12, seed: int = 0,
+              num_chains: int | None = None, target_ess: float = 400.0,
+              target_rel_stderr: float = 0.02,
+              min_draws: int = 200, max_draws: int = 20000, min_burnin: int = 200,
+              max_burnin: int = 20000, max_localization_rounds: int = 2,
+              max_extra_levels: int = 12, seed: int = 0,
               device: str | torch.device | None = None,
               vectorize: bool | str = "auto", compile: bool | str = "auto",
-              expected_calls: int = 1) -> Calibration:
+              expected_calls: int = 1, budget: int | None = DEFAULT_BUDGET,
+              progress: bool | None = None, _meter: Meter | None = None) -> Calibration:
     """Choose step size, localization, burn-in and draws for ``estimate_llc`` from pilot chains.
 
     See the module docstring and ``docs/calibration.md`` for the criteria.
@@ -567,9 +594,11 @@ def calibrate(model: nn.Module | SamplingTarget, data: Any = None, loss_fn: Loss
             ``params``, ``batch_size``, ``device``, ``vectorize`` are ignored).
         data: as for ``estimate_llc``.
         loss_fn: ``loss_fn(model, batch) -> scalar mean loss``.
-        num_steps: steps of each pilot chain.
+        num_steps: steps of each pilot chain; None: planned from the budget (the pilot share
+            over ``PLANNED_PILOTS`` pilots, between 60 and 400), 400 without one.
         num_pilot_chains: chains per pilot.
-        grid_size: number of step sizes (factors of 2 apart, from ``grid_top / h`` down).
+        grid_size: number of step sizes (factors of 2 apart, from ``grid_top / h`` down); the
+            pilots stop at the first (largest) step size that passes.
         grid_top: ε·h at the top of the grid (h: the largest curvature of the potential at w*).
         step_sizes: an explicit grid instead (any order).
         localization: γ to start with (raised tenfold when w* is not a minimum).
@@ -582,8 +611,13 @@ def calibrate(model: nn.Module | SamplingTarget, data: Any = None, loss_fn: Loss
         max_below: largest acceptable fraction of draws below ``L_n(w*)``.
         drift_tol: largest acceptable relative excess-loss difference against ε/2 (beyond
             2 standard errors).
-        num_chains: chains of the estimate this calibration configures.
-        target_ess: effective samples (all chains) the chosen ``num_draws`` should give.
+        num_chains: chains of the estimate this calibration configures; None: 2 under a
+            budget (λ̂ depends on the Langevin time of each chain, so fewer, longer chains
+            measure better for the same model evaluations; see ``docs/calibration.md``), 4
+            without one.
+        target_ess: the most effective samples (all chains) the chosen ``num_draws`` aims for.
+        target_rel_stderr: ... fewer when the pilot shows that fewer give a stderr of this
+            fraction of λ̂ (a large λ̂ needs few samples), but at least ``MIN_ESS``.
         min_draws, max_draws, min_burnin, max_burnin: bounds of the chosen lengths.
         max_localization_rounds: how many times γ may be raised tenfold.
         max_extra_levels: how many halvings may extend the grid down when every step size is
@@ -593,6 +627,11 @@ def calibrate(model: nn.Module | SamplingTarget, data: Any = None, loss_fn: Loss
         vectorize: as for ``estimate_llc``.
         compile, expected_calls: as for ``estimate_llc``; the pilots weigh
             ``expected_calls × grid_size`` runs against the compile cost.
+        budget: model evaluations of the whole estimate this calibration configures (as for
+            ``estimate_llc``; None: no limit). The calibration spends at most
+            ``CALIBRATION_SHARE`` of it (curvature probe and pilots); when that runs out the
+            choice is made among the step sizes tried (with a warning if none passed).
+        progress: a progress bar and the plan on stderr; None: when stderr is a terminal.
 
     Returns:
         A :class:`Calibration`; ``ok`` is False (with warnings) when no step size met every
@@ -604,98 +643,173 @@ def calibrate(model: nn.Module | SamplingTarget, data: Any = None, loss_fn: Loss
             grid diverges, an :class:`InvalidInputError` says so.
     """
     t_start = time.perf_counter()
+    budget = check_budget(budget)
+    if num_chains is None:
+        num_chains = 2 if budget is not None else 4
+    if num_steps is None:
+        auto_steps = True
+        num_steps = 400
+    else:
+        auto_steps = False
     _validate(num_steps=num_steps, num_pilot_chains=num_pilot_chains, grid_size=grid_size,
               grid_top=grid_top, min_acceptance=min_acceptance, max_below=max_below,
               drift_tol=drift_tol, num_chains=num_chains, target_ess=target_ess,
               min_draws=min_draws, max_draws=max_draws, min_burnin=min_burnin,
               max_burnin=max_burnin, localization=localization, step_sizes=step_sizes)
+    if not (isinstance(target_rel_stderr, (int, float)) and not isinstance(target_rel_stderr, bool)
+            and target_rel_stderr > 0):
+        raise InvalidInputError(f"target_rel_stderr must be a positive number, got "
+                                f"{target_rel_stderr!r}")
     if sampler == "sgnht":
         raise InvalidInputError("calibrate supports 'sgld' and 'rmsprop_sgld' (it needs the MALA "
                                 "acceptance check, which SGNHT lacks); calibrate with 'sgld'")
+    prepared = isinstance(model, SamplingTarget)
     target = as_target(model, data, loss_fn, caller="calibrate", params=params, batch_size=batch_size,
                        device=device, vectorize=vectorize, compile=compile,
                        expected_calls=expected_calls)
+    own_meter = _meter is None
+    meter = _meter if _meter is not None else Meter(budget, progress=progress, desc="calibrate")
+    if own_meter and not prepared:
+        meter.add(math.ceil(target.n / max(min(target.batch_size, target.eval_batch_size), 1)))
+    start_used = meter.used
     nbeta = default_nbeta(target.n) if nbeta is None else float(nbeta)
-    mu = top_curvature(target, seed=seed)
-    table: list[PilotRow] = []
-    traces: dict[tuple[float, float], np.ndarray | None] = {}
-    gamma = float(localization)
-    warnings: list[str] = []
-    chosen: PilotRow | None = None
-    reason = ""
-    for round_ in range(max_localization_rounds + 1):
-        h = nbeta * mu + gamma
-        if step_sizes is not None:
-            grid = sorted((float(e) for e in step_sizes), reverse=True)
-        else:
-            grid = [grid_top / h / 2**k for k in range(grid_size)]
-        rows: list[PilotRow] = []
-        extra_levels = 0
-        while True:
-            for eps in grid:
-                row, losses = _pilot(target, step_size=eps, localization=gamma, nbeta=nbeta,
-                                     num_chains=num_pilot_chains, num_steps=num_steps,
-                                     sampler=sampler, seed=seed, sampler_kwargs=sampler_kwargs,
-                                     compile=compile,
-                                     expected_calls=expected_calls * max(grid_size, 1))
-                if rows:
-                    prev = rows[-1]
-                    rows[-1] = _with_drift(prev, traces[(prev.step_size, gamma)], row, losses,
-                                           target.init_loss)
-                rows.append(row)
-                traces[(eps, gamma)] = losses
-            chosen, reason = _choose(rows, min_acceptance=min_acceptance, max_below=max_below,
-                                     drift_tol=drift_tol)
-            last = rows[-1]
-            # every step size too large (divergence or low acceptance): extend the grid down
-            too_large = last.diverged or not (last.acceptance >= min_acceptance)
-            if chosen is not None or not too_large or extra_levels >= max_extra_levels:
+    probe_cost = CURVATURE_ITERS * 2 * 2
+    limit = math.inf if budget is None else CALIBRATION_SHARE * budget  # on meter.used
+    if auto_steps and budget is not None:
+        per_pilot = (limit - meter.used - probe_cost) / (num_pilot_chains * PLANNED_PILOTS)
+        num_steps = int(min(400, max(60, per_pilot - 30)))  # ~30 acceptance checks each
+    pilot_cost = num_pilot_chains * (num_steps + len(range(num_steps // 4, num_steps,
+                                                           max(1, num_steps // 40))))
+    if own_meter:
+        meter.plan(int(min(limit, meter.used + probe_cost + PLANNED_PILOTS * pilot_cost)))
+    else:
+        meter.plan(meter.used + probe_cost + PLANNED_PILOTS * pilot_cost
+                   + (0 if budget is None else max(int(budget - limit), 0)))
+    meter.say(f"calibrate: curvature probe, then pilots of {num_pilot_chains} chains × "
+              f"{num_steps} steps from the largest step size down (ε·h = {grid_top:g}, /2 each) "
+              "until one passes the acceptance, plateau and drift criteria"
+              + ("" if budget is None else
+                 f"; at most {int(limit - meter.used):,} of the {budget:,} model evaluations"))
+    with meter if own_meter else contextlib.nullcontext():
+        mu = top_curvature(target, seed=seed, iters=CURVATURE_ITERS)
+        meter.add(probe_cost)
+        table: list[PilotRow] = []
+        traces: dict[tuple[float, float], np.ndarray | None] = {}
+        gamma = float(localization)
+        warnings: list[str] = []
+        chosen: PilotRow | None = None
+        reason = ""
+        exhausted = False
+        for round_ in range(max_localization_rounds + 1):
+            h = nbeta * mu + gamma
+            if step_sizes is not None:
+                grid = sorted((float(e) for e in step_sizes), reverse=True)
+            else:
+                grid = [grid_top / h / 2**k for k in range(grid_size)]
+            rows: list[PilotRow] = []
+            extra_levels = 0
+            while True:
+                for eps in grid:
+                    if meter.used + pilot_cost > limit:
+                        exhausted = True
+                        break
+                    row, losses = _pilot(target, step_size=eps, localization=gamma, nbeta=nbeta,
+                                         num_chains=num_pilot_chains, num_steps=num_steps,
+                                         sampler=sampler, seed=seed,
+                                         sampler_kwargs=sampler_kwargs, compile=compile,
+                                         expected_calls=expected_calls * max(grid_size, 1),
+                                         on_progress=meter.add)
+                    if rows:
+                        prev = rows[-1]
+                        rows[-1] = _with_drift(prev, traces[(prev.step_size, gamma)], row,
+                                               losses, target.init_loss)
+                    rows.append(row)
+                    traces[(eps, gamma)] = losses
+                    # the largest step size whose drift against ε/2 is known passes: stop here
+                    if len(rows) > 1 and _choose(rows[:-1], min_acceptance=min_acceptance,
+                                                 max_below=max_below,
+                                                 drift_tol=drift_tol)[0] is not None:
+                        break
+                if not rows:
+                    break
+                done = _choose(rows[:-1], min_acceptance=min_acceptance, max_below=max_below,
+                               drift_tol=drift_tol)
+                chosen, reason = done if done[0] is not None else _choose(
+                    rows, min_acceptance=min_acceptance, max_below=max_below,
+                    drift_tol=drift_tol)
+                last = rows[-1]
+                # every step size too large (divergence or low acceptance): extend the grid down
+                too_large = last.diverged or not (last.acceptance >= min_acceptance)
+                if (chosen is not None or not too_large or extra_levels >= max_extra_levels
+                        or exhausted):
+                    break
+                grid = [last.step_size / 2]
+                extra_levels += 1
+            table.extend(rows)
+            if chosen is not None or exhausted:
                 break
-            grid = [last.step_size / 2]
-            extra_levels += 1
-        table.extend(rows)
-        if chosen is not None:
+            live = [r for r in rows if not r.diverged]
+            below = bool(live) and min(r.frac_below for r in live) > max_below
+            negative = bool(live) and all(r.llc <= 0 for r in live)
+            if (below or negative) and round_ < max_localization_rounds:
+                gamma *= 10
+                continue
             break
-        live = [r for r in rows if not r.diverged]
-        below = bool(live) and min(r.frac_below for r in live) > max_below
-        negative = bool(live) and all(r.llc <= 0 for r in live)
-        if (below or negative) and round_ < max_localization_rounds:
-            gamma *= 10
-            continue
-        break
     ok = chosen is not None
     if chosen is None:
         live = [r for r in table if not r.diverged]
         if not live:
+            if not table:
+                raise InvalidInputError(
+                    f"the budget ({budget} model evaluations) does not cover a single pilot of "
+                    f"{num_pilot_chains} chains × {num_steps} steps: raise budget= or lower "
+                    "num_steps")
             raise InvalidInputError(
                 "every pilot step size diverged (largest curvature estimate "
                 f"{mu:.3g}); pass smaller step_sizes=[...] to calibrate, or check the loss")
         # the most conservative: the highest acceptance among the largest γ tried
         g_max = max(r.localization for r in live)
         cands = [r for r in live if r.localization == g_max]
-        # (among those that reached a plateau, when any did)
-        chosen = max(cands, key=lambda r: (r.plateau, np.nan_to_num(r.acceptance, nan=0.0),
-                                           -r.step_size))
+        # pilots too short to see a plateau (the budget): the largest ε meeting every other
+        # criterion; else the highest acceptance (among those that reached a plateau, if any)
+        unsettled = [r for r in cands if not r.plateau and _failures(
+            replace(r, plateau=True), min_acceptance=min_acceptance, max_below=max_below,
+            drift_tol=drift_tol) == []]
+        if unsettled:
+            chosen = max(unsettled, key=lambda r: r.step_size)
+        else:
+            chosen = max(cands, key=lambda r: (r.plateau, np.nan_to_num(r.acceptance, nan=0.0),
+                                               -r.step_size))
+        spent = (f"the calibration's share of the budget ({int(limit):,} model evaluations) "
+                 "ran out; " if exhausted else "")
         warnings.append(
-            f"no step size met every criterion ({reason}); using the most conservative one, "
-            f"step_size={chosen.step_size:.3g}, localization={g_max:g}. The estimate may be "
-            "unreliable: check that w* is a trained minimum, or pass step_sizes=[...] with "
-            "smaller values and a larger num_steps")
-        reason = (f"fallback: no step size met every criterion ({reason}); chose ε="
-                  f"{chosen.step_size:.3g} with the highest acceptance"
-                  + (" among those that reached a plateau" if chosen.plateau else ""))
+            f"no step size met every criterion ({spent}{reason}); using the most conservative "
+            f"one, step_size={chosen.step_size:.3g}, localization={g_max:g}. The estimate may "
+            "be unreliable: check that w* is a trained minimum, or pass step_sizes=[...] with "
+            "smaller values and a larger num_steps" + (", or a larger budget=" if exhausted
+                                                        else ""))
+        reason = (f"fallback: no step size met every criterion ({spent}{reason}); chose ε="
+                  f"{chosen.step_size:.3g}, " + (
+                      "the largest that met every criterion but the plateau (the pilots were "
+                      "too short to see one)" if unsettled else
+                      "with the highest acceptance" + (" among those that reached a plateau"
+                                                       if chosen.plateau else "")))
     gamma = chosen.localization
-    num_burnin, num_draws, extra = _lengths(
+    num_burnin, num_draws, ess_aim, extra = _lengths(
         chosen, [r for r in table if r.localization == gamma], traces, num_steps=num_steps,
-        num_chains=num_chains, target_ess=target_ess, min_draws=min_draws, max_draws=max_draws,
+        num_pilot_chains=num_pilot_chains, num_chains=num_chains, target_ess=target_ess,
+        target_rel_stderr=target_rel_stderr, min_draws=min_draws, max_draws=max_draws,
         min_burnin=min_burnin, max_burnin=max_burnin)
-    # the estimate should cost at least what its calibration did (pilot chain-steps)
-    pilot_cost = num_pilot_chains * sum(
-        (r.diverged_step if r.diverged else num_steps) for r in table)
-    floor = int(math.ceil(pilot_cost / num_chains)) - num_burnin
-    if floor > num_draws:
-        num_draws = int(min(floor, max_draws))
-        extra += f"; num_draws raised to {num_draws} so the estimate costs at least the pilots"
+    if budget is not None:
+        # fill at most the default budget: longer chains read λ̂ high on the larger networks
+        # (docs/calibration.md); a larger budget only spares the calibrated lengths from cuts
+        num_chains_est, num_burnin, num_draws, fill = _fill_budget(
+            num_chains, num_burnin, num_draws, min(budget, DEFAULT_BUDGET) - meter.used,
+            max_burnin=max_burnin, max_draws=max_draws)
+        if fill:
+            extra += "; " + fill
+    else:
+        num_chains_est = num_chains
     reason = f"{reason}; {extra}"
     if gamma != localization:
         reason += (f"; localization raised from {localization:g} to {gamma:g} because draws fell "
@@ -704,12 +818,17 @@ def calibrate(model: nn.Module | SamplingTarget, data: Any = None, loss_fn: Loss
             f"draws fell below L(w*) at localization={localization:g}: w* does not look like a "
             f"local minimum; calibrated with localization={gamma:g}. Train longer, or read the "
             "estimate as the LLC of the γ-localized posterior")
-    return Calibration(
+    cal = Calibration(
         step_size=chosen.step_size, localization=gamma, nbeta=nbeta, num_burnin=num_burnin,
-        num_draws=num_draws, num_chains=num_chains, batch_size=target.batch_size,
+        num_draws=num_draws, num_chains=num_chains_est, batch_size=target.batch_size,
         sampler=sampler, n=target.n, init_loss=float(target.init_loss),
         curvature=nbeta * mu + gamma, ok=ok, reason=reason, table=tuple(table), seed=seed,
-        seconds=time.perf_counter() - t_start, warnings=tuple(warnings))
+        seconds=time.perf_counter() - t_start, warnings=tuple(warnings), target_ess=ess_aim,
+        cost=int(meter.used - start_used), budget=budget)
+    meter.say(f"calibrate: step_size={cal.step_size:.3g} (ε·h = {cal.step_size * cal.curvature:.2g}"
+              f"), {'ok' if ok else 'FALLBACK (ok: false)'}: " + reason.split(";")[0]
+              + f"; {cal.cost:,} model evaluations")
+    return cal
 
 
 def _choose(rows: list[PilotRow], *, min_acceptance: float, max_below: float,
@@ -757,9 +876,13 @@ def _failures(row: PilotRow, *, min_acceptance: float, max_below: float,
 
 def _lengths(chosen: PilotRow, rows: list[PilotRow],
              traces: Mapping[tuple[float, float], np.ndarray | None], *, num_steps: int,
-             num_chains: int, target_ess: float, min_draws: int, max_draws: int,
-             min_burnin: int, max_burnin: int) -> tuple[int, int, str]:
-    """Burn-in (Langevin time of the plateau, converted to steps at ε) and draws (ESS)."""
+             num_pilot_chains: int, num_chains: int, target_ess: float,
+             target_rel_stderr: float, min_draws: int, max_draws: int, min_burnin: int,
+             max_burnin: int) -> tuple[int, int, float, str]:
+    """Burn-in (Langevin time of the plateau, converted to steps at ε) and draws (ESS).
+
+    Returns ``(num_burnin, num_draws, effective samples aimed for, the reason in words)``.
+    """
     eps = chosen.step_size
     # the burn-in relaxes in Langevin time τ = ε·t: read it on the largest step no larger than 4ε
     # that did not diverge and reached its plateau (more τ in the same number of steps)
@@ -777,12 +900,57 @@ def _lengths(chosen: PilotRow, rows: list[PilotRow],
     burn = int(math.ceil(2 * tau_burn / eps))
     num_burnin = int(min(max(burn, min_burnin), max_burnin))
     tau = chosen.tau_int if math.isfinite(chosen.tau_int) else 1.0
-    draws = int(math.ceil(target_ess * max(tau, 1.0) / num_chains))
+    tau = max(tau, 1.0)
+    # effective samples for a stderr of target_rel_stderr·λ̂, read from the pilot's own stderr
+    aim = float(target_ess)
+    start = chosen.burnin if chosen.plateau else num_steps // 2
+    ess_pilot = num_pilot_chains * max(num_steps - start, 1) / tau
+    if chosen.llc > 0 and math.isfinite(chosen.stderr) and chosen.stderr > 0:
+        for_rel = ess_pilot * (chosen.stderr / (target_rel_stderr * chosen.llc)) ** 2
+        aim = float(min(target_ess, max(MIN_ESS, for_rel)))
+    draws = int(math.ceil(aim * tau / num_chains))
     num_draws = int(min(max(draws, min_draws, num_burnin // 2), max_draws))
     text = (f"num_burnin={num_burnin} from the {burn_src} (2× that Langevin time); "
-            f"num_draws={num_draws} for ~{target_ess:.0f} effective draws over {num_chains} "
-            f"chains (autocorrelation time {tau:.1f} steps)")
-    return num_burnin, num_draws, text
+            f"num_draws={num_draws} for ~{aim:.0f} effective draws over {num_chains} "
+            f"chains (autocorrelation time {tau:.1f} steps; a stderr of "
+            f"{target_rel_stderr:.0%} of λ̂ needs ~{aim:.0f}, at most {target_ess:.0f})")
+    return num_burnin, num_draws, aim, text
+
+
+#: At most this factor longer than the calibrated lengths when filling the budget.
+MAX_STRETCH = 8.0
+
+
+def _fill_budget(num_chains: int, num_burnin: int, num_draws: int, available: float, *,
+                 max_burnin: int, max_draws: int) -> tuple[int, int, int, str]:
+    """Chains and lengths that use the estimate's share of the budget.
+
+    On these networks λ̂ keeps changing with the Langevin time ε·t long after the loss trace
+    looks flat (``docs/calibration.md``, "Lengths under a budget"), and the per-chain
+    estimate is unbiased only when the chain is long: so the budget left after the calibration
+    goes into longer chains rather than being left unused. With a burn-in longer than a third
+    of a chain, two chains instead of more (each chain pays the burn-in again). Burn-in and
+    draws grow in proportion, at most ``MAX_STRETCH`` times and up to ``max_burnin`` /
+    ``max_draws``.
+    """
+    per_check = 1 + 1 / 30
+    chains = num_chains
+    per = available / chains / per_check
+    if chains > 2 and num_burnin > per / 3:
+        chains = 2
+        per = available / chains / per_check
+    total = num_burnin + num_draws
+    if per <= total:
+        return chains, num_burnin, num_draws, (
+            f"{chains} chains (the budget cannot fit {num_chains} with this burn-in)"
+            if chains != num_chains else "")
+    scale = min(per / total, MAX_STRETCH)
+    burn = int(min(num_burnin * scale, max_burnin))
+    draws = int(min(num_draws * scale, max_draws, per - burn))
+    draws = max(draws, num_draws)
+    text = (f"stretched to {chains} chains × ({burn} + {draws}) steps to use the budget "
+            f"({int(available):,} model evaluations left after the calibration)")
+    return chains, burn, draws, text
 
 
 def _validate(**kw: Any) -> None:

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from devinterp.analyses import diagnostics as diag
+from devinterp.analyses.budget import DEFAULT_BUDGET, Meter, check_budget, fit_lengths
 from devinterp.analyses.sampling import (
     LossFn,
     ParamSelection,
@@ -124,6 +125,9 @@ class LLCResult:
         warnings: human-readable problems found, each with what to do.
         calibration: the :class:`~devinterp.analyses.calibration.Calibration` that set the
             hyper-parameters (``step_size="auto"`` or ``calibration=``), else None.
+        cost: model evaluations this call spent (forward+backward passes of one chain on one
+            minibatch: ``L_n(w*)``, calibration, chains, acceptance checks); 0 from
+            :func:`summarize`.
     """
 
     mean: float
@@ -137,6 +141,7 @@ class LLCResult:
     diagnostics: LLCDiagnostics
     warnings: tuple[str, ...] = ()
     calibration: Calibration | None = field(default=None, repr=False, compare=False)
+    cost: int = 0
 
     def llc_trace(self) -> np.ndarray:
         """Running estimate ``nβ·(mean of draws up to t − L_n(w*))`` per chain, ``(C, draws)``."""
@@ -169,7 +174,7 @@ def _acceptance_steps(num_burnin: int, num_draws: int, checks: int) -> list[int]
 
 
 #: Defaults used when neither an argument nor a calibration gives a value.
-_DEFAULTS = {"num_chains": 4, "num_draws": 1000, "num_burnin": 500, "localization": 1.0}
+_DEFAULTS = {"num_chains": 4, "num_draws": 800, "num_burnin": 400, "localization": 1.0}
 
 
 def estimate_llc(model: nn.Module | SamplingTarget, data: Any = None, loss_fn: LossFn | None = None,
@@ -181,7 +186,8 @@ def estimate_llc(model: nn.Module | SamplingTarget, data: Any = None, loss_fn: L
                  seed: int = 0, device: str | torch.device | None = None,
                  vectorize: bool | str = "auto", num_acceptance_checks: int = 32,
                  check_every: int = 100, calibration: Calibration | None = None,
-                 compile: bool | str = "auto", expected_calls: int = 1) -> LLCResult:
+                 compile: bool | str = "auto", expected_calls: int = 1,
+                 budget: int | None = DEFAULT_BUDGET, progress: bool | None = None) -> LLCResult:
     """Estimate the local learning coefficient of ``model`` at its current weights.
 
     ``λ̂ = nβ·(mean post-burn-in minibatch loss − L_n(w*))`` averaged over chains; see the module
@@ -192,7 +198,7 @@ def estimate_llc(model: nn.Module | SamplingTarget, data: Any = None, loss_fn: L
     given; else, with ``step_size="auto"`` (the default), a calibration made here by
     :func:`~devinterp.analyses.calibration.calibrate` from pilot chains (reported in
     ``LLCResult.calibration``); else (an explicit numeric ``step_size`` and no calibration) the
-    defaults ``num_chains=4, num_draws=1000, num_burnin=500, localization=1.0``.
+    defaults ``num_chains=4, num_draws=800, num_burnin=400, localization=1.0`` (within the default budget).
 
     Args:
         model: the network at w* (its current train/eval mode is used: call ``eval()`` first to
@@ -233,6 +239,16 @@ def estimate_llc(model: nn.Module | SamplingTarget, data: Any = None, loss_fn: L
             results agree up to floating-point reassociation.
         expected_calls: how many estimates of this model structure this process will make
             (e.g. the number of snapshots); the hint for ``compile="auto"``.
+        budget: the most model evaluations (forward+backward passes of one chain on one
+            minibatch) this call may cost, calibration, ``L_n(w*)``, chains and acceptance
+            checks together (default 5,000, whatever the model's size; None: no limit). The
+            calibration plans within it; chain lengths that are not given explicitly are cut
+            to fit it (fewer, longer chains first, see ``docs/llc.md``), and when it binds,
+            ``warnings`` say so with the effective sample size and stderr reached and the
+            budget that would reach the calibration's target. Explicit ``num_chains``,
+            ``num_draws``, ``num_burnin`` are never cut.
+        progress: a progress bar with an ETA on stderr (shown once the work has run 2 s) and
+            the plan announced first; None: when stderr is a terminal.
 
     Returns:
         An :class:`LLCResult`.
@@ -264,43 +280,65 @@ def estimate_llc(model: nn.Module | SamplingTarget, data: Any = None, loss_fn: L
         if not isinstance(calibration, Calibration):
             raise InvalidInputError("calibration must be a Calibration (from calibrate() or "
                                     f"LLCResult.calibration), got {type(calibration).__name__}")
+    budget = check_budget(budget)
+    prepared = isinstance(model, SamplingTarget)
     target = as_target(model, data, loss_fn, caller="estimate_llc", params=params, batch_size=batch_size,
                        device=device, vectorize=vectorize, compile=compile,
                        expected_calls=expected_calls)
+    meter = Meter(budget, progress=progress, desc="estimate_llc")
+    if not prepared:  # L_n(w*), computed by prepare_target in chunks
+        meter.add(_init_loss_cost(target))
     reused = calibration is not None
-    if calibration is None and auto:
-        from devinterp.analyses.calibration import calibrate
+    with meter:
+        if calibration is None and auto:
+            from devinterp.analyses.calibration import calibrate
 
-        calibration = calibrate(target, localization=localization or _DEFAULTS["localization"],
-                                nbeta=nbeta, sampler=sampler, sampler_kwargs=sampler_kwargs,
-                                num_chains=num_chains or _DEFAULTS["num_chains"], seed=seed,
-                                compile=compile, expected_calls=expected_calls)
-    chosen = dict(_DEFAULTS) if calibration is None else calibration.estimate_kwargs()
-    given = {"num_chains": num_chains, "num_draws": num_draws, "num_burnin": num_burnin,
-             "localization": localization, "nbeta": nbeta,
-             "step_size": None if auto else step_size}
-    chosen.update({k: v for k, v in given.items() if v is not None})
-    num_chains, num_draws, num_burnin = (chosen["num_chains"], chosen["num_draws"],
-                                         chosen["num_burnin"])
-    step_size, localization = chosen["step_size"], chosen["localization"]
-    nbeta = chosen.get("nbeta")
-    nbeta = default_nbeta(target.n) if nbeta is None else nbeta
-    try:
-        traces = sample_chains(
-            target, num_chains=num_chains, num_steps=num_burnin + num_draws,
-            step_size=step_size, localization=localization, nbeta=nbeta, sampler=sampler,
-            seed=seed, sampler_kwargs=sampler_kwargs,
-            acceptance_steps=_acceptance_steps(num_burnin, num_draws, num_acceptance_checks),
-            check_every=check_every, on_divergence="raise", compile=compile,
-            expected_calls=expected_calls)
-    except ChainDivergedError as exc:
-        if not reused:
-            raise
-        raise ChainDivergedError(
-            f"{exc} — with step_size={step_size:g} from a reused calibration: the loss scale or "
-            "curvature has changed since it was made; calibrate again at this snapshot "
-            "(estimate_llc(..., step_size='auto'))", chain=exc.chain, step=exc.step,
-            suggested_step_size=exc.suggested_step_size) from exc
+            calibration = calibrate(target, localization=localization or _DEFAULTS["localization"],
+                                    nbeta=nbeta, sampler=sampler, sampler_kwargs=sampler_kwargs,
+                                    num_chains=num_chains, seed=seed,
+                                    compile=compile, expected_calls=expected_calls,
+                                    budget=budget, progress=progress, _meter=meter)
+        chosen = dict(_DEFAULTS) if calibration is None else calibration.estimate_kwargs()
+        given = {"num_chains": num_chains, "num_draws": num_draws, "num_burnin": num_burnin,
+                 "localization": localization, "nbeta": nbeta,
+                 "step_size": None if auto else step_size}
+        chosen.update({k: v for k, v in given.items() if v is not None})
+        wanted = (chosen["num_chains"], chosen["num_burnin"], chosen["num_draws"])
+        spent_before = meter.used
+        fitted = _fit_budget(wanted, meter.remaining(), num_chains=num_chains,
+                             num_burnin=num_burnin, num_draws=num_draws,
+                             num_checks=num_acceptance_checks)
+        num_chains, num_burnin, num_draws = fitted
+        step_size, localization = chosen["step_size"], chosen["localization"]
+        nbeta = chosen.get("nbeta")
+        nbeta = default_nbeta(target.n) if nbeta is None else nbeta
+        checks = _acceptance_steps(num_burnin, num_draws, num_acceptance_checks)
+        meter.plan(meter.used + num_chains * (num_burnin + num_draws + len(checks)))
+        why = ("calibrated" if calibration is not None and not reused else
+               "from the calibration given" if reused else "given")
+        if not auto:
+            why = "given"
+        meter.say(f"estimate_llc: {num_chains} chains × ({num_burnin} burn-in + {num_draws} "
+                  f"draws) steps, step_size={step_size:.3g} ({why}), localization="
+                  f"{localization:g}, nbeta={nbeta:.4g}, batch {target.batch_size} of n="
+                  f"{target.n}: {num_chains * (num_burnin + num_draws + len(checks)):,} model "
+                  "evaluations" + ("" if budget is None else
+                                   f" ({meter.used:,} spent, budget {budget:,})"))
+        try:
+            traces = sample_chains(
+                target, num_chains=num_chains, num_steps=num_burnin + num_draws,
+                step_size=step_size, localization=localization, nbeta=nbeta, sampler=sampler,
+                seed=seed, sampler_kwargs=sampler_kwargs, acceptance_steps=checks,
+                check_every=check_every, on_divergence="raise", compile=compile,
+                expected_calls=expected_calls, on_progress=meter.add)
+        except ChainDivergedError as exc:
+            if not reused:
+                raise
+            raise ChainDivergedError(
+                f"{exc} — with step_size={step_size:g} from a reused calibration: the loss scale or "
+                "curvature has changed since it was made; calibrate again at this snapshot "
+                "(estimate_llc(..., step_size='auto'))", chain=exc.chain, step=exc.step,
+                suggested_step_size=exc.suggested_step_size) from exc
     config = LLCConfig(
         num_chains=num_chains, num_draws=num_draws, num_burnin=num_burnin,
         step_size=float(step_size), localization=float(localization), nbeta=float(nbeta),
@@ -311,7 +349,50 @@ def estimate_llc(model: nn.Module | SamplingTarget, data: Any = None, loss_fn: L
         compiled=traces.compiled)
     result = summarize(traces.losses, target.init_loss, config, acceptance=traces.acceptance,
                        seconds=traces.seconds)
+    result = replace(result, cost=meter.used)
+    if (num_chains, num_burnin, num_draws) != tuple(wanted):
+        result = replace(result, warnings=result.warnings + (_budget_warning(
+            result, budget, wanted, spent_before, len(checks), calibration),))
     return _finish(result, calibration, reused=reused)
+
+
+def _init_loss_cost(target: SamplingTarget) -> int:
+    """Model evaluations of ``L_n(w*)`` (the full data in chunks)."""
+    return math.ceil(target.n / max(min(target.batch_size, target.eval_batch_size), 1))
+
+
+def _fit_budget(wanted: tuple[int, int, int], available: float, *, num_chains: int | None,
+                num_burnin: int | None, num_draws: int | None,
+                num_checks: int) -> tuple[int, int, int]:
+    """Fit the lengths not given explicitly into ``available`` model evaluations."""
+    c, b, d = wanted
+    if not math.isfinite(available) or None not in (num_chains, num_burnin, num_draws):
+        return c, b, d
+    frac = 1 / 30 if num_checks > 0 else 0.0  # checks are capped at num_draws // 30
+    fc, fb, fd = fit_lengths(c, b, d, available, min_chains=min(2, c) if num_chains is None else c,
+                             check_fraction=frac)
+    # explicit values win over the budget
+    return (num_chains or fc, b if num_burnin is not None else fb,
+            d if num_draws is not None else fd)
+
+
+def _budget_warning(result: LLCResult, budget: int | None, wanted: tuple[int, int, int],
+                    spent_before: int, checks: int, calibration: Calibration | None) -> str:
+    """The warning of an estimate whose lengths the budget cut."""
+    c0, b0, d0 = wanted
+    cfg, d = result.config, result.diagnostics
+    frac = checks / max(cfg.num_draws, 1)
+    needed = spent_before + int(math.ceil(c0 * (b0 + d0 * (1 + frac))))
+    needed = int(math.ceil(needed / 100.0) * 100)
+    target = getattr(calibration, "target_ess", None)
+    aim = f" (target {target:.0f})" if target else ""
+    cut = (f"; the burn-in was cut from {b0} steps: λ̂ may be biased low"
+           if cfg.num_burnin < b0 else "")
+    return (f"the budget of {budget:,} model evaluations bound: {cfg.num_chains} chains × "
+            f"({cfg.num_burnin} burn-in + {cfg.num_draws} draws) instead of the {c0} × ({b0} + "
+            f"{d0}) wanted; effective sample size {d.ess:.0f}{aim}, stderr {result.stderr:.3g}"
+            f" ({result.stderr / max(abs(result.mean), 1e-12):.1%} of λ̂){cut}. "
+            f"budget={needed} would reach the target")
 
 
 def _finish(result: LLCResult, calibration: Calibration | None, *, reused: bool) -> LLCResult:

@@ -786,7 +786,8 @@ def sample_chains(target: SamplingTarget, *, num_chains: int = 4, num_steps: int
                   sampler_kwargs: Mapping[str, Any] | None = None,
                   acceptance_steps: Collection[int] = (), check_every: int = 100,
                   on_divergence: str = "raise", compile: bool | str | None = None,
-                  expected_calls: int | None = None) -> ChainTraces:
+                  expected_calls: int | None = None,
+                  on_progress: Callable[[int], None] | None = None) -> ChainTraces:
     """Run chains and return their loss traces (cheap to call many times on one target).
 
     Args:
@@ -798,6 +799,9 @@ def sample_chains(target: SamplingTarget, *, num_chains: int = 4, num_steps: int
             (and at the end); the check is the only host synchronization.
         on_divergence: ``"raise"`` a :class:`ChainDivergedError`, or ``"stop"`` and return the
             trace up to the divergence with ``diverged_chain``/``diverged_step`` set.
+        on_progress: called now and then with the number of model evaluations (one per chain
+            per step, one more per chain per acceptance check) done since its last call (e.g.
+            :meth:`devinterp.analyses.progress.Meter.add`).
 
     Raises:
         InvalidInputError: bad hyper-parameters.
@@ -815,6 +819,7 @@ def sample_chains(target: SamplingTarget, *, num_chains: int = 4, num_steps: int
     checked = 0
     diverged = None
     last = None
+    pending = 0  # model evaluations not yet reported to on_progress
     t0 = time.perf_counter()
     for step, state, info in run_chains(
             target, num_chains=num_chains, num_steps=num_steps, step_size=step_size,
@@ -826,6 +831,11 @@ def sample_chains(target: SamplingTarget, *, num_chains: int = 4, num_steps: int
         if info.acceptance is not None:
             acc_rows.append(info.acceptance)
             acc_steps.append(step)
+        if on_progress is not None:
+            pending += num_chains * (2 if info.acceptance is not None else 1)
+            if pending >= 32 * num_chains or step + 1 == num_steps:
+                on_progress(pending)
+                pending = 0
         if step + 1 - checked >= check_every or step + 1 == num_steps:
             diverged = _first_bad(trace[:, checked:step + 1], threshold)
             if diverged is not None:
@@ -833,6 +843,8 @@ def sample_chains(target: SamplingTarget, *, num_chains: int = 4, num_steps: int
                 break
             checked = step + 1
     seconds = time.perf_counter() - t0
+    if on_progress is not None and pending:
+        on_progress(pending)
     if diverged is not None:
         chain, at = diverged
         value = float(trace[chain, at])

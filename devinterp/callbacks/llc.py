@@ -103,6 +103,14 @@ class LLCCallback(pl.Callback):
             before that step, the calibration is made on the final weights when training ends and
             the deferred estimates are published then. ``None`` (default): calibrate at the first
             estimate.
+        recalibrate: (Default False: calibrate once.) When an estimate made with a calibration
+            made here shows that it no longer
+            fits a later snapshot (:func:`devinterp.analyses.calibration.reuse_warning`: MALA
+            acceptance outside [0.6, 0.995], draws below L(w*), a changed loss scale),
+            calibrate again on that snapshot, publish the estimate made with the new
+            calibration (the text ``llc/calibration`` says why) and reuse the new one from
+            then on. Each estimate stays within its ``budget``; a recalibration costs one
+            calibration more. A calibration passed in (``calibrate=cal``) is never replaced.
         **estimate_kwargs: Keyword arguments for :func:`estimate_llc` (``num_chains``,
             ``num_draws``, ``num_burnin``, ``step_size``, ``localization``, ``nbeta``,
             ``batch_size``, ``seed``, ``params``, ...). The same ``seed`` is used at every step
@@ -129,6 +137,7 @@ class LLCCallback(pl.Callback):
         on_divergence: str = "warn",
         calibrate_kwargs: Mapping[str, Any] | None = None,
         calibrate_at: int | None = None,
+        recalibrate: bool = False,
         **estimate_kwargs: Any,
     ):
         super().__init__()
@@ -186,6 +195,9 @@ class LLCCallback(pl.Callback):
         self.on_divergence = on_divergence
         self.calibrate_kwargs = dict(calibrate_kwargs or {})
         self.calibrate_at = calibrate_at
+        self.recalibrate = bool(recalibrate)
+        #: Steps at which a calibration was made again because the previous one no longer fit.
+        self.recalibrated_at: list[int] = []
         #: The step at which this callback made its calibration (None: none made here).
         self.calibrated_at: int | None = None
         self._deferred: list[tuple[int, dict[str, torch.Tensor]]] = []
@@ -269,17 +281,36 @@ class LLCCallback(pl.Callback):
                 p.grad = grads[name]
         return replica.eval() if eval_mode else replica
 
-    def _calibrate_once(self, trainer: pl.Trainer, replica: nn.Module, step: int) -> None:
+    def _misfit(self, result: LLCResult, step: int) -> str | None:
+        """Why the calibration made here no longer fits this estimate's snapshot, or None.
+
+        Only later snapshots than the calibration's are recalibrated: the estimates deferred
+        until ``calibrate_at`` are of a network still far from a minimum, where a calibration
+        is what ``calibrate_at`` is there to avoid (their warnings stay).
+        """
+        if not (self.recalibrate and self.calibrated_at is not None
+                and self.calibration is not None and step > self.calibrated_at):
+            return None
         module = _calibration_module()
-        kwargs = {**{k: v for k, v in self.estimate_kwargs.items() if k != "step_size"},
-                  **self.calibrate_kwargs}
-        self.calibration = module.calibrate(replica, self.data, self.loss_fn,
-                                            **_accepted(module.calibrate, kwargs))
+        fn = getattr(module, "reuse_warning", None)
+        return fn(result, self.calibration) if fn is not None else None
+
+    def _calibrate_once(self, trainer: pl.Trainer, replica: nn.Module, step: int,
+                        why: str | None = None) -> None:
+        self.calibration = self._new_calibration(replica)
         self._calibrate = False
         self.calibrated_at = step
         if hasattr(self.calibration, "scalars"):
             log_scalars(trainer, self.calibration.scalars(), step)
-        log_text(trainer, CALIBRATION_TAG, f"```\n{self.calibration}\n```", step=step)
+        head = "" if why is None else f"recalibrated at step {step}: {why}\n\n"
+        log_text(trainer, CALIBRATION_TAG, f"{head}```\n{self.calibration}\n```", step=step)
+
+    def _new_calibration(self, replica: nn.Module) -> Any:
+        module = _calibration_module()
+        kwargs = {**{k: v for k, v in self.estimate_kwargs.items() if k != "step_size"},
+                  **self.calibrate_kwargs}
+        return module.calibrate(replica, self.data, self.loss_fn,
+                                **_accepted(module.calibrate, kwargs))
 
     def _deferring(self, step: int) -> bool:
         """Whether the estimate at ``step`` waits for the calibration at ``calibrate_at``."""
@@ -327,6 +358,12 @@ class LLCCallback(pl.Callback):
                 if self.calibration is not None:
                     kwargs["calibration"] = self.calibration
                 result = estimate_llc(replica, self.data, self.loss_fn, **kwargs)
+                misfit = self._misfit(result, step)
+                if misfit:
+                    self._calibrate_once(trainer, replica, step, why=misfit)
+                    self.recalibrated_at.append(step)
+                    kwargs["calibration"] = self.calibration
+                    result = estimate_llc(replica, self.data, self.loss_fn, **kwargs)
         except ChainDivergedError as exc:
             if self.on_divergence == "raise":
                 raise

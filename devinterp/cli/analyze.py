@@ -74,6 +74,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     llc.add_argument("--llc-localization", type=float, default=None, help="gamma (default: calibration's, else 1)")
     llc.add_argument("--llc-nbeta", type=float, default=None, help="n*beta (default n/log n)")
     llc.add_argument("--llc-batch-size", type=int, default=None)
+    llc.add_argument("--llc-budget", type=int, default=5000,
+                     help="model evaluations (forward+backward passes of one chain on one minibatch) per "
+                     "estimate; the calibration plans within it too (default 5000; 0: no limit)")
     llc.add_argument("--llc-sampler", default="sgld", help="sgld, rmsprop_sgld or sgnht")
     llc.add_argument("--llc-vectorize", default="false", choices=("false", "true", "auto"),
                      help="chains as model copies (false, default: reproducible), one vmap (true), or timed (auto)")
@@ -112,6 +115,7 @@ def build_job(args: argparse.Namespace):
             num_chains=args.llc_chains, num_draws=args.llc_draws, num_burnin=args.llc_burnin,
             step_size=_step_size(args.llc_step_size), localization=args.llc_localization,
             nbeta=args.llc_nbeta, batch_size=args.llc_batch_size, sampler=args.llc_sampler,
+            budget=args.llc_budget or None,
             vectorize={"false": False, "true": True, "auto": "auto"}[args.llc_vectorize]))
     if do_circuits:
         analyses.append(CircuitAnalysis(vocab_size=args.vocab_size, seq_len=args.seq_len,

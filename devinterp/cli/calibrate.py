@@ -30,7 +30,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--problem", help="built-in problem: dln:W0,W1,...:r=R or rrr:M,H,N:r=R")
     p.add_argument("--n", type=int, default=10_000, help="samples of a --problem (default 10000)")
     p.add_argument("--batch-size", type=int, default=None, help="minibatch size (default 512)")
-    p.add_argument("--num-steps", type=int, default=400, help="steps per pilot chain")
+    p.add_argument("--num-steps", type=int, default=None,
+                   help="steps per pilot chain (default: planned from the budget, at most 400)")
+    p.add_argument("--budget", type=int, default=5000,
+                   help="model evaluations of the estimate this calibration configures, pilots "
+                   "included (they get 40%%; default 5000; 0: no limit)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--grid-size", type=int, default=6, help="number of step sizes")
     p.add_argument("--localization", type=float, default=1.0, help="γ to start with")
     p.add_argument("--seed", type=int, default=0)
@@ -98,11 +103,17 @@ def run(args: argparse.Namespace) -> int:
         model, data, loss_fn, what = _problem(args.problem, args.n, args.seed)
     else:
         model, data, loss_fn, what = _from_store(args)
+    import sys
+
     cal = calibrate(model, data, loss_fn, num_steps=args.num_steps, grid_size=args.grid_size,
                     localization=args.localization, batch_size=args.batch_size, seed=args.seed,
-                    device=args.device)
-    print(f"calibration of {what} ({cal.seconds:.1f} s)")
+                    device=args.device, budget=args.budget or None,
+                    progress=False if args.no_progress else None)
+    print(f"calibration of {what} ({cal.seconds:.1f} s, {cal.cost:,} model evaluations)")
     print(cal)
+    if not cal.ok:
+        print("devinterp calibrate: FALLBACK (ok: false): " + "; ".join(cal.warnings),
+              file=sys.stderr, flush=True)
     if args.png:
         cal.plot(args.png)
         print(f"plot: {args.png}")

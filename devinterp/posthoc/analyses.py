@@ -66,6 +66,8 @@ class AnalysisContext:
         hparams: The run's recorded hyper-parameters (``run.json``), possibly empty.
         workdir: The post-hoc output folder (for files an analysis keeps, e.g. a calibration).
         notes: Warnings an analysis wants kept: appended here, saved as ``notes`` in the record.
+        progress: Progress bars of long one-time work (e.g. the LLC calibration) on stderr:
+            None when stderr is a terminal, False never.
     """
 
     step: int
@@ -77,6 +79,7 @@ class AnalysisContext:
     hparams: Mapping[str, Any] = field(default_factory=dict)
     workdir: str | None = None
     notes: list[str] = field(default_factory=list)
+    progress: bool | None = False
 
 
 def derive_seed(seed: int, step: int, name: str) -> int:
@@ -127,13 +130,14 @@ class LLCAnalysis:
     batch_size: int | None = None
     sampler: str = "sgld"
     vectorize: bool | str = False
+    budget: int | None = 5000
     name: str = "llc"
     calibration: Any = field(default=None, compare=False, repr=False)
 
     needs_data = True
 
     def __post_init__(self):
-        for key in ("num_chains", "num_draws", "batch_size"):
+        for key in ("num_chains", "num_draws", "batch_size", "budget"):
             if getattr(self, key) is not None:
                 _positive_int(key, getattr(self, key))
         if self.num_burnin is not None and (isinstance(self.num_burnin, bool) or not isinstance(self.num_burnin, int)
@@ -178,7 +182,13 @@ class LLCAnalysis:
             if self.num_chains is not None:
                 kwargs["num_chains"] = self.num_chains
             cal = calibrate(model, context.data, context.loss_fn, sampler=self.sampler, seed=context.step_seed,
-                            device=context.device, vectorize=self.vectorize, **kwargs)
+                            device=context.device, vectorize=self.vectorize, budget=self.budget,
+                            progress=context.progress, **kwargs)
+            if not cal.ok:  # on the console, not only in the JSON
+                import sys
+
+                print("devinterp analyze: LLC calibration fell back (ok: false): "
+                      + "; ".join(cal.warnings), file=sys.stderr, flush=True)
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".json.tmp")
             tmp.write_text(json.dumps(cal.to_dict(), indent=2))
@@ -192,7 +202,8 @@ class LLCAnalysis:
             raise InvalidInputError("the LLC needs data and a loss function (see --data and --loss)")
         model.eval()
         kwargs: dict[str, Any] = dict(self._given(), sampler=self.sampler, seed=context.step_seed,
-                                      device=context.device, vectorize=self.vectorize)
+                                      device=context.device, vectorize=self.vectorize,
+                                      budget=self.budget, progress=False)
         if self.step_size == "auto":
             kwargs["step_size"] = "auto"
             if self.calibration is not None:

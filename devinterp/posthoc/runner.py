@@ -509,7 +509,8 @@ def run_job(job: Job, comm: Comm | None = None, *, log: Callable[[str], None] | 
                 ctx = AnalysisContext(step=last, seed=job.seed,
                                       step_seed=derive_seed(job.seed, last, "prepare"),
                                       device=comm.device, data=setup.data, loss_fn=setup.loss_fn,
-                                      hparams=info.get("hparams") or {}, workdir=out_dir)
+                                      hparams=info.get("hparams") or {}, workdir=out_dir,
+                                      progress=None if job.progress else False)
                 Path(out_dir).mkdir(parents=True, exist_ok=True)
                 analyses = [a.prepare(setup.model, ctx) if a.name in pending_names and hasattr(a, "prepare") else a
                             for a in job.analyses]
