@@ -566,7 +566,8 @@ def calibrate(model: nn.Module | SamplingTarget, data: Any = None, loss_fn: Loss
         model: the network at w*, or a :class:`SamplingTarget` (then ``data``, ``loss_fn``,
             ``params``, ``batch_size``, ``device``, ``vectorize`` are ignored).
         data: as for ``estimate_llc``.
-        loss_fn: ``loss_fn(model, batch) -> scalar mean loss``.
+        loss_fn: ``loss_fn(model, batch) -> scalar mean loss``; None:
+            :func:`~devinterp.analyses.lm_loss` (next-token cross-entropy).
         num_steps: steps of each pilot chain.
         num_pilot_chains: chains per pilot.
         grid_size: number of step sizes (factors of 2 apart, from ``grid_top / h`` down).
