@@ -7,7 +7,8 @@ other model is read through an adapter that names modules of the model:
 - :class:`ModuleAttention`: the general one. ``pattern`` names the modules whose output is the
   attention pattern ``(batch, heads, query, key)``, one per layer; ``head_input`` the modules whose
   *input* is the heads' outputs concatenated head by head ``(..., heads * d_head)`` (the output
-  projection), or ``head_output`` those whose *output* is ``(batch, query, heads, d_head)``.
+  projection), or ``head_output`` those whose *output* is ``(batch, query, heads, d_head)`` (or
+  the heads concatenated, ``(batch, query, heads * d_head)``).
   Ablating head ``h`` of layer ``l`` zeroes that head's slice there. Names are exact module names
   or globs (``fnmatch``) over ``model.named_modules()``; layer ``l`` is the ``l``-th matching module
   in that order (for every usual model, the order the layers run).
@@ -93,7 +94,7 @@ class ModuleAttention:
             ``(..., heads * d_head)``, head ``h`` in the slice ``[h * d_head, (h + 1) * d_head)``
             (the output projection); used to ablate heads.
         head_output: Instead of ``head_input``: modules whose output is ``(batch, q, heads,
-            d_head)`` (e.g. TransformerLens' ``hook_z``).
+            d_head)`` or ``(batch, q, heads * d_head)`` (e.g. TransformerLens' ``hook_z``).
         output_index: When a pattern module returns a tuple, the item that is the pattern (e.g.
             ``1`` for a HuggingFace attention module, which returns ``(output, weights)``).
         num_heads: Heads per layer, when the ablation module runs before the pattern module in a
@@ -182,31 +183,38 @@ class ModuleAttention:
             heads = self._heads(cap, layer, known)
             if not heads:
                 return None
-            x = args[0]
-            n = known[layer]
-            if x.size(-1) % n:
-                raise InvalidInputError(
-                    f"layer {layer}: the head_input module's input has {x.size(-1)} features, not a "
-                    f"multiple of its {n} heads"
-                )
-            d = x.size(-1) // n
-            x = x.clone()
-            for h in heads:
-                x[..., h * d:(h + 1) * d] = 0
+            x = args[0].clone()
+            _zero_slices(x, heads, known[layer], layer)
             return (x, *args[1:])
 
         return hook
 
     def _output_hook(self, cap, layer: int, known: dict[int, int]):
         def hook(module, args, output):
-            heads = self._heads(cap, layer, known, width=output.size(-2))
+            per_head = output.dim() >= 4  # (batch, q, heads, d_head); else heads concatenated
+            heads = self._heads(cap, layer, known, width=output.size(-2) if per_head else None)
             if not heads:
                 return None
             out = output.clone()
-            out[..., heads, :] = 0
+            if per_head:
+                out[..., heads, :] = 0
+            else:
+                _zero_slices(out, heads, known[layer], layer)
             return out
 
         return hook
+
+
+def _zero_slices(x: Tensor, heads: list[int], num_heads: int, layer: int) -> None:
+    """Zero, in place, head ``h``'s slice ``[h * d, (h + 1) * d)`` of the last dimension."""
+    if x.size(-1) % num_heads:
+        raise InvalidInputError(
+            f"layer {layer}: {x.size(-1)} features of the heads' outputs are not a multiple of its "
+            f"{num_heads} heads"
+        )
+    d = x.size(-1) // num_heads
+    for h in heads:
+        x[..., h * d:(h + 1) * d] = 0
 
 
 # ----------------------------------------------------------------------------------------------
