@@ -247,6 +247,14 @@ def _make_data(job: Job, info: Mapping[str, Any], model: nn.Module) -> Any:
         factory = import_object(dm_cls, what="datamodule class recorded in run.json")
         obj = call_with_hparams(factory, info.get("datamodule_hparams") or {}, what=f"datamodule {dm_cls}")
         return data_from_object(obj, what=f"datamodule {dm_cls}")
+    hook = getattr(model, "devinterp_data", None)
+    if callable(hook):  # the module names its own LLC data (e.g. devinterp.demo.InductionLM)
+        try:
+            obj = hook()
+        except Exception as exc:
+            raise FactoryError(f"{type(model).__name__}.devinterp_data() failed ({type(exc).__name__}: {exc}); "
+                               f"pass --data package.module:factory") from exc
+        return data_from_object(obj, what=f"{type(model).__name__}.devinterp_data()")
     if _overrides_train_dataloader(model):
         try:
             loader = model.train_dataloader()
