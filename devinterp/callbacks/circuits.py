@@ -42,7 +42,10 @@ class CircuitCallback(pl.Callback):
         icl_early: ``early`` argument of :func:`icl_score`.
         icl_late: ``late`` argument of :func:`icl_score`.
         model_attr: Score ``getattr(pl_module, model_attr)`` instead of the LightningModule itself
-            (which must then map tokens to logits).
+            (which must then map tokens to logits, or return an object with ``.logits``).
+        attention: How attention is read (see :func:`~devinterp.analyses.induction_scores`):
+            ``"auto"`` (from the model's type), ``"sdpa"`` or an adapter such as
+            :class:`~devinterp.analyses.ModuleAttention` for attention written by hand.
     """
 
     def __init__(
@@ -60,6 +63,7 @@ class CircuitCallback(pl.Callback):
         icl_early: int | None = None,
         icl_late: int | None = None,
         model_attr: str | None = None,
+        attention: Any = "auto",
     ):
         super().__init__()
         for name, value in (("vocab_size", vocab_size), ("seq_len", seq_len),
@@ -78,6 +82,7 @@ class CircuitCallback(pl.Callback):
         self.icl, self.icl_tokens = icl, icl_tokens
         self.icl_early, self.icl_late = icl_early, icl_late
         self.model_attr = model_attr
+        self.attention = attention
         self._resolved: Schedule | None = None
         self._last_step: int | None = None
 
@@ -118,7 +123,7 @@ class CircuitCallback(pl.Callback):
             scores = induction_scores(
                 model, vocab_size=self.vocab_size, seq_len=self.seq_len,
                 num_sequences=self.num_sequences, seed=self.seed, bos_token=self.bos_token,
-                device=pl_module.device, copying=self.copying,
+                device=pl_module.device, copying=self.copying, attention=self.attention,
             )
             values = scores.scalars()
             if self.icl:
