@@ -91,7 +91,7 @@ def test_hf_sdpa_scores_match_output_attentions(family):
 
 
 @needs_hf
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("family", ["gpt2", "neox", "llama"])
 def test_hf_eager_scores_match_output_attentions(family):
     sdpa = trained(family)
     model = eager_twin(sdpa)
