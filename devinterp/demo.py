@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -149,12 +149,29 @@ class InductionLM(pl.LightningModule):
 
     ``forward(tokens)`` returns the logits, so the module itself can be scored by
     ``CircuitCallback``; ``self.model`` is the bare network. Logs ``loss/train`` every step.
+
+    Its hyper-parameters (the recipe as a dict, the seed and the LLC sample size) are saved, so
+    ``devinterp analyze`` rebuilds it from the store's ``run.json``; :meth:`devinterp_data` gives
+    the LLC data the demo measured on, which ``devinterp analyze`` uses when no ``--data`` is given.
     """
 
-    def __init__(self, recipe: InductionRecipe, seed: int = 0):
+    def __init__(self, recipe: InductionRecipe | Mapping[str, Any] | None = None, seed: int = 0,
+                 llc_samples: int = 512):
         super().__init__()
+        if recipe is None:
+            recipe = induction_recipe()
+        elif isinstance(recipe, Mapping):  # from run.json: JSON turned tuples into lists
+            recipe = InductionRecipe(**{k: tuple(v) if isinstance(v, list) else v for k, v in recipe.items()})
+        self.save_hyperparameters({"recipe": recipe.to_dict(), "seed": seed, "llc_samples": llc_samples})
         self.recipe = recipe
+        self.seed = seed
+        self.llc_samples = llc_samples
         self.model: AttentionOnlyTransformer = recipe.build_model(seed)
+
+    def devinterp_data(self) -> Tensor:
+        """The fixed LLC data set: ``llc_samples`` sequences of the recipe's data (seeded)."""
+        data = self.recipe.build_data(self.seed)
+        return data.sample(self.llc_samples, generator=torch.Generator().manual_seed(self.seed + 3))
 
     def forward(self, tokens: Tensor) -> Tensor:
         return self.model(tokens)
@@ -429,8 +446,8 @@ def _run(out, *, quick: bool, seed: int, cfg: DemoConfig, progress: bool,
 
     train_data = recipe.build_data(seed)
     loader = DataLoader(SyntheticBatches(train_data, recipe.batch_size, seed + 1), batch_size=None)
-    llc_tokens = train_data.sample(cfg.llc_samples, generator=torch.Generator().manual_seed(seed + 3))
-    module = InductionLM(recipe, seed)
+    module = InductionLM(recipe, seed, llc_samples=cfg.llc_samples)
+    llc_tokens = module.devinterp_data()
 
     heads = [f"L{layer}H{head}" for layer in range(recipe.n_layers) for head in range(recipe.n_heads)]
     induction_tags = [f"induction/{h}" for h in heads]

@@ -169,7 +169,13 @@ def build_model(factory: Callable[..., Any] | str, hparams: Mapping[str, Any] | 
     """
     if isinstance(factory, str):
         factory = import_object(factory, what=what)
-    model = call_with_hparams(factory, hparams, what=what)
+    try:
+        model = call_with_hparams(factory, hparams, what=what)
+    except FactoryError as exc:
+        raise FactoryError(
+            f"{exc}. To build the model another way, pass --model package.module:factory, e.g. "
+            f"--model mypkg.models:make_model (a function or class returning the trained network)"
+        ) from exc
     if not isinstance(model, nn.Module):
         raise FactoryError(
             f"{what} {_name(factory)} returned {type(model).__name__}, not a torch.nn.Module; it must "
@@ -199,14 +205,18 @@ def data_from_object(obj: Any, *, what: str = "data factory") -> Any:
 
 
 def as_data(obj: Any, *, what: str = "data factory") -> Any:
-    """Check that ``obj`` is usable LLC data and normalise a single tensor to a 1-tuple."""
+    """Check that ``obj`` is usable LLC data (a single tensor stays a tensor: a dataset of its rows,
+    whose batches are tensors, as a DataLoader over it yields them)."""
     if obj is None:
         raise FactoryError(
             f"{what} returned None; it must return a Dataset, a DataLoader or a tuple of tensors "
             f"holding the training data (samples along dimension 0)"
         )
     if isinstance(obj, Tensor):
-        obj = (obj,)
+        if obj.dim() == 0 or obj.shape[0] == 0:
+            raise FactoryError(f"{what} returned a tensor with no samples along dimension 0; it must "
+                               f"return the training data")
+        return obj
     if isinstance(obj, list) and obj and all(isinstance(t, Tensor) for t in obj):
         obj = tuple(obj)
     if isinstance(obj, tuple):

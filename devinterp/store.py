@@ -956,9 +956,62 @@ class SnapshotStore:
             return cls(path, mode="r")
         if any(n.endswith(".ckpt") for n in fs.listdir()):
             return cls.from_lightning_checkpoints(path)
+        if isinstance(fs, _LocalFS):
+            from devinterp.hf import is_hf_checkpoint_folder
+
+            if is_hf_checkpoint_folder(fs.display()):
+                return cls.from_hf_checkpoints(path)
         raise StoreNotFoundError(
-            f"{fs.display()} holds neither a snapshot store ({INDEX_FILE}) nor Lightning .ckpt files"
+            f"{fs.display()} holds neither a snapshot store ({INDEX_FILE}), Lightning .ckpt files nor "
+            "HuggingFace checkpoints (checkpoint-<step>/, step<step>/ with config.json)"
         )
+
+    @classmethod
+    def from_hf_checkpoints(cls, path: str | os.PathLike) -> SnapshotStore:
+        """A read-only view over a folder of HuggingFace checkpoints (see :mod:`devinterp.hf`).
+
+        The folder holds ``checkpoint-<step>/`` (HF ``Trainer``), ``step<step>/`` or
+        ``step-<step>/`` (``save_pretrained`` series, e.g. Pythia's revisions) subfolders, or
+        subfolders whose ``trainer_state.json`` gives the step; each with ``config.json`` and
+        ``model.safetensors`` (possibly sharded) or ``pytorch_model.bin`` (read with
+        ``weights_only``). :meth:`load` gives the weights under the parameter names of the model
+        ``transformers`` builds from the config (renamings and tied weights applied);
+        :meth:`run_info` names the factory that builds it (:func:`devinterp.hf.causal_lm_from_config`)
+        and holds the latest ``config.json`` as ``"hparams"``.
+
+        Raises:
+            StoreNotFoundError: ``path`` does not exist or holds no such checkpoint.
+        """
+        from devinterp.hf import MODEL_FACTORY, find_checkpoints, read_config, weight_bytes
+
+        fs = _make_fs(path)
+        if not isinstance(fs, _LocalFS):
+            raise StoreNotFoundError(f"{fs.display()}: HuggingFace checkpoint folders are read from local paths")
+        found = find_checkpoints(fs.display())
+        self = cls.__new__(cls)
+        self.mode = "r"
+        self._fs = fs
+        self.root = fs.display()
+        self._readonly = True
+        self._torn_tail = False
+        self._recovered = False
+        self._ckpt_files = {}
+        entries: dict[int, dict[str, Any]] = {}
+        for step, folder in sorted(found.items()):
+            rel = os.path.relpath(folder, fs.display())
+            entries[step] = {"kind": "snapshot", "step": step, "file": rel, "format": "hf",
+                             "bytes": weight_bytes(folder)}
+            self._ckpt_files[step] = rel
+        config = read_config(found[max(found)])
+        self._ckpt_run = {
+            "format": "hf-checkpoints",
+            "model_class": MODEL_FACTORY,
+            "hparams": config,
+            "versions": {"transformers": config.get("transformers_version")},
+        }
+        self._entries = entries
+        self._steps = sorted(entries)
+        return self
 
     @classmethod
     def from_lightning_checkpoints(cls, dirpath: str | os.PathLike) -> SnapshotStore:
@@ -1098,7 +1151,7 @@ class SnapshotStore:
             yield self.load(step)
 
     def __repr__(self) -> str:
-        kind = "lightning-checkpoints" if self._ckpt_files is not None else "store"
+        kind = "store" if self._ckpt_files is None else (self._ckpt_run or {}).get("format", "lightning-checkpoints")
         return f"SnapshotStore({self.root!r}, {kind}, {len(self)} snapshots)"
 
     def meta(self, step: int) -> Mapping[str, Any]:
@@ -1136,7 +1189,11 @@ class SnapshotStore:
             CorruptSnapshotError: The file is missing, truncated or fails its checksum.
         """
         rec = self._entry(step)
-        if self._ckpt_files is not None:
+        if rec.get("format") == "hf":
+            from devinterp.hf import load_checkpoint
+
+            sd = load_checkpoint(self._fs.display(rec["file"]))
+        elif self._ckpt_files is not None:
             ckpt = self._load_ckpt(rec["file"])
             sd = {k: v for k, v in ckpt["state_dict"].items() if isinstance(v, Tensor)}
         else:

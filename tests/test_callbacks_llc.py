@@ -186,7 +186,7 @@ def test_bad_arguments_raise_early():
     with pytest.raises(InvalidInputError, match="unknown estimate_llc argument"):
         LLCCallback(_data(), mse, calibrate=False, num_chain=2)
     with pytest.raises(InvalidInputError, match="loss_fn"):
-        LLCCallback(_data(), None, calibrate=False)
+        LLCCallback(_data(), 42, calibrate=False)  # None means lm_loss
     with pytest.raises(InvalidInputError, match="schedule"):
         LLCCallback(_data(), mse, [1, 2], calibrate=False)
     with pytest.raises(InvalidInputError, match="on_divergence"):

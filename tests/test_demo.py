@@ -174,3 +174,25 @@ def test_the_induction_circuit_is_read_from_the_weights(demo):
     assert scalars[f"qk_previous_token/{prev}"][1][-1] > 0.4        # its QK circuit: previous position
     summary = json.loads((demo["out"] / "summary.json").read_text())
     assert {c["induction"] for c in summary["circuits"]} == set(inductions)
+
+
+def test_demo_store_analyses_without_model_data_or_loss_flags(demo, tmp_path):
+    """run.json rebuilds InductionLM (recipe as a dict) and names its LLC data; no --model/--data."""
+    import json
+
+    from devinterp.cli import main
+
+    snapshots = demo["out"] / "snapshots"
+    run = json.loads((snapshots / "run.json").read_text())
+    assert run["model_class"] == "devinterp.demo:InductionLM"
+    assert run["hparams"]["recipe"]["n_heads"] == 2 and "llc_samples" in run["hparams"]
+    out = tmp_path / "analysis"
+    rc = main(["analyze", str(snapshots), "--llc", "--circuits", "--transitions", "--steps", "last:2",
+               "--llc-step-size", "1e-4", "--llc-chains", "1", "--llc-draws", "8", "--llc-burnin", "4",
+               "--num-sequences", "4", "--no-progress", "--no-tensorboard", "--out", str(out)])
+    assert rc == 0
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    done = {(r["analysis"], r["step"]) for r in records if not r.get("error")}
+    last = sorted(json.loads(line)["step"] for line in (snapshots / "index.jsonl").read_text().splitlines()
+                  if json.loads(line).get("kind") == "snapshot")[-2:]
+    assert {("llc", s) for s in last} | {("circuits", s) for s in last} <= done

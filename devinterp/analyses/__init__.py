@@ -1,5 +1,8 @@
 """Analyses of weights and training curves. Usable without Lightning (imported lazily)."""
 
+import sys
+import types
+
 from devinterp._lazy import lazy_exports
 
 _EXPORTS = {
@@ -24,6 +27,11 @@ _EXPORTS = {
     "ov_copying_scores": "devinterp.analyses.composition",
     "qk_previous_token_scores": "devinterp.analyses.composition",
     "weight_circuit_scalars": "devinterp.analyses.composition",
+    "ModuleAttention": "devinterp.analyses.attention_adapters",
+    "transformer_lens_attention": "devinterp.analyses.attention_adapters",
+    "hf_eager_attention": "devinterp.analyses.attention_adapters",
+    # data and losses for language models (issue 12)
+    "lm_loss": "devinterp.analyses.losses",
     # transitions (issue 6)
     "detect_transitions": "devinterp.analyses.transitions",
     "detect_stages": "devinterp.analyses.transitions",
@@ -38,3 +46,20 @@ _EXPORTS = {
 }
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 __all__ = sorted(_EXPORTS)
+
+
+class _Package(types.ModuleType):
+    """Keeps exported *functions* that share their name with a submodule (``head_params``).
+
+    Importing ``devinterp.analyses.head_params`` would otherwise set the package attribute to the
+    submodule, so ``from devinterp.analyses import head_params`` gave the module. The submodule
+    stays importable by its full name (``from devinterp.analyses.head_params import ...``).
+    """
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in _EXPORTS and isinstance(value, types.ModuleType) and value.__name__ == f"{__name__}.{name}":
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

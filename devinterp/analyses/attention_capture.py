@@ -28,6 +28,10 @@ count restarts at every call of the model). The SDPA interception sees every SDP
 process while the context is active (not only those of ``model``): run nothing else meanwhile. Ablating head ``h`` of layer ``l`` zeroes that head's
 output before the output projection (for SDPA: the slice ``h`` of its output along the head axis).
 Everything is restored on exit, also after an exception.
+
+Any other attention (TransformerLens, HuggingFace eager attention, attention written by hand) is
+read through an adapter (:mod:`devinterp.analyses.attention_adapters`), chosen from the model's type
+or passed as ``attention=``; :attr:`AttentionCapture.source` says which was used.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ import math
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -62,12 +67,22 @@ SUPPORTED = (
 )
 
 
-def attention_not_found(model: nn.Module) -> AttentionNotFoundError:
+def attention_not_found(model: nn.Module, source: str = "sdpa") -> AttentionNotFoundError:
     """The error raised when a forward pass of ``model`` ran no attention we can see."""
+    from devinterp.analyses.attention_adapters import ADAPTER_EXAMPLE
+
+    if source not in ("sdpa", "multihead_attention"):
+        return AttentionNotFoundError(
+            f"the {source!r} attention adapter saw no attention pattern while running "
+            f"{type(model).__name__}: check that its pattern modules run in the model's forward"
+        )
     return AttentionNotFoundError(
-        f"no attention was seen while running {type(model).__name__}: supported are {SUPPORTED}. "
-        "Attention written by hand (softmax(q @ k.T)) cannot be intercepted: call "
-        "F.scaled_dot_product_attention instead, or use nn.MultiheadAttention"
+        f"no attention was seen while running {type(model).__name__}: recognised by themselves are "
+        f"{SUPPORTED}, TransformerLens models and HuggingFace models (sdpa or eager attention). "
+        "For attention written by hand (softmax(q @ k.T)), name the module whose output is the "
+        "pattern and the output projection:\n" + ADAPTER_EXAMPLE
+        + "\n(see devinterp.analyses.attention_adapters; if no module sees the pattern, add "
+        "self.hook_pattern = nn.Identity() and att = self.hook_pattern(att))"
     )
 
 
@@ -90,18 +105,45 @@ class AttentionCapture:
         layers: Per layer, a :class:`LayerInfo`.
         ablate: Set of ``(layer, head)`` whose output is zeroed; may be changed between calls.
         record: Whether patterns are recorded (turning it off makes ablation runs cheaper).
+        adapter: The adapter reading the attention (None: SDPA / MultiheadAttention capture).
     """
 
-    def __init__(self, ablate: Iterable[tuple[int, int]] = (), record: bool = True):
+    def __init__(self, ablate: Iterable[tuple[int, int]] = (), record: bool = True, adapter=None):
         self.ablate: set[tuple[int, int]] = {(int(a), int(b)) for a, b in ablate}
         self.record = record
+        self.adapter = adapter
         self.patterns: list[Tensor] = []
         self.layers: list[LayerInfo] = []
         self._in_mha = 0
 
+    @property
+    def source(self) -> str:
+        """Which capture saw the attention: the adapter's name (``"transformer_lens"``,
+        ``"hf-eager"``, ``"modules"``...), else the kinds seen (``"sdpa"``,
+        ``"multihead_attention"``, or both joined by ``+``)."""
+        if self.adapter is not None:
+            return self.adapter.name
+        kinds = sorted({info.kind for info in self.layers})
+        return "+".join(kinds) if kinds else "sdpa"
+
     def _reset(self) -> None:
         self.patterns = []
         self.layers = []
+
+    def _add_layer(self, layer: int, kind: str, num_heads: int, module_name: str | None,
+                   pattern: Tensor | None) -> None:
+        """Record a layer with a fixed index (adapters number layers by module order)."""
+        self.layers.append(LayerInfo(layer, kind, num_heads, module_name))
+        if pattern is not None:
+            self.patterns.append(pattern)
+
+    def _finish(self) -> None:
+        """Put layers recorded by an adapter in layer order (they may run in another order)."""
+        order = sorted(range(len(self.layers)), key=lambda i: self.layers[i].layer)
+        if order != list(range(len(order))):
+            self.layers = [self.layers[i] for i in order]
+            if len(self.patterns) == len(order):
+                self.patterns = [self.patterns[i] for i in order]
 
     @property
     def num_layers(self) -> int:
@@ -309,6 +351,7 @@ def capture_attention(
     *,
     ablate: Iterable[tuple[int, int]] = (),
     record: bool = True,
+    attention: Any = "auto",
 ) -> Iterator[AttentionCapture]:
     """Intercept the attention of ``model`` while the ``with`` block runs.
 
@@ -316,6 +359,11 @@ def capture_attention(
         model: The model (its forward pass resets the layer count).
         ablate: ``(layer, head)`` pairs whose output is zeroed before the output projection.
         record: Record the attention patterns.
+        attention: ``"auto"`` (default): choose from the model's type
+            (:func:`~devinterp.analyses.attention_adapters.choose_adapter`: TransformerLens,
+            HuggingFace eager, else SDPA / MultiheadAttention); ``"sdpa"``: the SDPA /
+            MultiheadAttention capture; or an adapter such as
+            :class:`~devinterp.analyses.attention_adapters.ModuleAttention`.
 
     Yields:
         An :class:`AttentionCapture` describing the latest forward pass.
@@ -327,6 +375,11 @@ def capture_attention(
     """
     if not isinstance(model, nn.Module):
         raise InvalidInputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    adapter = _resolve_adapter(model, attention)
+    if adapter is not None:
+        with _capture_with_adapter(model, adapter, ablate, record) as cap:
+            yield cap
+        return
     cap = AttentionCapture(ablate, record)
     patched: list[tuple[nn.Module, object]] = []
     handles = []
@@ -358,6 +411,41 @@ def capture_attention(
 
 
 _MISSING = object()
+
+
+def _resolve_adapter(model: nn.Module, attention: Any):
+    from devinterp.analyses.attention_adapters import choose_adapter
+
+    if isinstance(attention, str):
+        if attention == "auto":
+            return choose_adapter(model)
+        if attention == "sdpa":
+            return None
+        raise InvalidInputError(
+            f"attention must be 'auto', 'sdpa' or an adapter (e.g. ModuleAttention), got {attention!r}"
+        )
+    if attention is None:
+        return None
+    if not callable(getattr(attention, "install", None)) or not hasattr(attention, "name"):
+        raise InvalidInputError(
+            f"attention must be 'auto', 'sdpa' or an adapter with install(model, capture) and a name "
+            f"(e.g. ModuleAttention), got {type(attention).__name__}"
+        )
+    return attention
+
+
+@contextmanager
+def _capture_with_adapter(model: nn.Module, adapter: Any, ablate, record: bool) -> Iterator[AttentionCapture]:
+    cap = AttentionCapture(ablate, record, adapter=adapter)
+    undo = []
+    try:
+        undo.append(model.register_forward_pre_hook(lambda mod, args: cap._reset()).remove)
+        undo.append(model.register_forward_hook(lambda mod, args, out: cap._finish()).remove)
+        undo.extend(adapter.install(model, cap))
+        yield cap
+    finally:
+        for fn in reversed(undo):
+            fn()
 
 
 def _bound_mha(module: nn.MultiheadAttention, name: str, cap: AttentionCapture):

@@ -593,7 +593,8 @@ def calibrate(model: nn.Module | SamplingTarget, data: Any = None, loss_fn: Loss
         model: the network at w*, or a :class:`SamplingTarget` (then ``data``, ``loss_fn``,
             ``params``, ``batch_size``, ``device``, ``vectorize`` are ignored).
         data: as for ``estimate_llc``.
-        loss_fn: ``loss_fn(model, batch) -> scalar mean loss``.
+        loss_fn: ``loss_fn(model, batch) -> scalar mean loss``; None:
+            :func:`~devinterp.analyses.lm_loss` (next-token cross-entropy).
         num_steps: steps of each pilot chain; None: planned from the budget (the pilot share
             over ``PLANNED_PILOTS`` pilots, between 60 and 400), 400 without one.
         num_pilot_chains: chains per pilot.

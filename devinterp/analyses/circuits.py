@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -54,7 +55,10 @@ class HeadScores:
 
     Layers with fewer heads than the widest layer are padded with NaN; ``copying`` is all NaN when
     it was not computed. Layers are numbered in call order (see
-    :mod:`devinterp.analyses.attention_capture`).
+    :mod:`devinterp.analyses.attention_capture`). ``source`` names the capture that read the
+    attention: ``"sdpa"``, ``"multihead_attention"``, ``"transformer_lens"``, ``"hf-eager"``, or the
+    name of the adapter passed as ``attention=`` (``"modules"`` for a
+    :class:`~devinterp.analyses.attention_adapters.ModuleAttention`).
     """
 
     induction: np.ndarray
@@ -62,6 +66,7 @@ class HeadScores:
     duplicate_token: np.ndarray
     copying: np.ndarray
     heads_per_layer: tuple[int, ...]
+    source: str = "sdpa"
 
     @property
     def num_layers(self) -> int:
@@ -251,6 +256,7 @@ def induction_scores(
     copying: bool = True,
     copying_sequences: int | None = 8,
     batch_size: int | None = None,
+    attention: Any = "auto",
 ) -> HeadScores:
     """Score every attention head of ``model`` on repeated random tokens (see the module docstring).
 
@@ -272,6 +278,10 @@ def induction_scores(
         copying_sequences: Number of sequences (the first ones) the copying score averages over,
             to bound its cost; ``None`` = all ``num_sequences``.
         batch_size: Sequences per forward pass (default: all at once).
+        attention: How the attention is read: ``"auto"`` (from the model's type: TransformerLens,
+            HuggingFace eager, else SDPA / MultiheadAttention), ``"sdpa"``, or an adapter such
+            as :class:`~devinterp.analyses.attention_adapters.ModuleAttention` for attention
+            written by hand. :attr:`HeadScores.source` says which was used.
 
     Returns:
         A :class:`HeadScores`.
@@ -294,13 +304,13 @@ def induction_scores(
     sums: list[list[Tensor]] | None = None
     copy_sums: dict[tuple[int, int], float] = {}
     heads_per_layer: tuple[int, ...] = ()
-    with _EvalMode(model), capture_attention(model) as cap:
+    with _EvalMode(model), capture_attention(model, attention=attention) as cap:
         for start in range(0, num_sequences, batch_size):
             batch = tokens[start:start + batch_size]
             cap.record, cap.ablate = True, set()
             clean = _logits(model(batch))
-            if cap.num_layers == 0:
-                raise attention_not_found(model)
+            if cap.num_layers == 0 or len(cap.patterns) != cap.num_layers:
+                raise attention_not_found(model, cap.source)
             patterns = cap.patterns
             if sums is None:
                 heads_per_layer = tuple(info.num_heads for info in cap.layers)
@@ -322,7 +332,7 @@ def induction_scores(
         arrays["previous_token"][layer, :n] = prev / (num_sequences * denominators["previous_token"])
     for (layer, h), total in copy_sums.items():
         arrays["copying"][layer, h] = total / (n_copy * rows_r)
-    return HeadScores(heads_per_layer=heads_per_layer, **arrays)
+    return HeadScores(heads_per_layer=heads_per_layer, source=cap.source, **arrays)
 
 
 def _accumulate_copying(model, cap, batch, clean_logits, patterns, heads_per_layer, first_row,

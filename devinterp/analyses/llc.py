@@ -204,9 +204,12 @@ def estimate_llc(model: nn.Module | SamplingTarget, data: Any = None, loss_fn: L
         model: the network at w* (its current train/eval mode is used: call ``eval()`` first to
             switch off dropout), or a :class:`SamplingTarget` from ``prepare_target`` to reuse
             (then ``data``, ``loss_fn``, ``params``, ``batch_size``, ``device`` are ignored).
-        data: a Dataset, a DataLoader or a tuple of tensors (samples along dimension 0). Use a
+        data: a tensor (a dataset of its rows, e.g. token ids), a Dataset, a DataLoader or a
+            tuple/dict of tensors (samples along dimension 0); see :func:`prepare_target`. Use a
             subset of the data for the data-refined LLC.
-        loss_fn: ``loss_fn(model, batch) -> scalar`` mean loss of the batch.
+        loss_fn: ``loss_fn(model, batch) -> scalar`` mean loss of the batch; ``batch`` has the
+            structure a DataLoader over ``data`` yields. None: :func:`~devinterp.analyses.lm_loss`
+            (next-token cross-entropy of a language model).
         num_chains: independent chains, each with its own noise and minibatch order.
         num_draws: steps per chain averaged into the estimate.
         num_burnin: steps per chain before the draws, recorded but never averaged.

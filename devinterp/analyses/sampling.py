@@ -54,18 +54,52 @@ _MODE_CACHE: dict[tuple, str] = {}
 # --------------------------------------------------------------------------------------------
 # data
 # --------------------------------------------------------------------------------------------
+class _MappingSpec(NamedTuple):
+    """Treespec of a mapping type that ``torch.utils._pytree`` does not know (HF ``BatchEncoding``)."""
+
+    cls: type
+    inner: Any
+
+
+def _flatten(obj: Any) -> tuple[list[Any], Any]:
+    if isinstance(obj, Mapping) and type(obj) not in pytree.SUPPORTED_NODES:
+        leaves, inner = pytree.tree_flatten(dict(obj))
+        return leaves, _MappingSpec(type(obj), inner)
+    return pytree.tree_flatten(obj)
+
+
+def _unflatten(leaves: list[Tensor], spec: Any) -> Any:
+    """The batch, with the structure the data yields (the inverse of :func:`_flatten`)."""
+    if isinstance(spec, _MappingSpec):
+        return spec.cls(pytree.tree_unflatten(leaves, spec.inner))
+    return pytree.tree_unflatten(leaves, spec)
+
+
+def _is_rows(data: Any) -> bool:
+    """A list of samples (dicts) rather than a list of tensors: a dataset of rows."""
+    return isinstance(data, list) and bool(data) and all(isinstance(x, Mapping) for x in data)
+
+
 def _materialize(data: Any) -> tuple[list[Tensor], Any, int | None]:
-    """Turn a Dataset, DataLoader or tuple of tensors into leaves + treespec (+ loader batch)."""
+    """Turn data into leaves + treespec (+ loader batch size); the batch keeps the data's structure.
+
+    A tensor is a dataset of its rows (batches are tensors), a tuple/list/dict of tensors a dataset
+    of their rows (batches of the same structure), a Dataset (or a list of samples) is collated as
+    a DataLoader would (``default_collate``), a DataLoader stands for its dataset.
+    """
     loader_batch = None
     if isinstance(data, DataLoader):
         loader_batch = data.batch_size
         data = data.dataset
-    if isinstance(data, Tensor):
-        data = (data,)
     if isinstance(data, TensorDataset):
         data = tuple(data.tensors)
-    if isinstance(data, (tuple, list, dict)) and not isinstance(data, Dataset):
+    if _is_rows(data) or (not isinstance(data, (Tensor, tuple, list, Mapping, Dataset))
+                          and hasattr(data, "__getitem__") and hasattr(data, "__len__")):
+        data = _RowsDataset(data)  # e.g. a list of dicts, a HuggingFace datasets.Dataset
+    if isinstance(data, Tensor):
         leaves, spec = pytree.tree_flatten(data)
+    elif isinstance(data, (tuple, list, Mapping)) and not isinstance(data, Dataset):
+        leaves, spec = _flatten(data)
         if not leaves or not all(isinstance(t, Tensor) for t in leaves):
             raise InvalidInputError(
                 "data given as a tuple/list/dict must hold tensors with the samples along the "
@@ -85,10 +119,11 @@ def _materialize(data: Any) -> tuple[list[Tensor], Any, int | None]:
         from torch.utils.data import default_collate
 
         batch = default_collate([data[i] for i in range(size)])
-        leaves, spec = pytree.tree_flatten(batch)
+        leaves, spec = _flatten(batch)
     else:
         raise InvalidInputError(
-            f"data must be a Dataset, a DataLoader or a tuple of tensors, got {type(data).__name__}"
+            "data must be a tensor, a Dataset, a DataLoader or a tuple/dict of tensors, got "
+            f"{type(data).__name__}"
         )
     leaves = [t if isinstance(t, Tensor) else torch.as_tensor(t) for t in leaves]
     if any(t.dim() == 0 for t in leaves):
@@ -101,6 +136,19 @@ def _materialize(data: Any) -> tuple[list[Tensor], Any, int | None]:
     if sizes.pop() == 0:
         raise InvalidInputError("data is empty: it holds 0 samples")
     return leaves, spec, loader_batch
+
+
+class _RowsDataset(Dataset):
+    """A map-style view of anything with ``len`` and integer indexing."""
+
+    def __init__(self, rows: Any):
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> Any:
+        return self.rows[i]
 
 
 # --------------------------------------------------------------------------------------------
@@ -169,7 +217,7 @@ class _LossModule(nn.Module):
         self.spec = spec
 
     def forward(self, *leaves: Tensor) -> Tensor:
-        return self.loss_fn(self.model, pytree.tree_unflatten(list(leaves), self.spec))
+        return self.loss_fn(self.model, _unflatten(list(leaves), self.spec))
 
 
 class _Slot(NamedTuple):
@@ -359,8 +407,8 @@ class SamplingTarget:
         cached = self._batch_cache
         if cached is not None and cached[0] == key:
             return cached[2]
-        per_chain = [pytree.tree_unflatten(list(batch if shared else [t[c] for t in batch]),
-                                           self.spec) for c in range(chains)]
+        per_chain = [_unflatten(list(batch if shared else [t[c] for t in batch]),
+                                self.spec) for c in range(chains)]
         # the tensors are kept alive with the key so that their ids cannot be reused
         self._batch_cache = (key, list(batch), per_chain)
         return per_chain
@@ -440,12 +488,17 @@ def as_target(model: nn.Module | SamplingTarget, data: Any, loss_fn: LossFn | No
     """``model`` itself if it is a prepared :class:`SamplingTarget`, else :func:`prepare_target`.
 
     Shared by ``estimate_llc`` and ``calibrate``: the batch size defaults to the DataLoader's, else
-    512; ``caller`` names the function in the error raised when data or loss_fn is missing.
+    512; the loss to :func:`devinterp.analyses.losses.lm_loss` (next-token cross-entropy);
+    ``caller`` names the function in the error raised when data is missing.
     """
     if isinstance(model, SamplingTarget):
         return model
-    if loss_fn is None or data is None:
-        raise InvalidInputError(f"{caller} needs data and loss_fn(model, batch)")
+    if data is None:
+        raise InvalidInputError(f"{caller} needs data (and loss_fn(model, batch), default lm_loss)")
+    if loss_fn is None:
+        from devinterp.analyses.losses import lm_loss
+
+        loss_fn = lm_loss
     if batch_size is None and not isinstance(data, torch.utils.data.DataLoader):
         batch_size = 512
     return prepare_target(model, data, loss_fn, batch_size=batch_size, **prepare_kwargs)
@@ -462,10 +515,14 @@ def prepare_target(model: nn.Module, data: Any, loss_fn: LossFn, *, params: Para
 
     Args:
         model: the network at w*. Its current train/eval mode is used as is.
-        data: a Dataset, a DataLoader (its dataset and batch size are used) or a tuple of tensors
-            with samples along the first dimension; moved to ``device`` in full.
-        loss_fn: ``loss_fn(model, batch) -> scalar mean loss``; ``batch`` has the structure a
-            DataLoader would give (a tuple of tensors for tuple data).
+        data: a tensor (a dataset of its rows, e.g. token ids ``(n, T)``), a tuple or dict of
+            tensors with samples along the first dimension, a Dataset (items collated as a
+            DataLoader would: tensors, tuples, dicts, HuggingFace ``BatchEncoding``), a list of
+            dict samples, or a DataLoader (its dataset and batch size are used); moved to
+            ``device`` in full.
+        loss_fn: ``loss_fn(model, batch) -> scalar mean loss``; ``batch`` has exactly the
+            structure a DataLoader over ``data`` yields: a tensor for tensor data, a tuple for
+            tuple data or a ``TensorDataset``, a dict (or ``BatchEncoding``) for dict samples.
         params: which parameters to sample (others stay at w*): a name or glob pattern, a list of
             them, a predicate ``(name, param) -> bool``, or ``{name: bool mask}`` for single
             entries. None: every parameter with ``requires_grad``.

@@ -46,12 +46,15 @@ class CircuitCallback(pl.Callback):
         icl_early: ``early`` argument of :func:`icl_score`.
         icl_late: ``late`` argument of :func:`icl_score`.
         model_attr: Score ``getattr(pl_module, model_attr)`` instead of the LightningModule itself
-            (which must then map tokens to logits).
+            (which must then map tokens to logits, or return an object with ``.logits``).
         weights: Also log the weight-space circuits (composition, OV copying, positional QK):
             ``"auto"`` (default) when the heads of the model, or of the first submodule whose heads
             can be read, are located (:mod:`devinterp.analyses.head_access`), ``True`` always
             (an unsupported model is an error), ``False`` never.
         weight_kinds: Composition kinds logged (``"Q"``, ``"K"``, ``"V"``).
+        attention: How attention is read (see :func:`~devinterp.analyses.induction_scores`):
+            ``"auto"`` (from the model's type), ``"sdpa"`` or an adapter such as
+            :class:`~devinterp.analyses.ModuleAttention` for attention written by hand.
     """
 
     def __init__(
@@ -71,6 +74,7 @@ class CircuitCallback(pl.Callback):
         model_attr: str | None = None,
         weights: bool | str = "auto",
         weight_kinds: tuple[str, ...] = ("Q", "K", "V"),
+        attention: Any = "auto",
     ):
         super().__init__()
         if weights not in (True, False, "auto"):
@@ -95,6 +99,7 @@ class CircuitCallback(pl.Callback):
         self.icl_early, self.icl_late = icl_early, icl_late
         self.model_attr = model_attr
         self._gate = StepGate(self.schedule, owner="CircuitCallback")
+        self.attention = attention
 
     # -- Lightning hooks ----------------------------------------------------------------------
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -136,7 +141,7 @@ class CircuitCallback(pl.Callback):
             scores = induction_scores(
                 model, vocab_size=self.vocab_size, seq_len=self.seq_len,
                 num_sequences=self.num_sequences, seed=self.seed, bos_token=self.bos_token,
-                device=pl_module.device, copying=self.copying,
+                device=pl_module.device, copying=self.copying, attention=self.attention,
             )
             values = scores.scalars()
             if self.icl:

@@ -66,14 +66,16 @@ class LLCCallback(pl.Callback):
     """Estimate the LLC of the model at scheduled steps, on a copy of its weights.
 
     Args:
-        data: The data the LLC is measured on: a ``Dataset``, a ``DataLoader`` or a tuple of
-            tensors (samples along dimension 0), as :func:`~devinterp.analyses.estimate_llc` takes
+        data: The data the LLC is measured on: a tensor (e.g. token ids), a ``Dataset``, a
+            ``DataLoader`` or a tuple/dict of tensors (samples along dimension 0), as :func:`~devinterp.analyses.estimate_llc` takes
             it. Use a fixed sample of the training distribution (a few hundred to a few thousand
             samples); ``n`` and the default ``nβ = n / log n`` refer to it.
         loss_fn: ``loss_fn(model, batch) -> scalar`` mean loss of a batch. ``model`` is the copy
             of what ``model_getter`` returns (by default the LightningModule itself, so
             ``lambda m, batch: m.training_loss(batch)`` or a plain function calling ``m(x)`` both
-            work); ``batch`` has the structure a DataLoader over ``data`` gives.
+            work); ``batch`` has the structure a DataLoader over ``data`` gives (a tensor for
+            token-id data, a dict for dict samples). None: :func:`~devinterp.analyses.lm_loss`,
+            next-token cross-entropy of a model returning logits or a HuggingFace ``ModelOutput``.
         schedule: When to estimate, in optimizer steps (default ``log_spaced(20)`` up to the run's
             total steps); resolved when training starts. Step 0 is always estimated then when
             training starts from scratch.
@@ -128,7 +130,7 @@ class LLCCallback(pl.Callback):
     def __init__(
         self,
         data: Any,
-        loss_fn: Callable[[nn.Module, Any], torch.Tensor],
+        loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
         schedule: Schedule | None = None,
         *,
         calibrate: bool | Any = True,
@@ -143,6 +145,10 @@ class LLCCallback(pl.Callback):
         super().__init__()
         if data is None:
             raise InvalidInputError("LLCCallback needs data: a Dataset, DataLoader or tuple of tensors")
+        if loss_fn is None:
+            from devinterp.analyses.losses import lm_loss
+
+            loss_fn = lm_loss
         if not callable(loss_fn):
             raise InvalidInputError("loss_fn must be callable as loss_fn(model, batch) -> scalar loss")
         if schedule is not None and not isinstance(schedule, Schedule):

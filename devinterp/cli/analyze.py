@@ -15,9 +15,14 @@ _EPILOG = """\
 Factories (package.module:name or path/to/file.py:name):
   --model  returns the nn.Module whose weights the snapshots hold (a LightningModule class works);
            called with the run's recorded hyper-parameters (those its signature accepts).
+           Default: the class in run.json; for HuggingFace checkpoints, the model config.json builds.
   --data   returns a Dataset, DataLoader, tensor(s) or a LightningDataModule (training data, LLC).
+           Default: the run's datamodule, else model.devinterp_data(), else model.train_dataloader().
   --loss   fn(model, batch) -> scalar mean loss. Default: model.devinterp_loss(batch), else the
-           loss of model.training_step(batch, 0).
+           loss of model.training_step(batch, 0), else (a HuggingFace LM) next-token cross-entropy.
+
+PATH: a snapshot store, a folder of Lightning .ckpt files, or a folder of HuggingFace checkpoints
+(checkpoint-<step>/ as the HF Trainer writes them, step<step>/ or step-<step>/ save_pretrained folders).
 
 Results: <store>/analysis/results.jsonl (a .ckpt folder: <folder>/devinterp-analysis/), resumable;
 results.csv, results.json, transitions.json; TensorBoard events in the same folder, or DIR/analysis
@@ -29,8 +34,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "analyze",
         help="post-hoc LLC / circuit / transition analysis of a store or checkpoint folder (resumable, distributed)",
-        description="Analyse every selected snapshot of PATH (a snapshot store or a folder of Lightning .ckpt "
-        "files), save the results next to it (a second run skips what is done), detect transitions over the "
+        description="Analyse every selected snapshot of PATH (a snapshot store, a folder of Lightning .ckpt "
+        "files or of HuggingFace checkpoints), save the results next to it (a second run skips what is done), detect transitions over the "
         "finished curves and write TensorBoard events. --devices/--num-nodes share the snapshots out over "
         "processes with Lightning Fabric. Without --llc/--circuits/--transitions: --llc --transitions.",
         epilog=_EPILOG,

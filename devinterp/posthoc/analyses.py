@@ -222,7 +222,8 @@ class LLCAnalysis:
 
 
 _VOCAB_KEYS = ("vocab_size", "d_vocab", "n_vocab", "vocab")
-_SEQ_KEYS = ("seq_len", "n_ctx", "context_length", "max_seq_len", "block_size")
+_SEQ_KEYS = ("seq_len", "n_ctx", "context_length", "max_seq_len", "block_size", "n_positions",
+             "max_position_embeddings")
 
 
 def hparam_lookup(hparams: Mapping[str, Any], keys: tuple[str, ...]) -> int | None:

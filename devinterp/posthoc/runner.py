@@ -186,7 +186,7 @@ def default_out_dir(store: SnapshotStore) -> str:
         raise PlanError(
             f"{root} is not a local folder; pass an output folder for the results (--out DIR)"
         )
-    ckpt = store.run_info().get("format") == "lightning-checkpoints"
+    ckpt = store.run_info().get("format") in ("lightning-checkpoints", "hf-checkpoints")
     return os.path.join(root, "devinterp-analysis" if ckpt else "analysis")
 
 
@@ -222,7 +222,8 @@ def _model_factory(job: Job, info: Mapping[str, Any]) -> tuple[Any, str]:
             else "the run file records none"
         raise FactoryError(
             f"cannot rebuild the model: {what}. Pass --model package.module:YourLightningModule (or a "
-            f"function returning the nn.Module; it is called with the run's hyper-parameters)"
+            f"function returning the nn.Module; it is called with the run's hyper-parameters), e.g. "
+            f"--model mypkg.models:make_model"
         )
     if cls.startswith("__main__:"):
         raise FactoryError(
@@ -257,6 +258,14 @@ def _make_data(job: Job, info: Mapping[str, Any], model: nn.Module) -> Any:
         factory = import_object(dm_cls, what="datamodule class recorded in run.json")
         obj = call_with_hparams(factory, info.get("datamodule_hparams") or {}, what=f"datamodule {dm_cls}")
         return data_from_object(obj, what=f"datamodule {dm_cls}")
+    hook = getattr(model, "devinterp_data", None)
+    if callable(hook):  # the module names its own LLC data (e.g. devinterp.demo.InductionLM)
+        try:
+            obj = hook()
+        except Exception as exc:
+            raise FactoryError(f"{type(model).__name__}.devinterp_data() failed ({type(exc).__name__}: {exc}); "
+                               f"pass --data package.module:factory") from exc
+        return data_from_object(obj, what=f"{type(model).__name__}.devinterp_data()")
     if _overrides_train_dataloader(model):
         try:
             loader = model.train_dataloader()
@@ -278,6 +287,10 @@ def _make_loss(job: Job, model: nn.Module) -> Callable:
             raise FactoryError(f"--loss {job.loss!r} is not callable; it must be loss_fn(model, batch) -> scalar")
         return fn
     fn = loss_from_module(model)
+    if fn is None and _returns_logits(model):
+        from devinterp.analyses.losses import lm_loss
+
+        return lm_loss  # a language model (e.g. HuggingFace): next-token cross-entropy
     if fn is None:
         raise FactoryError(
             f"no loss function: {type(model).__name__} defines neither devinterp_loss(batch) nor "
@@ -286,7 +299,15 @@ def _make_loss(job: Job, model: nn.Module) -> Callable:
     return fn
 
 
+def _returns_logits(model: nn.Module) -> bool:
+    """A HuggingFace causal LM (its config names a vocabulary): ``lm_loss`` fits it."""
+    config = getattr(model, "config", None)
+    return config is not None and isinstance(getattr(config, "vocab_size", None), int)
+
+
 def _first_batch(data: Any) -> Any:
+    if isinstance(data, torch.Tensor):
+        return data[: min(len(data), 4)]
     if isinstance(data, tuple):
         return tuple(t[: min(len(t), 4)] for t in data)
     if isinstance(data, torch.utils.data.DataLoader):
