@@ -133,21 +133,39 @@ def test_tied_weights_get_the_gradient_of_both_uses():
     torch.testing.assert_close(grads[1], ref)
 
 
-def test_plan_rule():
+def test_plan_rule(monkeypatch):
+    monkeypatch.setattr(parallel, "core_budget", lambda: 4)
     model, data = _problem()
     target = prepare_target(model, data, _loss, batch_size=32)
     quick = parallel.plan(target, num_chains=4, estimated_seconds=0.01, compiled=False)
     assert quick.workers == 1 and quick.backend == "inline"
     long = parallel.plan(target, num_chains=4, estimated_seconds=100.0, compiled=False)
-    assert long.workers == min(4, parallel.available_cores())
+    assert long.workers == 4 and long.threads == 1
     assert parallel.plan(target, num_chains=4, estimated_seconds=100.0, compiled=True).workers == 1
     forced = parallel.plan(target, num_chains=3, estimated_seconds=0.0, compiled=False,
                            workers=8, backend="thread")
     assert forced.groups == ((0,), (1,), (2,)) and forced.backend == "thread"
-    assert forced.threads == max(1, parallel.available_cores() // 3)
+    assert forced.threads == 1
+    monkeypatch.setattr(parallel, "core_budget", lambda: 1)  # OMP_NUM_THREADS=1: sequential
+    assert parallel.plan(target, num_chains=4, estimated_seconds=100.0,
+                         compiled=False).workers == 1
     assert parallel.split(7, 3) == ((0, 1), (2, 3, 4), (5, 6))
     tr = sample_chains(target, num_chains=2, num_steps=5, step_size=1e-4)
     assert tr.workers == 1  # a tiny run stays in this thread
+
+
+def test_no_import_cycle_between_sampling_and_its_helpers():
+    import ast
+    import inspect
+
+    from devinterp.analyses import compiled
+
+    for module in (compiled, parallel):
+        tree = ast.parse(inspect.getsource(module))
+        imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        names = {a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names}
+        assert "devinterp.analyses.sampling" not in imported and "sampling" not in names
 
 
 @pytest.mark.parametrize("bad", [0, -1, 1.5, True, "all"])

@@ -9,9 +9,13 @@ the sampling module) and merges the groups' reports, chunk by chunk, in chain or
 
 Backends:
 
+The cores used are PyTorch's intra-op thread budget (:func:`core_budget`: every core unless
+``OMP_NUM_THREADS`` or ``torch.set_num_threads`` says otherwise); each worker gets
+``budget // workers`` intra-op threads, so the total stays within the budget.
+
 - ``"process"``: one forked child process per group (CPU only; POSIX). The child inherits the
   prepared target, so any ``loss_fn`` works (closures and lambdas need no pickling); it runs with
-  ``cores // groups`` intra-op threads and sends its chunks back through a pipe. No GIL is shared.
+  ``budget // groups`` intra-op threads and sends its chunks back through a pipe. No GIL is shared.
 - ``"thread"``: one thread per group on private copies of the sampling buffers; on CPU the
   intra-op threads are set to ``cores // groups`` for the run. The only backend for CUDA (a
   forked child cannot use CUDA), with one device per group when several are given.
@@ -54,6 +58,13 @@ def available_cores() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):
         return max(1, os.cpu_count() or 1)
+
+
+def core_budget() -> int:
+    """The cores the chains may use: PyTorch's intra-op thread count (all cores by default;
+    ``OMP_NUM_THREADS`` or ``torch.set_num_threads`` lower it, e.g. in a process that shares the
+    machine with others)."""
+    return max(1, torch.get_num_threads())
 
 
 def fork_available() -> bool:
@@ -155,8 +166,8 @@ def plan(target: Any, *, num_chains: int, estimated_seconds: float, compiled: bo
         compiled: whether the run uses the compiled SGLD step (then it stays in one thread:
             compiled code is specialised on the number of chains and compiling in every worker
             would cost more than it saves).
-        workers: ``"auto"``: on CPU, ``min(C, cores)`` workers when the run is estimated at
-            ``MIN_PARALLEL_SECONDS`` or more, else 1; on one GPU, 1 (the chains are batched);
+        workers: ``"auto"``: on CPU, ``min(C, core_budget())`` workers when the run is
+            estimated at ``MIN_PARALLEL_SECONDS`` or more, else 1; on one GPU, 1 (the chains are batched);
             with ``devices``, one per device. An int forces that many (1: sequential).
         devices: several devices to spread the chains over (one group each, threads).
         backend: ``"process"`` or ``"thread"``; None: processes on CPU where ``fork`` exists,
@@ -178,7 +189,7 @@ def plan(target: Any, *, num_chains: int, estimated_seconds: float, compiled: bo
                 or estimated_seconds < MIN_PARALLEL_SECONDS):
             count = 1
         else:
-            count = min(num_chains, available_cores())
+            count = min(num_chains, core_budget())
     else:
         count = min(int(workers), num_chains)
         if compiled and count > 1:
@@ -199,7 +210,7 @@ def plan(target: Any, *, num_chains: int, estimated_seconds: float, compiled: bo
 
 
 def _threads_per_worker(workers: int) -> int:
-    return max(1, available_cores() // workers)
+    return max(1, core_budget() // workers)
 
 
 # --------------------------------------------------------------------------------------------
