@@ -47,7 +47,8 @@ from torch import Tensor
 from devinterp.errors import InvalidInputError
 
 #: Runs estimated to take less than this many seconds of sequential work stay in one thread
-#: with ``workers="auto"`` (forking and per-group model copies cost ~0.1 s).
+#: with ``workers="auto"`` (forking and per-group model copies cost ~0.1 s). The estimate is
+#: chains × steps × the measured time of one gradient (``SamplingTarget.gradient_seconds``).
 MIN_PARALLEL_SECONDS = 1.0
 BACKENDS = ("process", "thread")
 
@@ -154,7 +155,8 @@ def _devices(devices: Any, default: torch.device) -> tuple[torch.device, ...] | 
     return tuple(out)
 
 
-def plan(target: Any, *, num_chains: int, estimated_seconds: float, compiled: bool,
+def plan(target: Any, *, num_chains: int, estimated_seconds: float | Callable[[], float],
+         compiled: bool,
          workers: int | str = "auto", devices: Sequence[Any] | None = None,
          backend: str | None = None) -> Plan:
     """Decide how to run ``num_chains`` chains (a deterministic rule: no timing).
@@ -162,7 +164,8 @@ def plan(target: Any, *, num_chains: int, estimated_seconds: float, compiled: bo
     Args:
         target: the prepared target (its ``device``).
         num_chains: C.
-        estimated_seconds: the sequential run's estimated wall time (for ``"auto"``).
+        estimated_seconds: the sequential run's estimated wall time (for ``"auto"``), or a
+            function returning it (called only when the rule needs it: it may time a step).
         compiled: whether the run uses the compiled SGLD step (then it stays in one thread:
             compiled code is specialised on the number of chains and compiling in every worker
             would cost more than it saves).
@@ -185,8 +188,10 @@ def plan(target: Any, *, num_chains: int, estimated_seconds: float, compiled: bo
                     _threads_per_worker(len(groups)) if cpu and len(groups) > 1 else None)
     device = devs[0] if devs else target.device
     if workers == "auto":
-        if (device.type != "cpu" or compiled or num_chains < 2
-                or estimated_seconds < MIN_PARALLEL_SECONDS):
+        if device.type != "cpu" or compiled or num_chains < 2 or core_budget() < 2:
+            count = 1
+        elif (estimated_seconds() if callable(estimated_seconds)
+              else estimated_seconds) < MIN_PARALLEL_SECONDS:
             count = 1
         else:
             count = min(num_chains, core_budget())

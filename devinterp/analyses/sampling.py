@@ -254,6 +254,7 @@ class SamplingTarget:
         self._gbuf: Tensor | None = None
         self._vmapped: dict[bool, Callable] = {}
         self._batch_cache: tuple[tuple, list[Tensor], list[Any]] | None = None
+        self._grad_seconds: float | None = None
         self.mode = mode
         self.init_loss, self.batch_loss_std = self._loss_at_anchor()
 
@@ -389,6 +390,30 @@ class SamplingTarget:
         # the tensors are kept alive with the key so that their ids cannot be reused
         self._batch_cache = (key, list(batch), per_chain)
         return per_chain
+
+    def gradient_seconds(self) -> float:
+        """Wall time of one chain's gradient on one minibatch at w* (best of two; cached).
+
+        Used only to decide whether running the chains in parallel pays (never affects results).
+        """
+        if self._grad_seconds is None:
+            batch = [t[:self.batch_size] for t in self.leaves]
+            fn = torch.func.grad(self._loss_flat)
+            best = math.inf
+            try:
+                with torch.random.fork_rng(devices=self._rng_devices()):
+                    for _ in range(2):
+                        t0 = time.perf_counter()
+                        fn(self.anchor, *batch)
+                        self._sync()
+                        best = min(best, time.perf_counter() - t0)
+            except InvalidInputError:
+                raise
+            except Exception:  # noqa: BLE001 - a loss torch.func cannot trace: use the estimate
+                costs = _compiled.estimated_costs(self, 1)
+                best = costs["compute"] + costs["overhead"]
+            self._grad_seconds = best
+        return self._grad_seconds
 
     def replica_for(self, device: torch.device | str | None = None) -> SamplingTarget:
         """A copy for another thread or device: same data, w*, loss and settings, its own
@@ -1103,8 +1128,9 @@ def plan_chains(target: SamplingTarget, *, num_chains: int, num_steps: int, samp
         compile is True or (compile == "auto" and _compiled.should_compile(
             target, chains=num_chains, num_steps=num_steps, sampler=sampler,
             expected_calls=expected)))
-    costs = _compiled.estimated_costs(target, num_chains)
-    seconds = num_steps * (costs["compute"] + costs["overhead"])
+    def seconds() -> float:  # measured only when the rule needs it
+        return num_steps * num_chains * target.gradient_seconds()
+
     return _parallel.plan(target, num_chains=num_chains, estimated_seconds=seconds,
                           compiled=compiled, workers=workers, devices=devices, backend=backend)
 
