@@ -187,6 +187,8 @@ def plan(target: Any, *, num_chains: int, estimated_seconds: float | Callable[[]
         return Plan(groups, devs[:len(groups)], "thread" if len(groups) > 1 else "inline",
                     _threads_per_worker(len(groups)) if cpu and len(groups) > 1 else None)
     device = devs[0] if devs else target.device
+    if device != target.device:  # one other device: the chains run there, on a replica
+        return Plan(split(num_chains, 1), (device,), "thread", None)
     if workers == "auto":
         if device.type != "cpu" or compiled or num_chains < 2 or core_budget() < 2:
             count = 1
@@ -331,6 +333,8 @@ def _threads(run: RunFn, target: Any, the_plan: Plan, num_steps: int, chunk: int
     if the_plan.threads is not None:
         torch.set_num_threads(the_plan.threads)
     saved_rng = torch.get_rng_state()
+    cuda_rng = [(d, torch.cuda.get_rng_state(d)) for d in set(the_plan.devices)
+                if d.type == "cuda"]
     threads = [threading.Thread(target=work, args=(g,), daemon=True,
                                 name=f"devinterp-chains-{g}") for g in range(the_plan.workers)]
     try:
@@ -342,6 +346,8 @@ def _threads(run: RunFn, target: Any, the_plan: Plan, num_steps: int, chunk: int
         for t in threads:
             t.join()
         torch.set_rng_state(saved_rng)
+        for d, state in cuda_rng:
+            torch.cuda.set_rng_state(state, d)
         if the_plan.threads is not None:
             torch.set_num_threads(previous)
 
