@@ -12,9 +12,10 @@ memory shared between a parent and its forked chain workers is counted once. Two
   freed (the allocator keeps what a step needs: activations, one gradient).
 
 ``extra`` is the peak during ``estimate_llc`` minus a baseline, divided by 4 bytes × parameters.
-Configurations: the default path for this size (lean: chains one after the other, in place),
-the same with the chains on 2 threads and on 2 processes, and the batched path that smaller
-models take (``LEAN_MIN_DIM`` raised above the model's size) for comparison.
+Configurations: ``lean-sequential``, the default path for this size (lean: chains one after the
+other, in place), the same with the chains on 2 threads and on 2 processes, and
+``batched-sequential``, the path smaller models take (``LEAN_MIN_DIM`` raised above the model's
+size), for comparison.
 
     OMP_NUM_THREADS=1 python benchmarks/llc_memory.py [--chains 4] [--draws 30]
 """
@@ -33,10 +34,10 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 CONFIGS = {
-    "lean, sequential": dict(workers=1, lean=True),
-    "lean, 2 threads": dict(workers=2, backend="thread", lean=True),
-    "lean, 2 processes": dict(workers=2, backend="process", lean=True),
-    "batched path (smaller models), sequential": dict(workers=1, lean=False),
+    "lean-sequential": dict(workers=1, lean=True),
+    "lean-2-threads": dict(workers=2, backend="thread", lean=True),
+    "lean-2-processes": dict(workers=2, backend="process", lean=True),
+    "batched-sequential": dict(workers=1, lean=False),
 }
 
 
@@ -150,7 +151,7 @@ def main() -> int:
             continue
         out = json.loads(line[0][len("RESULT "):])
         unit = 4 * out["params"]
-        print(f"{name:44s} parameters {out['params']:,} ({unit / 2**20:.1f} MiB); "
+        print(f"{name:20s} parameters {out['params']:,} ({unit / 2**20:.1f} MiB); "
               f"peak {out['peak'] / 2**20:7.1f} MiB; extra after build "
               f"{(out['peak'] - out['after_build']) / unit:5.2f}×, after a step "
               f"{(out['peak'] - out['after_step']) / unit:5.2f}× the parameters "

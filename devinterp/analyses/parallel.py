@@ -69,8 +69,11 @@ def core_budget() -> int:
 
 
 def fork_available() -> bool:
-    """Whether the ``"process"`` backend can be used (``os.fork`` exists)."""
-    return hasattr(os, "fork") and sys.platform != "win32"
+    """Whether the ``"process"`` backend can be used: ``os.fork`` exists and this process may
+    have children (a daemonic multiprocessing worker may not)."""
+    import multiprocessing as mp
+
+    return hasattr(os, "fork") and sys.platform != "win32" and not mp.current_process().daemon
 
 
 @dataclass(frozen=True)
@@ -211,7 +214,8 @@ def plan(target: Any, *, num_chains: int, estimated_seconds: float | Callable[[]
     else:
         chosen = backend
         if chosen == "process" and not fork_available():
-            raise InvalidInputError("backend='process' needs os.fork (POSIX); use 'thread'")
+            raise InvalidInputError("backend='process' needs os.fork (POSIX) in a process that may "
+                                    "have children (not a daemonic worker); use 'thread'")
     threads = _threads_per_worker(len(groups)) if device.type == "cpu" else None
     return Plan(groups, (device,) * len(groups), chosen, threads)
 
