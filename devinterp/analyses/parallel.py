@@ -162,7 +162,7 @@ def plan(target: Any, *, num_chains: int, estimated_seconds: float | Callable[[]
          compiled: bool,
          workers: int | str = "auto", devices: Sequence[Any] | None = None,
          backend: str | None = None) -> Plan:
-    """Decide how to run ``num_chains`` chains (a deterministic rule: no timing).
+    """Decide how to run ``num_chains`` chains. The results never depend on the decision.
 
     Args:
         target: the prepared target (its ``device``).
@@ -173,8 +173,8 @@ def plan(target: Any, *, num_chains: int, estimated_seconds: float | Callable[[]
             compiled code is specialised on the number of chains and compiling in every worker
             would cost more than it saves).
         workers: ``"auto"``: on CPU, ``min(C, core_budget())`` workers when the run is
-            estimated at ``MIN_PARALLEL_SECONDS`` or more, else 1; on one GPU, 1 (the chains are batched);
-            with ``devices``, one per device. An int forces that many (1: sequential).
+            estimated at ``MIN_PARALLEL_SECONDS`` or more, else 1; on one GPU, 1 (the chains
+            are batched); with ``devices``, one per device. An int forces that many (1: sequential).
         devices: several devices to spread the chains over (one group each, threads).
         backend: ``"process"`` or ``"thread"``; None: processes on CPU where ``fork`` exists,
             else threads.
@@ -187,7 +187,8 @@ def plan(target: Any, *, num_chains: int, estimated_seconds: float | Callable[[]
         count = len(devs) if workers == "auto" else min(int(workers), len(devs))
         groups = split(num_chains, count)
         cpu = all(d.type == "cpu" for d in devs[:len(groups)])
-        return Plan(groups, devs[:len(groups)], "thread" if len(groups) > 1 else "inline",
+        inline = len(groups) == 1 and devs[0] == target.device
+        return Plan(groups, devs[:len(groups)], "inline" if inline else "thread",
                     _threads_per_worker(len(groups)) if cpu and len(groups) > 1 else None)
     device = devs[0] if devs else target.device
     if device != target.device:  # one other device: the chains run there, on a replica
