@@ -183,7 +183,10 @@ def run_ours(model, x, y, per_sample, cfg, seed, **kwargs):
 
 def run_ours_thread(model, x, y, per_sample, cfg, seed):
     """Ours with the chains on threads (one intra-op thread each) instead of processes."""
-    return run_ours(model, x, y, per_sample, cfg, seed, compile=False, backend="thread")
+    from devinterp.analyses import parallel
+
+    parallel.fork_available = lambda: False  # the plan then picks threads
+    return run_ours(model, x, y, per_sample, cfg, seed, compile=False)
 
 
 def run_ours_auto(model, x, y, per_sample, cfg, seed):
