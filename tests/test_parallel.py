@@ -256,3 +256,23 @@ def test_chains_spread_over_two_gpus():
     two = sample_chains(target, devices=["cuda:0", "cuda:1"], **kw)
     assert two.workers == 2 and two.backend == "thread"
     np.testing.assert_allclose(two.losses, one.losses, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_progress_is_reported_per_chunk(workers):
+    model, data = _problem()
+    target = prepare_target(model, data, _loss, batch_size=32)
+    seen = []
+    sample_chains(target, num_chains=2, num_steps=23, step_size=1e-4, check_every=10,
+                  workers=workers, backend="thread", progress=lambda done, total: seen.append(
+                      (done, total)))
+    assert seen == [(10, 23), (20, 23), (23, 23)]
+
+
+def test_a_model_changed_after_preparation_is_refused():
+    model, data = _problem()
+    target = prepare_target(model, data, _loss, batch_size=32)
+    with torch.no_grad():
+        model[0].weight.add_(1.0)  # e.g. training went on
+    with pytest.raises(InvalidInputError, match="prepare the target again"):
+        sample_chains(target, num_chains=2, num_steps=3, step_size=1e-4)

@@ -234,10 +234,15 @@ class SamplingTarget:
         self.param_names = tuple(s.name for s in slots)
         self.dim = offset
         with torch.no_grad():
-            self.anchor = torch.cat(
-                [named[s.name].detach().reshape(-1).to(device=device, dtype=torch.float32)
-                 for s in slots]
-            )
+            # w* per parameter: views of the model's own tensors where they are float32 on the
+            # device (no copy; the model is never modified), else float32 copies. The flat
+            # ``anchor`` is assembled on first use; the lean path never needs it.
+            self._anchor_parts = [named[s.name].detach().reshape(-1).to(device=device,
+                                                                      dtype=torch.float32)
+                                  for s in slots]
+        self._versions = [named[s.name]._version for s in slots]
+        self._sources = [named[s.name] for s in slots]
+        self._anchor: Tensor | None = None
         flat_mask = torch.cat(masks)
         self.num_selected = int(flat_mask.sum())
         self.mask = None if bool(flat_mask.all()) else flat_mask.to(device, torch.float32)
@@ -258,6 +263,28 @@ class SamplingTarget:
         self.mode = mode
         self.init_loss, self.batch_loss_std = self._loss_at_anchor()
 
+    @property
+    def anchor(self) -> Tensor:
+        """w* as a flat float32 vector ``(D,)`` (assembled on first use)."""
+        if self._anchor is None:
+            self.check_unchanged()
+            with torch.no_grad():
+                self._anchor = torch.cat(self._anchor_parts)
+        return self._anchor
+
+    @anchor.setter
+    def anchor(self, value: Tensor) -> None:
+        self._anchor = value
+        self._anchor_parts = [value[s.offset:s.offset + s.numel] for s in self.slots]
+
+    def check_unchanged(self) -> None:
+        """Raise if the model's sampled weights were modified in place since preparation."""
+        for s, p, version in zip(self.slots, self._sources, self._versions, strict=True):
+            if p._version != version:
+                raise InvalidInputError(
+                    f"the model's parameter {s.name!r} was modified in place after "
+                    "prepare_target (w* moved): prepare the target again for the new weights")
+
     # ---- functional loss ---------------------------------------------------------------------
     def _unflatten(self, flat: Tensor) -> dict[str, Tensor]:
         return {
@@ -266,7 +293,14 @@ class SamplingTarget:
         }
 
     def _loss_flat(self, flat: Tensor, *leaves: Tensor) -> Tensor:
-        params = self._unflatten(flat)
+        return self._loss_params(self._unflatten(flat), *leaves)
+
+    def _loss_parts(self, parts: Sequence[Tensor], *leaves: Tensor) -> Tensor:
+        """The loss with one flat tensor per sampled parameter (e.g. ``_anchor_parts``)."""
+        return self._loss_params({"model." + s.name: p.view(s.shape).to(s.dtype)
+                                  for s, p in zip(self.slots, parts, strict=True)}, *leaves)
+
+    def _loss_params(self, params: dict[str, Tensor], *leaves: Tensor) -> Tensor:
         params.update(self.consts)
         loss = torch.func.functional_call(self._wrapper, params, leaves)
         if not isinstance(loss, Tensor) or loss.numel() != 1:
@@ -288,7 +322,8 @@ class SamplingTarget:
         with torch.random.fork_rng(devices=self._rng_devices()):
             for start in range(0, self.n, chunk):
                 part = [t[start:start + chunk] for t in self.leaves]
-                value = float(self.loss(self.anchor, part))
+                with torch.no_grad():
+                    value = float(self._loss_parts(self._anchor_parts, *part))
                 if not math.isfinite(value):
                     raise InvalidInputError(
                         f"the loss at the given weights is not finite ({value}) on samples "
@@ -398,13 +433,13 @@ class SamplingTarget:
         """
         if self._grad_seconds is None:
             batch = [t[:self.batch_size] for t in self.leaves]
-            fn = torch.func.grad(self._loss_flat)
+            fn = torch.func.grad(self._loss_parts)
             best = math.inf
             try:
                 with torch.random.fork_rng(devices=self._rng_devices()):
                     for _ in range(2):
                         t0 = time.perf_counter()
-                        fn(self.anchor, *batch)
+                        fn(self._anchor_parts, *batch)
                         self._sync()
                         best = min(best, time.perf_counter() - t0)
             except InvalidInputError:
@@ -475,9 +510,9 @@ class SamplingTarget:
         acc = torch.empty(chains, device=self.device) if check else None
         sq, half = math.sqrt(step_size), step_size / 2
         check = check and step_size > 0
-        parts = [(slice(s.offset, s.offset + s.numel),
+        parts = [(slice(s.offset, s.offset + s.numel), a,
                   None if self.mask is None else self.mask[s.offset:s.offset + s.numel])
-                 for s in self.slots]
+                 for s, a in zip(self.slots, self._anchor_parts, strict=True)]
         for c, chain_batch in enumerate(self._chain_batches(batch, shared, chains)):
             with torch.no_grad():
                 g.zero_()
@@ -487,9 +522,9 @@ class SamplingTarget:
             zero = torch.zeros((), device=self.device)
             dist_old, q_fwd = zero.clone(), zero.clone()
             with torch.no_grad():
-                for sl, m in parts:
+                for sl, a, m in parts:
                     ps, gs = p[sl], g[sl]
-                    diff = ps - self.anchor[sl]
+                    diff = ps - a
                     gs.mul_(nbeta)
                     if m is not None:
                         diff.mul_(m)
@@ -514,9 +549,9 @@ class SamplingTarget:
             loss_new.backward()  # accumulates ∇L(w') onto (w − w')·2/(ε·nβ)
             with torch.no_grad():
                 dist_new, q_bwd = zero.clone(), zero.clone()
-                for sl, m in parts:
+                for sl, a, m in parts:
                     ps, gs = p[sl], g[sl]
-                    diff = ps - self.anchor[sl]
+                    diff = ps - a
                     gs.mul_(nbeta)
                     if m is not None:
                         diff.mul_(m)
@@ -794,7 +829,7 @@ def run_chains(target: SamplingTarget, *, num_chains: int, num_steps: int, step_
 
     On the lean path (SGLD in loop mode with at least ``LEAN_MIN_DIM`` coordinates, see
     :meth:`SamplingTarget.lean_step`) ``state.params`` is a live view of buffers that the next
-    step overwrites (copy it to keep it) and ``info.sampler_info`` is None.
+    step overwrites (copy it to keep it), ``state.anchor`` and ``info.sampler_info`` are None.
 
     :func:`devinterp.analyses.parallel.iter_chunks` runs groups of chains on several cores or
     devices with this function; chain ``c`` draws the same noise and minibatches whichever
@@ -834,6 +869,7 @@ def run_chains(target: SamplingTarget, *, num_chains: int, num_steps: int, step_
         raise InvalidInputError(f"chain_ids must be a non-empty subset of range({num_chains}), "
                                 f"got {chain_ids!r}")
     rows = len(ids)
+    target.check_unchanged()
     target.decide_mode(rows)
     shared = target.full_batch
     fast = _compiled.compiled_step(
@@ -898,8 +934,10 @@ def _run_lean(target: SamplingTarget, streams: _Streams, rows: int, num_steps: i
     work = target._work
     assert work is not None
     with torch.no_grad():
-        work[:rows].copy_(target.anchor.expand(rows, -1))
-    state = sgld.SGLDState(work[:rows], target.anchor, target.mask)
+        for s, a in zip(target.slots, target._anchor_parts, strict=True):
+            work[:rows, s.offset:s.offset + s.numel].copy_(a.expand(rows, -1))
+    # no flat w* on this path (it would cost another D): ``anchor`` is None
+    state = sgld.SGLDState(work[:rows], None, target.mask)
     step = 0
     while step < num_steps:
         count = min(streams.chunk, num_steps - step)
