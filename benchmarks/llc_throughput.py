@@ -333,6 +333,8 @@ def main() -> int:
     ap.add_argument("--compile", action="store_true",
                     help="also run ours with compile='auto', expected_calls=--calls")
     ap.add_argument("--no-devinterp", action="store_true", help="skip devinterp 2.0.1")
+    ap.add_argument("--impls", help="only these implementations (comma-separated), e.g. "
+                    "ours,ours_thread")
     ap.add_argument("--machine-defaults", action="store_true",
                     help="no thread limits: every implementation uses all cores its own way; "
                          "adds ours_thread (chains on threads rather than processes)")
@@ -350,6 +352,8 @@ def main() -> int:
         print(f"devinterp 2.0.1 skipped: {args.devinterp_python} not found (create it with "
               "python3 -m venv /tmp/venv-devinterp && /tmp/venv-devinterp/bin/pip install "
               "torch==2.13.0 devinterp==2.0.1)")
+    if args.impls:
+        impls = [i for i in args.impls.split(",") if i in impls]
     print(f"command: {' '.join([Path(sys.executable).name] + sys.argv)}")
     print(f"cores: {os.cpu_count()}; mode: "
           f"{'machine defaults (no thread limits)' if args.machine_defaults else 'one thread each'}")
@@ -398,13 +402,18 @@ def main() -> int:
                 rate = steps / med(cold, impl)
                 print(f"    {impl:11s} {rate:8.3f} chain-steps/s = {rate * params * tokens:.3g} "
                       "parameter·tokens/s")
-        if "ours" in vals and vals["ours"]:
+        if vals.get("ours"):
             for base in [i for i in impls if i != "ours" and vals[i]]:
                 a, b = vals["ours"][0], vals[base][0]
                 sa, sb = errs["ours"][0], errs[base][0]
                 z = abs(a - b) / math.sqrt(sa ** 2 + sb ** 2) if sa > 0 and sb > 0 else float("nan")
                 print(f"  λ̂ ours {a:.3f} ± {sa:.3f} vs {base} {b:.3f} ± {sb:.3f}: "
                       f"{z:.2f} combined stderr apart (first round)")
+        if cold.get("ours") and cold.get("ours_thread"):
+            per_round = [t / o for o, t in zip(cold["ours"], cold["ours_thread"], strict=False)]
+            print(f"  processes vs threads (ours_thread / ours wall time): "
+                  f"{med(cold, 'ours_thread') / med(cold, 'ours'):.2f}x (rounds "
+                  f"{min(per_round):.2f}..{max(per_round):.2f})")
         mine = ["ours"] + (["ours_auto"] if args.compile else []) + (
             ["ours_thread"] if args.machine_defaults else [])
         for kind, d in (("cold", cold), ("repeated", rep)):
