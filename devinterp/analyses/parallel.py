@@ -37,7 +37,7 @@ import sys
 import threading
 import traceback
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -291,7 +291,8 @@ def _merge(parts: list[ChainChunk], device: torch.device) -> ChainChunk:
 
 
 def iter_chunks(run: RunFn, target: Any, the_plan: Plan, *, num_steps: int, chunk: int,
-                run_kwargs: dict[str, Any]) -> Iterator[ChainChunk]:
+                run_kwargs: dict[str, Any], shared_params: bool = False
+                ) -> Iterator[ChainChunk]:
     """Run the plan's groups and yield the merged chunks in order (every chain, ``chunk`` steps).
 
     Closing the generator stops the workers (threads finish their current step; child
@@ -304,13 +305,22 @@ def iter_chunks(run: RunFn, target: Any, the_plan: Plan, *, num_steps: int, chun
         num_steps: total steps.
         chunk: steps per reported chunk.
         run_kwargs: the other keyword arguments of ``run`` (``num_chains``, ``seed``, ...).
+        shared_params: the run takes the lean path: the chains' parameters live in one
+            ``(C, D)`` buffer made here (in shared memory for processes), each worker writing
+            its rows, so the final parameters come back without a copy or a transfer.
     """
+    work = None
+    if shared_params and the_plan.backend != "inline":
+        work = torch.empty(sum(len(g) for g in the_plan.groups), target.dim,
+                           device=the_plan.devices[0])
+        if the_plan.backend == "process":
+            work.share_memory_()
     if the_plan.backend == "inline":
         yield from _inline(run, target, the_plan, num_steps, chunk, run_kwargs)
     elif the_plan.backend == "thread":
-        yield from _threads(run, target, the_plan, num_steps, chunk, run_kwargs)
+        yield from _threads(run, target, the_plan, num_steps, chunk, run_kwargs, work)
     else:
-        yield from _processes(run, target, the_plan, num_steps, chunk, run_kwargs)
+        yield from _processes(run, target, the_plan, num_steps, chunk, run_kwargs, work)
 
 
 def _inline(run: RunFn, target: Any, the_plan: Plan, num_steps: int, chunk: int,
@@ -318,13 +328,34 @@ def _inline(run: RunFn, target: Any, the_plan: Plan, num_steps: int, chunk: int,
     yield from group_chunks(run, target, the_plan.groups[0], num_steps, chunk, run_kwargs)
 
 
+def _rows(the_plan: Plan, g: int) -> slice:
+    start = sum(len(x) for x in the_plan.groups[:g])
+    return slice(start, start + len(the_plan.groups[g]))
+
+
+def _own_rows(work: Tensor, rows: slice) -> Tensor:
+    """Rows of ``work`` as a tensor of their own: same memory, its own autograd version
+    counter (views share their base's, and one worker's in-place updates would then trip the
+    other workers' autograd checks)."""
+    count = rows.stop - rows.start
+    out = torch.empty(0, dtype=work.dtype, device=work.device)
+    out.set_(work.untyped_storage(), work.storage_offset() + rows.start * work.shape[1],
+             (count, work.shape[1]), (work.shape[1], 1))
+    return out
+
+
 def _threads(run: RunFn, target: Any, the_plan: Plan, num_steps: int, chunk: int,
-             run_kwargs: dict[str, Any]) -> Iterator[ChainChunk]:
+             run_kwargs: dict[str, Any], work: Tensor | None = None) -> Iterator[ChainChunk]:
     inbox: queue.Queue = queue.Queue()
     stop = threading.Event()
     replicas = [target.replica_for(dev) for dev in the_plan.devices]
+    if work is not None and all(d == work.device for d in the_plan.devices):
+        for g, rep in enumerate(replicas):
+            rep.external_work = _own_rows(work, _rows(the_plan, g))
+    else:
+        work = None
 
-    def work(g: int) -> None:
+    def body(g: int) -> None:
         try:
             if the_plan.devices[g].type == "cuda":
                 torch.cuda.set_device(the_plan.devices[g])
@@ -340,12 +371,12 @@ def _threads(run: RunFn, target: Any, the_plan: Plan, num_steps: int, chunk: int
     saved_rng = torch.get_rng_state()
     cuda_rng = [(d, torch.cuda.get_rng_state(d)) for d in set(the_plan.devices)
                 if d.type == "cuda"]
-    threads = [threading.Thread(target=work, args=(g,), daemon=True,
+    threads = [threading.Thread(target=body, args=(g,), daemon=True,
                                 name=f"devinterp-chains-{g}") for g in range(the_plan.workers)]
     try:
         for t in threads:
             t.start()
-        yield from _collect(inbox.get, the_plan, target.device, num_steps)
+        yield from _collect(inbox.get, the_plan, target.device, num_steps, work)
     finally:
         stop.set()
         for t in threads:
@@ -358,7 +389,7 @@ def _threads(run: RunFn, target: Any, the_plan: Plan, num_steps: int, chunk: int
 
 
 def _collect(receive: Callable[[], tuple[int, Any]], the_plan: Plan, device: torch.device,
-             num_steps: int) -> Iterator[ChainChunk]:
+             num_steps: int, work: Tensor | None = None) -> Iterator[ChainChunk]:
     """Merge the groups' chunks in order; a worker's exception is raised here."""
     pending: list[list[ChainChunk]] = [[] for _ in the_plan.groups]
     while True:
@@ -367,7 +398,12 @@ def _collect(receive: Callable[[], tuple[int, Any]], the_plan: Plan, device: tor
             if isinstance(item, BaseException):
                 raise item
             pending[g].append(item)
-        merged = _merge([p.pop(0) for p in pending], device)
+        parts = [p.pop(0) for p in pending]
+        if work is not None:  # the workers wrote their rows of ``work``: nothing to merge
+            parts = [replace(p, final_params=None) for p in parts]
+        merged = _merge(parts, device)
+        if work is not None and merged.stop >= num_steps:
+            merged = replace(merged, final_params=work)
         yield merged
         if merged.stop >= num_steps:
             return
@@ -388,12 +424,22 @@ def _from_numpy(item: tuple) -> ChainChunk:
 
 
 def _child(run: RunFn, target: Any, ids: Sequence[int], threads: int | None, num_steps: int,
-           chunk: int, run_kwargs: dict[str, Any], conn: Any) -> None:
+           chunk: int, run_kwargs: dict[str, Any], conn: Any,
+           work: Tensor | None = None) -> None:
     try:
         if threads is not None:
             torch.set_num_threads(threads)
+        if work is not None:
+            target.release_buffers()
+            target.external_work = work  # this group's rows of the shared buffer
+
+        def send(c: ChainChunk) -> None:
+            if work is not None:
+                c = replace(c, final_params=None)  # already in shared memory
+            conn.send(("chunk", _to_numpy(c)))
+
         _run_group(run, target, ids, num_steps, chunk, dict(run_kwargs, restore_rng=False),
-                   lambda c: conn.send(("chunk", _to_numpy(c))), lambda: False)
+                   send, lambda: False)
     except BaseException as exc:  # noqa: BLE001 - reported to the parent
         text = "".join(traceback.format_exception(exc))
         try:
@@ -407,7 +453,8 @@ def _child(run: RunFn, target: Any, ids: Sequence[int], threads: int | None, num
 
 
 def _processes(run: RunFn, target: Any, the_plan: Plan, num_steps: int, chunk: int,
-               run_kwargs: dict[str, Any]) -> Iterator[ChainChunk]:
+               run_kwargs: dict[str, Any], work: Tensor | None = None
+               ) -> Iterator[ChainChunk]:
     import multiprocessing as mp
     from multiprocessing.connection import wait
 
@@ -418,7 +465,9 @@ def _processes(run: RunFn, target: Any, the_plan: Plan, num_steps: int, chunk: i
             recv, send = ctx.Pipe(duplex=False)
             proc = ctx.Process(target=_child, name=f"devinterp-chains-{g}", daemon=True,
                                args=(run, target, ids, the_plan.threads, num_steps, chunk,
-                                     run_kwargs, send))
+                                     run_kwargs, send,
+                                     None if work is None
+                                     else _own_rows(work, _rows(the_plan, g))))
             proc.start()
             send.close()
             procs.append(proc)
@@ -444,12 +493,12 @@ def _processes(run: RunFn, target: Any, the_plan: Plan, num_steps: int, chunk: i
                                 f"with exit code {procs[g].exitcode}")))
                         continue
                     item = _decode(kind, payload, g)
-                    if kind == "error" or item.final_params is not None:
+                    if kind == "error" or item.stop >= num_steps:
                         finished.add(g)
                     ready.append((g, item))
             return ready.pop(0)
 
-        yield from _collect(receive, the_plan, target.device, num_steps)
+        yield from _collect(receive, the_plan, target.device, num_steps, work)
     finally:
         for p in procs:
             if p.is_alive():

@@ -260,6 +260,9 @@ class SamplingTarget:
         self._vmapped: dict[bool, Callable] = {}
         self._batch_cache: tuple[tuple, list[Tensor], list[Any]] | None = None
         self._grad_seconds: float | None = None
+        #: rows of a buffer owned by the caller (parallel runs) that the lean path uses as its
+        #: chains' parameters, so that the merged result needs no copy
+        self.external_work: Tensor | None = None
         self.mode = mode
         self.init_loss, self.batch_loss_std = self._loss_at_anchor()
 
@@ -360,14 +363,18 @@ class SamplingTarget:
             raise InvalidInputError("per-chain loop mode needs one dtype for all sampled "
                                     f"parameters, got {sorted(map(str, dtypes))}; use vmap")
         dtype = dtypes.pop()
-        if (self._work is not None and self._work.shape[0] >= chains
+        external = self.external_work if lean else None
+        if external is not None and self._work is external:
+            return
+        if (external is None and self._work is not None and self._work.shape[0] >= chains
                 and self._lean_buffers == lean):
             return
         # free the old buffers first: their memory counts while the new ones are allocated
         self._work = self._gbuf = None
         self._copies = []
         self._lean_buffers = lean
-        self._work = torch.empty(chains, self.dim, dtype=dtype, device=self.device)
+        self._work = (external if external is not None
+                      else torch.empty(chains, self.dim, dtype=dtype, device=self.device))
         self._gbuf = torch.zeros(1 if lean else chains, self.dim, dtype=dtype, device=self.device)
         sampled = {s.name: s for s in self.slots}
         # tied weights: every name under which a sampled parameter appears maps to its slot
@@ -1108,8 +1115,10 @@ def sample_chains(target: SamplingTarget, *, num_chains: int = 4, num_steps: int
                       acceptance_steps=acceptance_steps, compile=compile,
                       expected_calls=expected_calls)
     t0 = time.perf_counter()
+    lean = not sampler_kwargs and target.uses_lean(sampler)  # workers never compile
     chunks = _parallel.iter_chunks(run_chains, target, run_plan, num_steps=num_steps,
-                                   chunk=check_every, run_kwargs=run_kwargs)
+                                   chunk=check_every, run_kwargs=run_kwargs,
+                                   shared_params=lean and run_plan.backend != "inline")
     try:
         for part in chunks:
             trace[:, part.start:part.stop] = part.losses
