@@ -17,8 +17,9 @@ Workloads (one CPU thread each, unless ``--machine-defaults``):
 ``--machine-defaults``: every implementation gets the whole machine the way it uses it by default:
 no thread limits (PyTorch's intra-op threads = all cores for devinterp 2.0.1 and the bare loop,
 which run chains one after the other), and ours with its default ``workers="auto"`` (chains on
-every core, one intra-op thread each). ``ours_thread`` is ours with ``backend="thread"`` (the
-processes-vs-threads measurement of docs/llc.md). The rounds are interleaved and the machine's
+every core, one intra-op thread each, on threads). ``ours_process`` runs the chain workers as
+forked processes (the processes-vs-threads measurement of docs/llc.md; measured as
+``ours_thread`` against ``ours`` = processes before threads became the default). The rounds are interleaved and the machine's
 load average is printed before each round.
 
 Each implementation runs in a fresh subprocess per round, rounds interleaved. "cold" is the first
@@ -181,22 +182,12 @@ def run_ours(model, x, y, per_sample, cfg, seed, **kwargs):
     return res.mean
 
 
-def run_ours_thread(model, x, y, per_sample, cfg, seed):
-    """Ours with the chains on threads (one intra-op thread each) instead of processes."""
+def run_ours_process(model, x, y, per_sample, cfg, seed):
+    """Ours with the chain workers as forked processes instead of threads (the default)."""
     from devinterp.analyses import parallel
 
-    parallel.fork_available = lambda: False  # the plan then picks threads
-    return run_ours(model, x, y, per_sample, cfg, seed, compile=False)
-
-
-def run_ours_auto(model, x, y, per_sample, cfg, seed):
-    """``compile="auto"`` told how many estimates the process will make (``expected_calls``):
-    the deterministic rule compiles when that many estimates pay for the compile."""
-    return run_ours(model, x, y, per_sample, cfg, seed, compile="auto",
-                    expected_calls=cfg["expected_calls"])
-
-
-def run_ours_eager(model, x, y, per_sample, cfg, seed):
+    plan = parallel.plan
+    parallel.plan = lambda *a, **k: plan(*a, **{**k, "backend": k.get("backend") or "process"})
     return run_ours(model, x, y, per_sample, cfg, seed, compile=False)
 
 
@@ -273,7 +264,7 @@ def run_devinterp(model, x, y, per_sample, cfg, seed):
 
 
 IMPLS = {"ours": run_ours_eager, "ours_auto": run_ours_auto, "bare": run_bare,
-         "devinterp": run_devinterp, "ours_thread": run_ours_thread}
+         "devinterp": run_devinterp, "ours_process": run_ours_process}
 
 
 def worker(impl: str, workload: str, calls: int, machine_defaults: bool) -> None:
@@ -334,16 +325,16 @@ def main() -> int:
                     help="also run ours with compile='auto', expected_calls=--calls")
     ap.add_argument("--no-devinterp", action="store_true", help="skip devinterp 2.0.1")
     ap.add_argument("--impls", help="only these implementations (comma-separated), e.g. "
-                    "ours,ours_thread")
+                    "ours,ours_process")
     ap.add_argument("--machine-defaults", action="store_true",
                     help="no thread limits: every implementation uses all cores its own way; "
-                         "adds ours_thread (chains on threads rather than processes)")
+                         "adds ours_process (chain workers as processes rather than threads)")
     args = ap.parse_args()
     if args.worker:
         worker(args.worker, args.workload, args.calls, args.machine_defaults)
         return 0
     impls = (["ours", "bare"] + (["ours_auto"] if args.compile else [])
-             + (["ours_thread"] if args.machine_defaults else []))
+             + (["ours_process"] if args.machine_defaults else []))
     if args.no_devinterp:
         pass
     elif Path(args.devinterp_python).exists():
@@ -409,13 +400,13 @@ def main() -> int:
                 z = abs(a - b) / math.sqrt(sa ** 2 + sb ** 2) if sa > 0 and sb > 0 else float("nan")
                 print(f"  λ̂ ours {a:.3f} ± {sa:.3f} vs {base} {b:.3f} ± {sb:.3f}: "
                       f"{z:.2f} combined stderr apart (first round)")
-        if cold.get("ours") and cold.get("ours_thread"):
-            per_round = [t / o for o, t in zip(cold["ours"], cold["ours_thread"], strict=False)]
-            print(f"  processes vs threads (ours_thread / ours wall time): "
-                  f"{med(cold, 'ours_thread') / med(cold, 'ours'):.2f}x (rounds "
+        if cold.get("ours") and cold.get("ours_process"):
+            per_round = [t / o for o, t in zip(cold["ours"], cold["ours_process"], strict=False)]
+            print(f"  processes vs threads (ours_process / ours wall time): "
+                  f"{med(cold, 'ours_process') / med(cold, 'ours'):.2f}x (rounds "
                   f"{min(per_round):.2f}..{max(per_round):.2f})")
         mine = ["ours"] + (["ours_auto"] if args.compile else []) + (
-            ["ours_thread"] if args.machine_defaults else [])
+            ["ours_process"] if args.machine_defaults else [])
         for kind, d in (("cold", cold), ("repeated", rep)):
             for ours in mine:
                 for base in [i for i in impls if i not in mine]:

@@ -20,9 +20,10 @@ The cores used are PyTorch's intra-op thread budget (:func:`core_budget`: every 
   intra-op threads are set to ``cores // groups`` for the run. The only backend for CUDA (a
   forked child cannot use CUDA), with one device per group when several are given.
 
-What is measured (``benchmarks/llc_throughput.py --workers-probe``, docs/llc.md): on a 2-core
-machine, 4 chains of a 205k-parameter attention-only transformer run faster with processes than
-with threads (the Python side of each step holds the GIL); processes are the CPU default.
+What is measured (``benchmarks/llc_throughput.py --machine-defaults --impls ours,ours_process``,
+``benchmarks/llc_memory.py``; docs/llc.md): on the loaded 2-core machine, 4 chains of a
+206k-parameter attention-only transformer took 253 s on threads against 408 s on processes
+(one round), and threads use less memory (no per-process runtime): threads are the default.
 
 :func:`iter_chunks` is a generator of :class:`ChainChunk` records: consumers can report progress
 per chunk, and closing it early (a budget, a divergence) stops every worker.
@@ -176,8 +177,7 @@ def plan(target: Any, *, num_chains: int, estimated_seconds: float | Callable[[]
             estimated at ``MIN_PARALLEL_SECONDS`` or more, else 1; on one GPU, 1 (the chains
             are batched); with ``devices``, one per device. An int forces that many (1: sequential).
         devices: several devices to spread the chains over (one group each, threads).
-        backend: ``"process"`` or ``"thread"``; None: processes on CPU where ``fork`` exists,
-            else threads.
+        backend: ``"process"`` or ``"thread"``; None: threads.
     """
     check_workers(workers)
     if backend is not None and backend not in BACKENDS:
@@ -211,7 +211,7 @@ def plan(target: Any, *, num_chains: int, estimated_seconds: float | Callable[[]
     if device.type != "cpu":
         chosen = "thread"
     elif backend is None:
-        chosen = "process" if fork_available() else "thread"
+        chosen = "thread"
     else:
         chosen = backend
         if chosen == "process" and not fork_available():

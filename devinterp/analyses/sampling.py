@@ -1081,8 +1081,7 @@ def sample_chains(target: SamplingTarget, *, num_chains: int = 4, num_steps: int
             to take a second or more, else 1; one per device with ``devices``. An int forces
             that many; 1 runs the chains in this thread.
         devices: spread the chains over these devices (e.g. ``["cuda:0", "cuda:1"]``).
-        backend: ``"process"`` or ``"thread"`` for CPU workers; None: processes where
-            ``fork`` exists.
+        backend: ``"process"`` or ``"thread"`` for CPU workers; None: threads.
         progress: called as ``progress(steps_done, num_steps)`` after every ``check_every``
             steps of every chain.
 
