@@ -191,6 +191,17 @@ def run_ours_process(model, x, y, per_sample, cfg, seed):
     return run_ours(model, x, y, per_sample, cfg, seed, compile=False)
 
 
+def run_ours_auto(model, x, y, per_sample, cfg, seed):
+    """``compile="auto"`` told how many estimates the process will make (``expected_calls``):
+    the deterministic rule compiles when that many estimates pay for the compile."""
+    return run_ours(model, x, y, per_sample, cfg, seed, compile="auto",
+                    expected_calls=cfg["expected_calls"])
+
+
+def run_ours_eager(model, x, y, per_sample, cfg, seed):
+    return run_ours(model, x, y, per_sample, cfg, seed, compile=False)
+
+
 COMPILED: list[bool] = []
 STDERR: list[float] = []
 
