@@ -1,11 +1,26 @@
 """Throughput of LLC estimation: this library vs devinterp 2.0.1 vs a bare PyTorch SGLD loop.
 
-Workloads (one CPU thread each):
+Workloads (one CPU thread each, unless ``--machine-defaults``):
 
 - ``dln``: deep linear network, widths [10, 10, 10, 10, 10], rank-5 teacher, n = 10000, batch 500,
   ε = 3e-4, γ = 1, 4 chains × (500 burn-in + 1000 draws), mean squared error loss.
 - ``mlp``: 784-128-128-10 ReLU MLP, cross-entropy, synthetic data n = 10000, batch 256,
   ε = 1e-5, γ = 1, 4 chains × (100 burn-in + 200 draws) (shorter: one step costs ~1 ms/chain).
+- ``transformer``: attention-only transformer (2 layers, d_model 128, 4 heads, vocab 256,
+  206,080 parameters), next-token cross-entropy on n = 1024 random 65-token sequences, batch
+  32 × 64 tokens, ε = 1e-5, γ = 100, 4 chains × 80 draws (no burn-in: devinterp 2.0.1 averages
+  its burn-in into λ̂, so with none both estimate the same quantity).
+- ``tf2m`` / ``tf10m``: the same family at 2.1M (4 layers, d_model 256, vocab 2048) and 10.0M
+  parameters (8 layers, d_model 512, vocab 1536), batch 8 × 64 tokens, 2 chains × 12 draws:
+  throughput at scale (chain-steps/s and parameter·tokens/s are printed).
+
+``--machine-defaults``: every implementation gets the whole machine the way it uses it by default:
+no thread limits (PyTorch's intra-op threads = all cores for devinterp 2.0.1 and the bare loop,
+which run chains one after the other), and ours with its default ``workers="auto"`` (chains on
+every core, one intra-op thread each, on threads). ``ours_process`` runs the chain workers as
+forked processes (the processes-vs-threads measurement of docs/llc.md; measured as
+``ours_thread`` against ``ours`` = processes before threads became the default). The rounds are interleaved and the machine's
+load average is printed before each round.
 
 Each implementation runs in a fresh subprocess per round, rounds interleaved. "cold" is the first
 estimate in a fresh process (data and model already built; imports excluded); "repeated" is the
@@ -17,6 +32,13 @@ Usage::
 
     python benchmarks/llc_throughput.py [--rounds 3] [--calls 10] [--workloads dln,mlp]
         [--devinterp-python /tmp/venv-devinterp/bin/python] [--no-devinterp] [--compile]
+    python benchmarks/llc_throughput.py --workloads transformer --machine-defaults --calls 1
+    python benchmarks/llc_throughput.py --workloads tf2m,tf10m --calls 1 --rounds 1 --no-devinterp
+
+devinterp 2.0.1's environment::
+
+    python3 -m venv /tmp/venv-devinterp && /tmp/venv-devinterp/bin/pip install torch==2.13.0 \
+        devinterp==2.0.1
 
 ``ours`` runs with ``compile=False`` (the eager path); ``--compile`` adds ``ours_auto``:
 ``compile="auto", expected_calls=--calls``, the real multi-snapshot workload, whose "repeated"
@@ -45,7 +67,49 @@ WORKLOADS = {
                 draws=1000),
     "mlp": dict(n=10_000, batch=256, step_size=1e-5, localization=1.0, chains=4, burnin=100,
                 draws=200),
+    "transformer": dict(n=1024, batch=32, step_size=1e-5, localization=100.0, chains=4, burnin=0,
+                        draws=80, vocab=256, d_model=128, layers=2, heads=4, seq=64),
+    "tf2m": dict(n=256, batch=8, step_size=1e-6, localization=100.0, chains=2, burnin=0,
+                 draws=12, vocab=2048, d_model=256, layers=4, heads=4, seq=64),
+    "tf10m": dict(n=256, batch=8, step_size=1e-6, localization=100.0, chains=2, burnin=0,
+                  draws=12, vocab=1536, d_model=512, layers=8, heads=8, seq=64),
 }
+TRANSFORMERS = ("transformer", "tf2m", "tf10m")
+
+
+def attention_only_transformer(vocab: int, d_model: int, layers: int, heads: int, seq: int):
+    """A plain-torch attention-only transformer (importable in devinterp 2.0.1's env too)."""
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    class Attention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv = nn.Linear(d_model, 3 * d_model)
+            self.out = nn.Linear(d_model, d_model)
+
+        def forward(self, x):
+            B, T, d = x.shape
+            q, k, v = self.qkv(x).view(B, T, 3, heads, d // heads).permute(2, 0, 3, 1, 4).unbind(0)
+            z = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            return self.out(z.transpose(1, 2).reshape(B, T, d))
+
+    class Transformer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(vocab, d_model)
+            self.pos = nn.Parameter(torch.randn(seq, d_model) / math.sqrt(d_model))
+            self.blocks = nn.ModuleList(Attention() for _ in range(layers))
+            self.unembed = nn.Linear(d_model, vocab)
+
+        def forward(self, tokens):
+            x = self.embed(tokens) + self.pos[:tokens.shape[1]]
+            for block in self.blocks:
+                x = x + block(x)
+            return self.unembed(x)
+
+    return Transformer()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -59,7 +123,20 @@ def build(workload: str, seed: int):
     torch.manual_seed(seed)  # nn.Linear initialisation
     cfg = WORKLOADS[workload]
     n = cfg["n"]
-    if workload == "dln":
+    if workload in TRANSFORMERS:
+        import torch.nn.functional as F
+
+        model = attention_only_transformer(cfg["vocab"], cfg["d_model"], cfg["layers"],
+                                           cfg["heads"], cfg["seq"])
+        x = torch.randint(0, cfg["vocab"], (n, cfg["seq"] + 1), generator=gen)
+        y = torch.zeros(n)
+
+        def per_sample(model, xb, yb):
+            logits = model(xb[:, :-1])
+            ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), xb[:, 1:].reshape(-1),
+                                 reduction="none")
+            return ce.view(len(xb), -1).mean(-1)
+    elif workload == "dln":
         widths = [10] * 5
         layers = [nn.Linear(10, 10, bias=False) for _ in range(4)]
         with torch.no_grad():
@@ -95,12 +172,23 @@ def run_ours(model, x, y, per_sample, cfg, seed, **kwargs):
     def loss_fn(m, batch):
         return per_sample(m, batch[0], batch[1]).mean()
 
+    kwargs.setdefault("workers", "auto" if cfg.get("machine_defaults") else 1)
     res = estimate_llc(model, (x, y), loss_fn, num_chains=cfg["chains"], num_draws=cfg["draws"],
                        num_burnin=cfg["burnin"], step_size=cfg["step_size"],
                        localization=cfg["localization"], batch_size=cfg["batch"], seed=seed,
                        **kwargs)
     COMPILED.append(res.config.compiled)
+    STDERR.append(res.stderr)
     return res.mean
+
+
+def run_ours_process(model, x, y, per_sample, cfg, seed):
+    """Ours with the chain workers as forked processes instead of threads (the default)."""
+    from devinterp.analyses import parallel
+
+    plan = parallel.plan
+    parallel.plan = lambda *a, **k: plan(*a, **{**k, "backend": k.get("backend") or "process"})
+    return run_ours(model, x, y, per_sample, cfg, seed, compile=False)
 
 
 def run_ours_auto(model, x, y, per_sample, cfg, seed):
@@ -115,6 +203,7 @@ def run_ours_eager(model, x, y, per_sample, cfg, seed):
 
 
 COMPILED: list[bool] = []
+STDERR: list[float] = []
 
 
 def run_bare(model, x, y, per_sample, cfg, seed):
@@ -149,7 +238,10 @@ def run_bare(model, x, y, per_sample, cfg, seed):
             if step >= cfg["burnin"]:
                 losses.append(loss.detach())
         means.append(float(torch.stack(losses).mean()))
-    return nbeta * (sum(means) / len(means) - init_loss)
+    per_chain = [nbeta * (m - init_loss) for m in means]
+    if len(per_chain) > 1:
+        STDERR.append(statistics.stdev(per_chain) / math.sqrt(len(per_chain)))
+    return sum(per_chain) / len(per_chain)
 
 
 def run_devinterp(model, x, y, per_sample, cfg, seed):
@@ -176,18 +268,22 @@ def run_devinterp(model, x, y, per_sample, cfg, seed):
                   num_burnin_steps=cfg["burnin"], localization=cfg["localization"],
                   num_init_loss_batches=max(1, n // cfg["batch"]), init_seed=seed,
                   device="cpu")
+    per_chain = [float(v) for v in out["llc_per_chain"].values]
+    if len(per_chain) > 1:
+        STDERR.append(statistics.stdev(per_chain) / math.sqrt(len(per_chain)))
     return float(out["llc_mean"])
 
 
 IMPLS = {"ours": run_ours_eager, "ours_auto": run_ours_auto, "bare": run_bare,
-         "devinterp": run_devinterp}
+         "devinterp": run_devinterp, "ours_process": run_ours_process}
 
 
-def worker(impl: str, workload: str, calls: int) -> None:
+def worker(impl: str, workload: str, calls: int, machine_defaults: bool) -> None:
     import torch
 
-    torch.set_num_threads(1)
-    cfg = dict(WORKLOADS[workload], expected_calls=calls)
+    if not machine_defaults:
+        torch.set_num_threads(1)
+    cfg = dict(WORKLOADS[workload], expected_calls=calls, machine_defaults=machine_defaults)
     fn = IMPLS[impl]
     times, values = [], []
     for call in range(calls):
@@ -195,24 +291,31 @@ def worker(impl: str, workload: str, calls: int) -> None:
         t0 = time.perf_counter()
         values.append(fn(model, x, y, per_sample, cfg, call))
         times.append(time.perf_counter() - t0)
-    print("RESULT " + json.dumps({"times": times, "values": values,
-                                  "compiled": any(COMPILED)}))
+    print("RESULT " + json.dumps({"times": times, "values": values, "stderr": STDERR,
+                                  "compiled": any(COMPILED),
+                                  "threads": torch.get_num_threads()}))
 
 
 # ---------------------------------------------------------------------------------------------
 # driver
 # ---------------------------------------------------------------------------------------------
-def spawn(impl: str, workload: str, calls: int, python: str) -> dict | None:
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env["OMP_NUM_THREADS"] = "1"
-    env["MKL_NUM_THREADS"] = "1"
+def spawn(impl: str, workload: str, calls: int, python: str,
+          machine_defaults: bool = False) -> dict | None:
+    drop = ("PYTHONPATH", "OMP_NUM_THREADS", "MKL_NUM_THREADS") if machine_defaults else (
+        "PYTHONPATH",)
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    if not machine_defaults:
+        env["OMP_NUM_THREADS"] = "1"
+        env["MKL_NUM_THREADS"] = "1"
     if impl != "devinterp":
         env["PYTHONPATH"] = str(REPO)
     with tempfile.TemporaryDirectory() as cache:
         # a fresh inductor cache per process: every compile is paid in full (no warm disk cache)
         env["TORCHINDUCTOR_CACHE_DIR"] = cache
         proc = subprocess.run([python, __file__, "--worker", impl, "--workload", workload,
-                               "--calls", str(calls)], env=env, capture_output=True, text=True,
+                               "--calls", str(calls)]
+                              + (["--machine-defaults"] if machine_defaults else []),
+                              env=env, capture_output=True, text=True,
                               cwd=str(Path(__file__).parent))
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
@@ -232,11 +335,17 @@ def main() -> int:
     ap.add_argument("--compile", action="store_true",
                     help="also run ours with compile='auto', expected_calls=--calls")
     ap.add_argument("--no-devinterp", action="store_true", help="skip devinterp 2.0.1")
+    ap.add_argument("--impls", help="only these implementations (comma-separated), e.g. "
+                    "ours,ours_process")
+    ap.add_argument("--machine-defaults", action="store_true",
+                    help="no thread limits: every implementation uses all cores its own way; "
+                         "adds ours_process (chain workers as processes rather than threads)")
     args = ap.parse_args()
     if args.worker:
-        worker(args.worker, args.workload, args.calls)
+        worker(args.worker, args.workload, args.calls, args.machine_defaults)
         return 0
-    impls = ["ours", "bare"] + (["ours_auto"] if args.compile else [])
+    impls = (["ours", "bare"] + (["ours_auto"] if args.compile else [])
+             + (["ours_process"] if args.machine_defaults else []))
     if args.no_devinterp:
         pass
     elif Path(args.devinterp_python).exists():
@@ -245,34 +354,70 @@ def main() -> int:
         print(f"devinterp 2.0.1 skipped: {args.devinterp_python} not found (create it with "
               "python3 -m venv /tmp/venv-devinterp && /tmp/venv-devinterp/bin/pip install "
               "torch==2.13.0 devinterp==2.0.1)")
+    if args.impls:
+        impls = [i for i in args.impls.split(",") if i in impls]
     print(f"command: {' '.join([Path(sys.executable).name] + sys.argv)}")
+    print(f"cores: {os.cpu_count()}; mode: "
+          f"{'machine defaults (no thread limits)' if args.machine_defaults else 'one thread each'}")
     for workload in args.workloads.split(","):
         cfg = WORKLOADS[workload]
         print(f"\n== {workload}: {cfg}")
+        if workload in TRANSFORMERS:
+            model = build(workload, 0)[0]
+            print(f"  parameters: {sum(p.numel() for p in model.parameters()):,}")
         cold = {i: [] for i in impls}
         rep = {i: [] for i in impls}
         vals = {i: [] for i in impls}
+        errs = {i: [] for i in impls}
         for r in range(args.rounds):
+            print(f"  round {r}: load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}",
+                  flush=True)
             for impl in impls:
                 python = args.devinterp_python if impl == "devinterp" else sys.executable
-                out = spawn(impl, workload, args.calls, python)
+                out = spawn(impl, workload, args.calls, python, args.machine_defaults)
                 if out is None:
                     continue
                 cold[impl].append(out["times"][0])
                 rep[impl].append(statistics.mean(out["times"]))
                 vals[impl].append(out["values"][0])
+                se = out["stderr"][0] if out.get("stderr") else float("nan")
+                errs[impl].append(se)
                 tag = " compiled" if out.get("compiled") else ""
-                print(f"  round {r} {impl:9s} cold {out['times'][0]:7.3f}s  repeated "
+                steps = cfg["chains"] * (cfg["burnin"] + cfg["draws"])
+                rate = steps / out["times"][0]
+                print(f"  round {r} {impl:11s} cold {out['times'][0]:7.3f}s  repeated "
                       f"{statistics.mean(out['times']):7.3f}s/estimate  λ̂(first)="
-                      f"{out['values'][0]:.2f}{tag}", flush=True)
+                      f"{out['values'][0]:.2f} ± {se:.2f}  {rate:.2f} chain-steps/s"
+                      f"{tag}", flush=True)
 
         def med(d, k):
             return statistics.median(d[k]) if d[k] else float("nan")
 
         print(f"  median seconds per estimate ({args.rounds} rounds):")
         for impl in impls:
-            print(f"    {impl:9s} cold {med(cold, impl):7.3f}  repeated {med(rep, impl):7.3f}")
-        mine = ["ours"] + (["ours_auto"] if args.compile else [])
+            print(f"    {impl:11s} cold {med(cold, impl):7.3f}  repeated {med(rep, impl):7.3f}")
+        if workload in TRANSFORMERS:
+            params = sum(p.numel() for p in build(workload, 0)[0].parameters())
+            tokens = cfg["batch"] * cfg["seq"]
+            steps = cfg["chains"] * (cfg["burnin"] + cfg["draws"])
+            for impl in impls:
+                rate = steps / med(cold, impl)
+                print(f"    {impl:11s} {rate:8.3f} chain-steps/s = {rate * params * tokens:.3g} "
+                      "parameter·tokens/s")
+        if vals.get("ours"):
+            for base in [i for i in impls if i != "ours" and vals[i]]:
+                a, b = vals["ours"][0], vals[base][0]
+                sa, sb = errs["ours"][0], errs[base][0]
+                z = abs(a - b) / math.sqrt(sa ** 2 + sb ** 2) if sa > 0 and sb > 0 else float("nan")
+                print(f"  λ̂ ours {a:.3f} ± {sa:.3f} vs {base} {b:.3f} ± {sb:.3f}: "
+                      f"{z:.2f} combined stderr apart (first round)")
+        if cold.get("ours") and cold.get("ours_process"):
+            per_round = [t / o for o, t in zip(cold["ours"], cold["ours_process"], strict=False)]
+            print(f"  processes vs threads (ours_process / ours wall time): "
+                  f"{med(cold, 'ours_process') / med(cold, 'ours'):.2f}x (rounds "
+                  f"{min(per_round):.2f}..{max(per_round):.2f})")
+        mine = ["ours"] + (["ours_auto"] if args.compile else []) + (
+            ["ours_process"] if args.machine_defaults else [])
         for kind, d in (("cold", cold), ("repeated", rep)):
             for ours in mine:
                 for base in [i for i in impls if i not in mine]:
@@ -281,7 +426,7 @@ def main() -> int:
                     per_round = [b / o for o, b in zip(d[ours], d[base], strict=False)]
                     spread = (f" (rounds {min(per_round):.2f}..{max(per_round):.2f})"
                               if per_round else "")
-                    print(f"  speed-up {kind:8s} {ours:9s} vs {base:9s}: {ratio:5.2f}x{spread}")
+                    print(f"  speed-up {kind:8s} {ours:11s} vs {base:11s}: {ratio:5.2f}x{spread}")
     return 0
 
 

@@ -29,15 +29,33 @@ import math
 import shutil
 import warnings
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
 
 from devinterp.errors import InvalidInputError
 
-if TYPE_CHECKING:
-    from devinterp.analyses.sampling import SamplingTarget
+
+class SamplingTarget(Protocol):
+    """What this module reads of a :class:`devinterp.analyses.sampling.SamplingTarget`.
+
+    A structural type: this module never imports the sampling module (which imports this one).
+    """
+
+    model: nn.Module
+    device: torch.device
+    n: int
+    batch_size: int
+    full_batch: bool
+    dim: int
+    slots: list
+    consts: dict[str, Tensor]
+    leaves: list[Tensor]
+    anchor: Tensor
+    mask: Tensor | None
+
+    def _loss_flat(self, flat: Tensor, *leaves: Tensor) -> Tensor: ...
 
 #: Conservative one-time cost of compiling a step, in seconds of wall time: a fixed part plus a
 #: part per (chain × leaf module) unrolled into the graph. Measured on a loaded 2-core machine:

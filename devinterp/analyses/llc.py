@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import warnings as _pywarnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +27,7 @@ from torch import nn
 
 from devinterp.analyses import diagnostics as diag
 from devinterp.analyses.budget import DEFAULT_BUDGET, Meter, check_budget, fit_lengths
+from devinterp.analyses.parallel import check_workers
 from devinterp.analyses.sampling import (
     LossFn,
     ParamSelection,
@@ -187,7 +188,9 @@ def estimate_llc(model: nn.Module | SamplingTarget, data: Any = None, loss_fn: L
                  vectorize: bool | str = "auto", num_acceptance_checks: int = 32,
                  check_every: int = 100, calibration: Calibration | None = None,
                  compile: bool | str = "auto", expected_calls: int = 1,
-                 budget: int | None = DEFAULT_BUDGET, progress: bool | None = None) -> LLCResult:
+                 budget: int | None = DEFAULT_BUDGET, progress: bool | None = None,
+                 workers: int | str = "auto",
+                 devices: Sequence[str | torch.device] | None = None) -> LLCResult:
     """Estimate the local learning coefficient of ``model`` at its current weights.
 
     ``λ̂ = nβ·(mean post-burn-in minibatch loss − L_n(w*))`` averaged over chains; see the module
@@ -252,6 +255,10 @@ def estimate_llc(model: nn.Module | SamplingTarget, data: Any = None, loss_fn: L
             ``num_draws``, ``num_burnin`` are never cut.
         progress: a progress bar with an ETA on stderr (shown once the work has run 2 s) and
             the plan announced first; None: when stderr is a terminal.
+        workers: run the chains on this many cores (``"auto"``: every core when the run takes
+            a second or more; 1: one after the other in this thread). The estimate does not
+            depend on it (docs/llc.md, "Parallel chains").
+        devices: spread the chains over several devices, e.g. ``["cuda:0", "cuda:1"]``.
 
     Returns:
         An :class:`LLCResult`.
@@ -270,6 +277,7 @@ def estimate_llc(model: nn.Module | SamplingTarget, data: Any = None, loss_fn: L
         raise InvalidInputError(f"num_draws must be > 0, got {num_draws}")
     if num_burnin is not None and num_burnin < 0:
         raise InvalidInputError(f"num_burnin must be >= 0, got {num_burnin}")
+    check_workers(workers)
     auto = isinstance(step_size, str)
     if auto and step_size != "auto":
         raise InvalidInputError(f"step_size must be a number or 'auto', got {step_size!r}")
@@ -333,7 +341,8 @@ def estimate_llc(model: nn.Module | SamplingTarget, data: Any = None, loss_fn: L
                 step_size=step_size, localization=localization, nbeta=nbeta, sampler=sampler,
                 seed=seed, sampler_kwargs=sampler_kwargs, acceptance_steps=checks,
                 check_every=check_every, on_divergence="raise", compile=compile,
-                expected_calls=expected_calls, on_progress=meter.add)
+                expected_calls=expected_calls, on_progress=meter.add,
+                workers=workers, devices=devices)
         except ChainDivergedError as exc:
             if not reused:
                 raise

@@ -33,6 +33,7 @@ from torch.utils import _pytree as pytree
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from devinterp.analyses import compiled as _compiled
+from devinterp.analyses import parallel as _parallel
 from devinterp.errors import ChainDivergedError, InvalidInputError
 from devinterp.sgmcmc import SAMPLERS, mala, sgld
 
@@ -49,6 +50,11 @@ _MAX_CHUNK_STEPS = 256
 EXPLODE_FACTOR = 1e3
 #: ``(model structure, data shapes, chains, device) -> "vmap" | "loop"`` decided by a probe.
 _MODE_CACHE: dict[tuple, str] = {}
+#: From this many sampled coordinates on, SGLD in loop mode runs *lean*: each chain's forward,
+#: backward and update in turn, in place, with one gradient buffer shared by all chains, so the
+#: extra memory is (chains + 2) × D (the chains, w*, one gradient) instead of several (C, D)
+#: temporaries per step. Below it the chains share one backward pass (less autograd overhead).
+LEAN_MIN_DIM = 1 << 20
 
 
 # --------------------------------------------------------------------------------------------
@@ -276,10 +282,15 @@ class SamplingTarget:
         self.param_names = tuple(s.name for s in slots)
         self.dim = offset
         with torch.no_grad():
-            self.anchor = torch.cat(
-                [named[s.name].detach().reshape(-1).to(device=device, dtype=torch.float32)
-                 for s in slots]
-            )
+            # w* per parameter: views of the model's own tensors where they are float32 on the
+            # device (no copy; the model is never modified), else float32 copies. The flat
+            # ``anchor`` is assembled on first use; the lean path never needs it.
+            self._anchor_parts = [named[s.name].detach().reshape(-1).to(device=device,
+                                                                      dtype=torch.float32)
+                                  for s in slots]
+        self._versions = [named[s.name]._version for s in slots]
+        self._sources = [named[s.name] for s in slots]
+        self._anchor: Tensor | None = None
         flat_mask = torch.cat(masks)
         self.num_selected = int(flat_mask.sum())
         self.mask = None if bool(flat_mask.all()) else flat_mask.to(device, torch.float32)
@@ -291,12 +302,39 @@ class SamplingTarget:
         }
         self._wrapper = _LossModule(model, loss_fn, spec)
         self._copies: list[nn.Module] = []
+        self._lean_buffers = False
         self._work: Tensor | None = None
         self._gbuf: Tensor | None = None
         self._vmapped: dict[bool, Callable] = {}
         self._batch_cache: tuple[tuple, list[Tensor], list[Any]] | None = None
+        self._grad_seconds: float | None = None
+        #: rows of a buffer owned by the caller (parallel runs) that the lean path uses as its
+        #: chains' parameters, so that the merged result needs no copy
+        self.external_work: Tensor | None = None
         self.mode = mode
         self.init_loss, self.batch_loss_std = self._loss_at_anchor()
+
+    @property
+    def anchor(self) -> Tensor:
+        """w* as a flat float32 vector ``(D,)`` (assembled on first use)."""
+        if self._anchor is None:
+            self.check_unchanged()
+            with torch.no_grad():
+                self._anchor = torch.cat(self._anchor_parts)
+        return self._anchor
+
+    @anchor.setter
+    def anchor(self, value: Tensor) -> None:
+        self._anchor = value
+        self._anchor_parts = [value[s.offset:s.offset + s.numel] for s in self.slots]
+
+    def check_unchanged(self) -> None:
+        """Raise if the model's sampled weights were modified in place since preparation."""
+        for s, p, version in zip(self.slots, self._sources, self._versions, strict=True):
+            if p._version != version:
+                raise InvalidInputError(
+                    f"the model's parameter {s.name!r} was modified in place after "
+                    "prepare_target (w* moved): prepare the target again for the new weights")
 
     # ---- functional loss ---------------------------------------------------------------------
     def _unflatten(self, flat: Tensor) -> dict[str, Tensor]:
@@ -306,7 +344,14 @@ class SamplingTarget:
         }
 
     def _loss_flat(self, flat: Tensor, *leaves: Tensor) -> Tensor:
-        params = self._unflatten(flat)
+        return self._loss_params(self._unflatten(flat), *leaves)
+
+    def _loss_parts(self, parts: Sequence[Tensor], *leaves: Tensor) -> Tensor:
+        """The loss with one flat tensor per sampled parameter (e.g. ``_anchor_parts``)."""
+        return self._loss_params({"model." + s.name: p.view(s.shape).to(s.dtype)
+                                  for s, p in zip(self.slots, parts, strict=True)}, *leaves)
+
+    def _loss_params(self, params: dict[str, Tensor], *leaves: Tensor) -> Tensor:
         params.update(self.consts)
         loss = torch.func.functional_call(self._wrapper, params, leaves)
         if not isinstance(loss, Tensor) or loss.numel() != 1:
@@ -328,7 +373,8 @@ class SamplingTarget:
         with torch.random.fork_rng(devices=self._rng_devices()):
             for start in range(0, self.n, chunk):
                 part = [t[start:start + chunk] for t in self.leaves]
-                value = float(self.loss(self.anchor, part))
+                with torch.no_grad():
+                    value = float(self._loss_parts(self._anchor_parts, *part))
                 if not math.isfinite(value):
                     raise InvalidInputError(
                         f"the loss at the given weights is not finite ({value}) on samples "
@@ -354,31 +400,57 @@ class SamplingTarget:
             self._vmapped[shared] = fn
         return fn(flat, *batch)
 
-    def _ensure_copies(self, chains: int) -> None:
+    def _ensure_copies(self, chains: int, *, lean: bool = False) -> None:
+        """Per-chain model copies whose sampled parameters are views of rows of ``_work``.
+
+        Gradients land in ``_gbuf``: one row per chain, or (``lean``) one row shared by all
+        chains, which then run their backward passes one after the other.
+        """
         dtypes = {s.dtype for s in self.slots}
         if len(dtypes) != 1:
             raise InvalidInputError("per-chain loop mode needs one dtype for all sampled "
                                     f"parameters, got {sorted(map(str, dtypes))}; use vmap")
         dtype = dtypes.pop()
-        if self._work is not None and self._work.shape[0] >= chains:
+        external = self.external_work if lean else None
+        if external is not None and self._work is external:
             return
-        self._work = torch.empty(chains, self.dim, dtype=dtype, device=self.device)
-        self._gbuf = torch.zeros(chains, self.dim, dtype=dtype, device=self.device)
+        if (external is None and self._work is not None and self._work.shape[0] >= chains
+                and self._lean_buffers == lean):
+            return
+        # free the old buffers first: their memory counts while the new ones are allocated
+        self._work = self._gbuf = None
         self._copies = []
+        self._lean_buffers = lean
+        self._work = (external if external is not None
+                      else torch.empty(chains, self.dim, dtype=dtype, device=self.device))
+        self._gbuf = torch.zeros(1 if lean else chains, self.dim, dtype=dtype, device=self.device)
         sampled = {s.name: s for s in self.slots}
+        # tied weights: every name under which a sampled parameter appears maps to its slot
+        canonical = {id(p): name for name, p in self.model.named_parameters()}
+        aliases = {name: canonical[id(p)]
+                   for name, p in self.model.named_parameters(remove_duplicate=False)}
+        # sampled parameters are not copied by deepcopy (placeholders on the meta device)
+        memo = {id(p): nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"),
+                                    requires_grad=False)
+                for name, p in self.model.named_parameters() if name in sampled}
         for c in range(chains):
-            replica = copy.deepcopy(self.model).to(self.device)
-            for pname, p in list(replica.named_parameters()):
-                if pname not in sampled:
+            replica = copy.deepcopy(self.model, memo=dict(memo))
+            views: dict[str, nn.Parameter] = {}
+            for pname, p in list(replica.named_parameters(remove_duplicate=False)):
+                base = aliases.get(pname, pname)
+                owner = replica.get_submodule(pname.rpartition(".")[0]) if "." in pname else replica
+                if base not in sampled:
                     p.requires_grad_(False)
                     continue
-                s = sampled[pname]
-                owner = replica.get_submodule(pname.rpartition(".")[0]) if "." in pname else replica
-                view = self._work[c, s.offset:s.offset + s.numel].view(s.shape)
-                new = nn.Parameter(view, requires_grad=True)
-                new.grad = self._gbuf[c, s.offset:s.offset + s.numel].view(s.shape)
-                setattr(owner, pname.rpartition(".")[2], new)
-            self._copies.append(replica)
+                if base not in views:
+                    s = sampled[base]
+                    view = self._work[c, s.offset:s.offset + s.numel].view(s.shape)
+                    new = nn.Parameter(view, requires_grad=True)
+                    row = 0 if lean else c
+                    new.grad = self._gbuf[row, s.offset:s.offset + s.numel].view(s.shape)
+                    views[base] = new
+                setattr(owner, pname.rpartition(".")[2], views[base])
+            self._copies.append(replica.to(self.device))  # the rest: constants, buffers
 
     def _grad_loop(self, flat: Tensor, batch: list[Tensor], shared: bool) -> tuple[Tensor, Tensor]:
         chains = flat.shape[0]
@@ -389,11 +461,7 @@ class SamplingTarget:
             gbuf.zero_()
         losses = []
         for c, chain_batch in enumerate(self._chain_batches(batch, shared, chains)):
-            loss = self.loss_fn(self._copies[c], chain_batch)
-            if not isinstance(loss, Tensor) or loss.numel() != 1:
-                leaves = batch if shared else [t[c] for t in batch]
-                self._loss_flat(self.anchor, *leaves)  # raises the explanatory error
-            losses.append(loss.reshape(()))
+            losses.append(self._chain_loss(c, chain_batch, batch, shared))
         stacked = torch.stack(losses)
         # one backward pass for all chains: their graphs are disjoint, so the gradient of the
         # sum is each chain's own gradient
@@ -412,6 +480,145 @@ class SamplingTarget:
         # the tensors are kept alive with the key so that their ids cannot be reused
         self._batch_cache = (key, list(batch), per_chain)
         return per_chain
+
+    def gradient_seconds(self) -> float:
+        """Wall time of one chain's gradient on one minibatch at w* (best of two; cached).
+
+        Used only to decide whether running the chains in parallel pays (never affects results).
+        """
+        if self._grad_seconds is None:
+            batch = [t[:self.batch_size] for t in self.leaves]
+            fn = torch.func.grad(self._loss_parts)
+            best = math.inf
+            try:
+                with torch.random.fork_rng(devices=self._rng_devices()):
+                    for _ in range(2):
+                        t0 = time.perf_counter()
+                        fn(self._anchor_parts, *batch)
+                        self._sync()
+                        best = min(best, time.perf_counter() - t0)
+            except InvalidInputError:
+                raise
+            except Exception:  # noqa: BLE001 - a loss torch.func cannot trace: use the estimate
+                costs = _compiled.estimated_costs(self, 1)
+                best = costs["compute"] + costs["overhead"]
+            self._grad_seconds = best
+        return self._grad_seconds
+
+    def replica_for(self, device: torch.device | str | None = None) -> SamplingTarget:
+        """A copy for another thread or device: same data, w*, loss and settings, its own
+        sampling buffers and model copies (the data and w* are shared when on the same device).
+        """
+        device = self.device if device is None else torch.device(device)
+        other = copy.copy(self)
+        other._copies, other._work, other._gbuf, other._lean_buffers = [], None, None, False
+        other._vmapped, other._batch_cache = {}, None
+        if device != self.device or self.mode == "vmap":
+            # functional_call swaps the module's parameters while it runs: one module per thread
+            other.model = copy.deepcopy(self.model).to(device)
+            other._wrapper = _LossModule(other.model, self.loss_fn, self.spec)
+        if device != self.device:
+            other.device = device
+            other.leaves = [t.to(device) for t in self.leaves]
+            other.anchor = self.anchor.to(device)
+            other.mask = None if self.mask is None else self.mask.to(device)
+            other.consts = {k: v.to(device) for k, v in self.consts.items()}
+            if self.mode != "auto" and device.type != self.device.type:
+                other.mode = "auto"  # decided again for that device
+        return other
+
+    def release_buffers(self) -> None:
+        """Forget the per-chain buffers and model copies (the next run makes new ones)."""
+        self._copies, self._work, self._gbuf, self._lean_buffers = [], None, None, False
+        self._batch_cache = None
+
+    def uses_lean(self, sampler: str, compiled: bool = False) -> bool:
+        """Whether a run of ``sampler`` on this target takes the lean loop path."""
+        return (self.mode == "loop" and sampler == "sgld" and not compiled
+                and self.dim >= LEAN_MIN_DIM and {s.dtype for s in self.slots} == {torch.float32})
+
+    def _chain_loss(self, c: int, chain_batch: Any, batch: list[Tensor], shared: bool) -> Tensor:
+        loss = self.loss_fn(self._copies[c], chain_batch)
+        if not isinstance(loss, Tensor) or loss.numel() != 1:
+            leaves = batch if shared else [t[c] for t in batch]
+            self._loss_flat(self.anchor, *leaves)  # raises the explanatory error
+        return loss.reshape(())
+
+    def lean_step(self, chains: int, batch: list[Tensor], shared: bool,
+                  noise_gens: Sequence[torch.Generator], *, step_size: float,
+                  localization: float, nbeta: float, check: bool = False
+                  ) -> tuple[Tensor, Tensor | None]:
+        """One SGLD step of every chain, chain after chain, in place (the lean path).
+
+        The chains' parameters are the rows of ``_work`` (also the replicas' parameters); one
+        gradient buffer serves all chains. Noise is drawn per parameter tensor from each chain's
+        generator. With ``check``, the MALA acceptance of the move is computed without another
+        ``(D,)`` buffer: the gradient buffer holds ``(w − w')·2/(ε·nβ)`` and the backward pass at
+        ``w'`` accumulates ``∇L(w')`` into it (see :mod:`devinterp.sgmcmc.mala`).
+
+        Returns:
+            The minibatch losses before the step ``(C,)`` and the acceptance ``(C,)`` or None.
+        """
+        self._ensure_copies(chains, lean=True)
+        work, g = self._work, self._gbuf[0]
+        losses = torch.empty(chains, device=self.device)
+        acc = torch.empty(chains, device=self.device) if check else None
+        sq, half = math.sqrt(step_size), step_size / 2
+        check = check and step_size > 0
+        parts = [(slice(s.offset, s.offset + s.numel), a,
+                  None if self.mask is None else self.mask[s.offset:s.offset + s.numel])
+                 for s, a in zip(self.slots, self._anchor_parts, strict=True)]
+        for c, chain_batch in enumerate(self._chain_batches(batch, shared, chains)):
+            with torch.no_grad():
+                g.zero_()
+            loss = self._chain_loss(c, chain_batch, batch, shared)
+            loss.backward()
+            p = work[c]
+            zero = torch.zeros((), device=self.device)
+            dist_old, q_fwd = zero.clone(), zero.clone()
+            with torch.no_grad():
+                for sl, a, m in parts:
+                    ps, gs = p[sl], g[sl]
+                    diff = ps - a
+                    gs.mul_(nbeta)
+                    if m is not None:
+                        diff.mul_(m)
+                        gs.mul_(m)
+                    gs.add_(diff, alpha=localization)  # the drift ∇U (masked)
+                    xi = torch.randn(ps.shape, generator=noise_gens[c], device=ps.device,
+                                     dtype=ps.dtype)
+                    if m is not None:
+                        xi.mul_(m)
+                    ps.add_(gs, alpha=-half).add_(xi, alpha=sq)
+                    if check:
+                        dist_old += diff.pow(2).sum()
+                        q_fwd += xi.pow(2).sum()
+                        gs.mul_(half).sub_(xi, alpha=sq).mul_(2 / (step_size * nbeta))
+                losses[c] = loss.detach().float()
+            if acc is None:
+                continue
+            if not check:  # ε = 0: nothing moved
+                acc[c] = 1.0
+                continue
+            loss_new = self._chain_loss(c, chain_batch, batch, shared)
+            loss_new.backward()  # accumulates ∇L(w') onto (w − w')·2/(ε·nβ)
+            with torch.no_grad():
+                dist_new, q_bwd = zero.clone(), zero.clone()
+                for sl, a, m in parts:
+                    ps, gs = p[sl], g[sl]
+                    diff = ps - a
+                    gs.mul_(nbeta)
+                    if m is not None:
+                        diff.mul_(m)
+                        gs.mul_(m)
+                    gs.add_(diff, alpha=localization).mul_(half)  # w − w' + ε/2·∇U(w')
+                    dist_new += diff.pow(2).sum()
+                    q_bwd += gs.pow(2).sum()
+                log_ratio = (nbeta * (loss.detach().float() - loss_new.detach().float())
+                             + localization / 2 * (dist_old - dist_new)
+                             - q_bwd / (2 * step_size) + q_fwd / 2)
+                acc[c] = torch.exp(torch.clamp(log_ratio, max=0.0).nan_to_num(nan=-math.inf))
+        return losses, acc
 
     def grad_and_loss(self, flat: Tensor, batch: list[Tensor], shared: bool = False
                       ) -> tuple[Tensor, Tensor]:
@@ -590,6 +797,12 @@ def _seeds(seed: int, chains: int) -> list[tuple[int, int]]:
     return [tuple(int(x) for x in ch.generate_state(2, dtype=np.uint32)) for ch in children]
 
 
+def chunk_steps(target: SamplingTarget, chains: int, num_steps: int) -> int:
+    """Steps whose noise and minibatch indices are drawn at once, for a run of ``chains``."""
+    per_step = chains * (target.dim + (0 if target.full_batch else target.batch_size))
+    return int(max(1, min(_MAX_CHUNK_STEPS, num_steps, _CHUNK_ELEMENTS // per_step)))
+
+
 class _Streams:
     """Per-chain noise and minibatch streams.
 
@@ -598,23 +811,29 @@ class _Streams:
     where gathering a whole chunk of batches would stream megabytes through memory).
     """
 
-    def __init__(self, target: SamplingTarget, chains: int, seed: int, num_steps: int):
+    def __init__(self, target: SamplingTarget, chains: int, seed: int, num_steps: int, *,
+                 chain_ids: Sequence[int] | None = None, draw_noise: bool = True):
         self.target = target
-        self.chains = chains
+        ids = list(range(chains)) if chain_ids is None else list(chain_ids)
+        self.chains = len(ids)
         seeds = _seeds(seed, chains)
+        seeds = [seeds[i] for i in ids]
         dev = target.device
         self.noise_gens = [torch.Generator(device=dev).manual_seed(s[0]) for s in seeds]
         self.data_gens = [torch.Generator().manual_seed(s[1]) for s in seeds]
-        self.perms: list[Tensor] = [torch.empty(0, dtype=torch.long) for _ in range(chains)]
-        per_step = chains * (target.dim + (0 if target.full_batch else target.batch_size))
-        self.chunk = int(max(1, min(_MAX_CHUNK_STEPS, num_steps, _CHUNK_ELEMENTS // per_step)))
-        self.noise = torch.empty(chains, self.chunk, target.dim, device=dev)
+        self.perms: list[Tensor] = [torch.empty(0, dtype=torch.long) for _ in ids]
+        # the chunk depends on the run's total number of chains only, so that a group of its
+        # chains run elsewhere draws exactly the same noise (the draws depend on the chunking)
+        self.chunk = chunk_steps(target, chains, num_steps)
+        self.draw_noise = draw_noise
+        self.noise = (torch.empty(self.chains, self.chunk, target.dim, device=dev) if draw_noise
+                      else None)
         self.idx: Tensor | None = None
         b = target.batch_size
         self.buffers = [] if target.full_batch else [
-            torch.empty(chains * b, *t.shape[1:], dtype=t.dtype, device=dev)
+            torch.empty(self.chains * b, *t.shape[1:], dtype=t.dtype, device=dev)
             for t in target.leaves]
-        self.batch_views = [buf.view(chains, b, *buf.shape[1:]) for buf in self.buffers]
+        self.batch_views = [buf.view(self.chains, b, *buf.shape[1:]) for buf in self.buffers]
 
     def _indices(self, c: int, count: int) -> Tensor:
         need = count * self.target.batch_size
@@ -627,14 +846,15 @@ class _Streams:
         self.perms[c] = pool[need:]
         return pool[:need].view(count, self.target.batch_size)
 
-    def next_chunk(self, count: int) -> Tensor:
+    def next_chunk(self, count: int) -> Tensor | None:
         """Draw the noise ``(C, count, D)`` and minibatch indices of the next ``count`` steps."""
-        for c, gen in enumerate(self.noise_gens):
-            torch.randn(count, self.target.dim, generator=gen, out=self.noise[c, :count])
+        if self.noise is not None:
+            for c, gen in enumerate(self.noise_gens):
+                torch.randn(count, self.target.dim, generator=gen, out=self.noise[c, :count])
         if not self.target.full_batch:
             idx = torch.stack([self._indices(c, count) for c in range(self.chains)], 1)
             self.idx = idx.reshape(count, -1).to(self.target.device)  # (count, C*B)
-        return self.noise[:, :count]
+        return None if self.noise is None else self.noise[:, :count]
 
     def batch(self, k: int) -> list[Tensor]:
         """The minibatch of step ``k`` of the current chunk: leaves ``(C, B, ...)``."""
@@ -662,13 +882,22 @@ def run_chains(target: SamplingTarget, *, num_chains: int, num_steps: int, step_
                localization: float, nbeta: float, sampler: str = "sgld", seed: int = 0,
                sampler_kwargs: Mapping[str, Any] | None = None,
                acceptance_steps: Collection[int] = (), compile: bool | str | None = None,
-               expected_calls: int | None = None) -> Iterator[tuple[int, Any, StepInfo]]:
-    """Advance ``num_chains`` chains from w* together and yield ``(step, state, info)``.
+               expected_calls: int | None = None, chain_ids: Sequence[int] | None = None,
+               restore_rng: bool = True) -> Iterator[tuple[int, Any, StepInfo]]:
+    """Advance ``num_chains`` chains from w* together in this thread and yield ``(step, state, info)``.
 
     ``state`` is the sampler state *after* the step, with ``params`` of shape ``(C, D)``;
     ``info.loss`` is each chain's minibatch loss *before* it. The caller records what it needs.
     The global RNG state (used only by random layers such as dropout) is saved at the start and
     restored when the generator finishes or is closed.
+
+    On the lean path (SGLD in loop mode with at least ``LEAN_MIN_DIM`` coordinates, see
+    :meth:`SamplingTarget.lean_step`) ``state.params`` is a live view of buffers that the next
+    step overwrites (copy it to keep it), ``state.anchor`` and ``info.sampler_info`` are None.
+
+    :func:`devinterp.analyses.parallel.iter_chunks` runs groups of chains on several cores or
+    devices with this function; chain ``c`` draws the same noise and minibatches whichever
+    group runs it, so the results do not depend on the grouping.
 
     Args:
         target: from :func:`prepare_target`.
@@ -686,6 +915,9 @@ def run_chains(target: SamplingTarget, *, num_chains: int, num_steps: int, step_
             only; see :mod:`devinterp.analyses.compiled`); None: the target's setting.
         expected_calls: hint for ``compile="auto"``: runs of this structure planned in this
             process; None: the target's.
+        chain_ids: run only these chains of the ``num_chains`` (their seeds, noise and
+            minibatches are those they have in the full run); ``state`` then has one row each.
+        restore_rng: save and restore the global RNG state around the run.
     """
     if compile is not None:
         _compiled.check_compile_option(compile)
@@ -696,23 +928,34 @@ def run_chains(target: SamplingTarget, *, num_chains: int, num_steps: int, step_
     init_kwargs = {}
     if sampler == "sgnht" and "diffusion" in kwargs:
         init_kwargs["diffusion"] = kwargs["diffusion"]
-    target.decide_mode(num_chains)
-    state = kernel.init(target.anchor.expand(num_chains, -1), target.anchor, target.mask,
-                        **init_kwargs)
-    streams = _Streams(target, num_chains, seed, num_steps)
-    check = set(acceptance_steps) if sampler != "sgnht" else set()
+    ids = list(range(num_chains)) if chain_ids is None else [int(c) for c in chain_ids]
+    if not ids or any(not 0 <= c < num_chains for c in ids):
+        raise InvalidInputError(f"chain_ids must be a non-empty subset of range({num_chains}), "
+                                f"got {chain_ids!r}")
+    rows = len(ids)
+    target.check_unchanged()
+    target.decide_mode(rows)
     shared = target.full_batch
     fast = _compiled.compiled_step(
-        target, num_chains, shared, num_steps=num_steps, sampler=sampler, step_size=step_size,
+        target, rows, shared, num_steps=num_steps, sampler=sampler, step_size=step_size,
         localization=localization, nbeta=nbeta,
         compile=target.compile if compile is None else compile,
         expected_calls=target.expected_calls if expected_calls is None else expected_calls)
     if fast is not None and kwargs:
         fast = None  # sampler_kwargs (none for SGLD today) are not part of the compiled step
     target.last_compiled = fast is not None
-    step = 0
-    saved = _save_rng(target)
+    lean = not kwargs and target.uses_lean(sampler, compiled=fast is not None)
+    streams = _Streams(target, num_chains, seed, num_steps, chain_ids=ids, draw_noise=not lean)
+    check = set(acceptance_steps) if sampler != "sgnht" else set()
+    saved = _save_rng(target) if restore_rng else None
     try:
+        if lean:
+            yield from _run_lean(target, streams, rows, num_steps, check, step_size=step_size,
+                                 localization=localization, nbeta=nbeta)
+            return
+        state = kernel.init(target.anchor.expand(rows, -1), target.anchor, target.mask,
+                            **init_kwargs)
+        step = 0
         while step < num_steps:
             count = min(streams.chunk, num_steps - step)
             noise = streams.next_chunk(count)
@@ -744,7 +987,32 @@ def run_chains(target: SamplingTarget, *, num_chains: int, num_steps: int, step_
                 state = new_state
                 step += 1
     finally:
-        _restore_rng(saved)
+        if saved is not None:
+            _restore_rng(saved)
+
+
+def _run_lean(target: SamplingTarget, streams: _Streams, rows: int, num_steps: int,
+              check: set[int], *, step_size: float, localization: float, nbeta: float
+              ) -> Iterator[tuple[int, Any, StepInfo]]:
+    target._ensure_copies(rows, lean=True)
+    work = target._work
+    assert work is not None
+    with torch.no_grad():
+        for s, a in zip(target.slots, target._anchor_parts, strict=True):
+            work[:rows, s.offset:s.offset + s.numel].copy_(a.expand(rows, -1))
+    # no flat w* on this path (it would cost another D): ``anchor`` is None
+    state = sgld.SGLDState(work[:rows], None, target.mask)
+    step = 0
+    while step < num_steps:
+        count = min(streams.chunk, num_steps - step)
+        streams.next_chunk(count)
+        for k in range(count):
+            loss, acc = target.lean_step(rows, streams.batch(k), target.full_batch,
+                                         streams.noise_gens, step_size=step_size,
+                                         localization=localization, nbeta=nbeta,
+                                         check=step in check)
+            yield step, state, StepInfo(loss, None, acc)
+            step += 1
 
 
 def _save_rng(target: SamplingTarget) -> tuple[Tensor, list[tuple[int, Tensor]]]:
@@ -795,6 +1063,9 @@ class ChainTraces:
         seconds: wall time of the sampling loop.
         mode: ``"vmap"`` or ``"loop"``.
         compiled: whether the steps ran through the compiled SGLD step.
+        final_params: ``(C, D)`` parameters after the last step (None after a divergence).
+        workers: how many workers ran the chains (1: this thread).
+        backend: ``"inline"``, ``"thread"`` or ``"process"``.
     """
 
     losses: np.ndarray
@@ -810,6 +1081,8 @@ class ChainTraces:
     mode: str = "vmap"
     compiled: bool = False
     final_params: Tensor | None = field(default=None, repr=False, compare=False)
+    workers: int = 1
+    backend: str = "inline"
 
     @property
     def diverged(self) -> bool:
@@ -843,9 +1116,15 @@ def sample_chains(target: SamplingTarget, *, num_chains: int = 4, num_steps: int
                   sampler_kwargs: Mapping[str, Any] | None = None,
                   acceptance_steps: Collection[int] = (), check_every: int = 100,
                   on_divergence: str = "raise", compile: bool | str | None = None,
-                  expected_calls: int | None = None,
+                  expected_calls: int | None = None, workers: int | str = "auto",
+                  devices: Sequence[str | torch.device] | None = None,
+                  backend: str | None = None,
+                  progress: Callable[[int, int], None] | None = None,
                   on_progress: Callable[[int], None] | None = None) -> ChainTraces:
     """Run chains and return their loss traces (cheap to call many times on one target).
+
+    The chains run on every core by default (:mod:`devinterp.analyses.parallel`); the traces
+    are the same numbers whichever way they are split (with the same intra-op threads per chain).
 
     Args:
         target: from :func:`prepare_target`.
@@ -856,6 +1135,13 @@ def sample_chains(target: SamplingTarget, *, num_chains: int = 4, num_steps: int
             (and at the end); the check is the only host synchronization.
         on_divergence: ``"raise"`` a :class:`ChainDivergedError`, or ``"stop"`` and return the
             trace up to the divergence with ``diverged_chain``/``diverged_step`` set.
+        workers: ``"auto"``: on CPU, ``min(chains, cores)`` workers when the run is estimated
+            to take a second or more, else 1; one per device with ``devices``. An int forces
+            that many; 1 runs the chains in this thread.
+        devices: spread the chains over these devices (e.g. ``["cuda:0", "cuda:1"]``).
+        backend: ``"process"`` or ``"thread"`` for CPU workers; None: threads.
+        progress: called as ``progress(steps_done, num_steps)`` after every ``check_every``
+            steps of every chain.
         on_progress: called now and then with the number of model evaluations (one per chain
             per step, one more per chain per acceptance check) done since its last call (e.g.
             :meth:`devinterp.analyses.progress.Meter.add`).
@@ -870,38 +1156,47 @@ def sample_chains(target: SamplingTarget, *, num_chains: int = 4, num_steps: int
     if on_divergence not in ("raise", "stop"):
         raise InvalidInputError(f"on_divergence must be 'raise' or 'stop', got {on_divergence!r}")
     _check_sampler(sampler)
+    if compile is not None:
+        _compiled.check_compile_option(compile)
+    if expected_calls is not None:
+        _compiled.check_expected_calls(expected_calls)
+    run_plan = plan_chains(target, num_chains=num_chains, num_steps=num_steps, sampler=sampler,
+                           sampler_kwargs=sampler_kwargs, compile=compile,
+                           expected_calls=expected_calls, workers=workers, devices=devices,
+                           backend=backend)
+    target.decide_mode(len(run_plan.groups[0]))  # workers and replicas inherit the mode
     threshold = divergence_threshold(target, nbeta)
     trace = torch.empty(num_chains, num_steps, device=target.device)
     acc_rows, acc_steps = [], []
-    checked = 0
     diverged = None
-    last = None
-    pending = 0  # model evaluations not yet reported to on_progress
+    final = None
+    run_kwargs = dict(num_chains=num_chains, step_size=step_size, localization=localization,
+                      nbeta=nbeta, sampler=sampler, seed=seed, sampler_kwargs=sampler_kwargs,
+                      acceptance_steps=acceptance_steps, compile=compile,
+                      expected_calls=expected_calls)
     t0 = time.perf_counter()
-    for step, state, info in run_chains(
-            target, num_chains=num_chains, num_steps=num_steps, step_size=step_size,
-            localization=localization, nbeta=nbeta, sampler=sampler, seed=seed,
-            sampler_kwargs=sampler_kwargs, acceptance_steps=acceptance_steps, compile=compile,
-            expected_calls=expected_calls):
-        trace[:, step] = info.loss
-        last = state
-        if info.acceptance is not None:
-            acc_rows.append(info.acceptance)
-            acc_steps.append(step)
-        if on_progress is not None:
-            pending += num_chains * (2 if info.acceptance is not None else 1)
-            if pending >= 32 * num_chains or step + 1 == num_steps:
-                on_progress(pending)
-                pending = 0
-        if step + 1 - checked >= check_every or step + 1 == num_steps:
-            diverged = _first_bad(trace[:, checked:step + 1], threshold)
+    lean = not sampler_kwargs and target.uses_lean(sampler)  # workers never compile
+    chunks = _parallel.iter_chunks(run_chains, target, run_plan, num_steps=num_steps,
+                                   chunk=check_every, run_kwargs=run_kwargs,
+                                   shared_params=lean and run_plan.backend != "inline")
+    try:
+        for part in chunks:
+            trace[:, part.start:part.stop] = part.losses
+            for step, acc in part.acceptance:
+                acc_rows.append(acc)
+                acc_steps.append(step)
+            final = part.final_params
+            if on_progress is not None:  # one evaluation per chain per step and per check
+                on_progress(num_chains * (part.stop - part.start + len(part.acceptance)))
+            diverged = _first_bad(trace[:, part.start:part.stop], threshold)
             if diverged is not None:
-                diverged = (diverged[0], diverged[1] + checked)
+                diverged = (diverged[0], diverged[1] + part.start)
                 break
-            checked = step + 1
+            if progress is not None:
+                progress(part.stop, num_steps)
+    finally:
+        chunks.close()
     seconds = time.perf_counter() - t0
-    if on_progress is not None and pending:
-        on_progress(pending)
     if diverged is not None:
         chain, at = diverged
         value = float(trace[chain, at])
@@ -926,7 +1221,27 @@ def sample_chains(target: SamplingTarget, *, num_chains: int = 4, num_steps: int
         localization=float(localization), acceptance=acc, acceptance_steps=tuple(acc_steps),
         diverged_chain=None if diverged is None else diverged[0],
         diverged_step=None if diverged is None else diverged[1], seconds=seconds,
-        mode=target.mode, compiled=target.last_compiled, final_params=None if last is None else last.params)
+        mode=target.mode, compiled=target.last_compiled, final_params=final,
+        workers=run_plan.workers, backend=run_plan.backend)
+
+
+def plan_chains(target: SamplingTarget, *, num_chains: int, num_steps: int, sampler: str = "sgld",
+                sampler_kwargs: Mapping[str, Any] | None = None,
+                compile: bool | str | None = None, expected_calls: int | None = None,
+                workers: int | str = "auto", devices: Sequence[str | torch.device] | None = None,
+                backend: str | None = None) -> _parallel.Plan:
+    """How :func:`sample_chains` will run these chains (see :func:`devinterp.analyses.parallel.plan`)."""
+    compile = target.compile if compile is None else compile
+    expected = target.expected_calls if expected_calls is None else expected_calls
+    compiled = sampler == "sgld" and not sampler_kwargs and (
+        compile is True or (compile == "auto" and _compiled.should_compile(
+            target, chains=num_chains, num_steps=num_steps, sampler=sampler,
+            expected_calls=expected)))
+    def seconds() -> float:  # measured only when the rule needs it
+        return num_steps * num_chains * target.gradient_seconds()
+
+    return _parallel.plan(target, num_chains=num_chains, estimated_seconds=seconds,
+                          compiled=compiled, workers=workers, devices=devices, backend=backend)
 
 
 def _validate_hyper(*, num_chains: int, num_steps: int, step_size: float, localization: float,

@@ -1,0 +1,518 @@
+"""Run the chains of one estimate on every core, or on several devices.
+
+The chains of an estimate are independent: chain ``c`` draws its noise and minibatches from its
+own generators (seeded from ``SeedSequence(seed).spawn(C)[c]``), so a group of chains run on
+another core or device yields exactly the numbers it yields in the full run. This module splits
+the chains into contiguous groups, runs each group with
+:func:`devinterp.analyses.sampling.run_chains` (passed in, so that this module does not import
+the sampling module) and merges the groups' reports, chunk by chunk, in chain order.
+
+Backends:
+
+The cores used are PyTorch's intra-op thread budget (:func:`core_budget`: every core unless
+``OMP_NUM_THREADS`` or ``torch.set_num_threads`` says otherwise); each worker gets
+``budget // workers`` intra-op threads, so the total stays within the budget.
+
+- ``"process"``: one forked child process per group (CPU only; POSIX). The child inherits the
+  prepared target, so any ``loss_fn`` works (closures and lambdas need no pickling); it runs with
+  ``budget // groups`` intra-op threads and sends its chunks back through a pipe. No GIL is shared.
+- ``"thread"``: one thread per group on private copies of the sampling buffers; on CPU the
+  intra-op threads are set to ``cores // groups`` for the run. The only backend for CUDA (a
+  forked child cannot use CUDA), with one device per group when several are given.
+
+What is measured (``benchmarks/llc_throughput.py --machine-defaults --impls ours,ours_process``,
+``benchmarks/llc_memory.py``; docs/llc.md): on the loaded 2-core machine, 4 chains of a
+206k-parameter attention-only transformer took 253 s on threads against 408 s on processes
+(one round), and threads use less memory (no per-process runtime): threads are the default.
+
+:func:`iter_chunks` is a generator of :class:`ChainChunk` records: consumers can report progress
+per chunk, and closing it early (a budget, a divergence) stops every worker.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import queue
+import sys
+import threading
+import traceback
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from devinterp.errors import InvalidInputError
+
+#: Runs estimated to take less than this many seconds of sequential work stay in one thread
+#: with ``workers="auto"`` (forking and per-group model copies cost ~0.1 s). The estimate is
+#: chains × steps × the measured time of one gradient (``SamplingTarget.gradient_seconds``).
+MIN_PARALLEL_SECONDS = 1.0
+BACKENDS = ("process", "thread")
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def core_budget() -> int:
+    """The cores the chains may use: PyTorch's intra-op thread count (all cores by default;
+    ``OMP_NUM_THREADS`` or ``torch.set_num_threads`` lower it, e.g. in a process that shares the
+    machine with others)."""
+    return max(1, torch.get_num_threads())
+
+
+def fork_available() -> bool:
+    """Whether the ``"process"`` backend can be used: ``os.fork`` exists and this process may
+    have children (a daemonic multiprocessing worker may not)."""
+    import multiprocessing as mp
+
+    return hasattr(os, "fork") and sys.platform != "win32" and not mp.current_process().daemon
+
+
+@dataclass(frozen=True)
+class ChainChunk:
+    """Steps ``start..stop-1`` of every chain.
+
+    Attributes:
+        start, stop: the steps covered.
+        losses: ``(C, stop - start)`` minibatch losses on the target's device.
+        acceptance: ``(step, (C,) acceptance)`` for the checked steps in the chunk.
+        final_params: ``(C, D)`` parameters after the last step, on the last chunk only.
+    """
+
+    start: int
+    stop: int
+    losses: Tensor
+    acceptance: tuple[tuple[int, Tensor], ...]
+    final_params: Tensor | None = None
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How the chains of one run are executed.
+
+    Attributes:
+        groups: chain indices per worker (contiguous, in order).
+        devices: the device of each group.
+        backend: ``"inline"`` (one group, this thread), ``"thread"`` or ``"process"``.
+        threads: intra-op threads per worker (CPU), or None to leave the setting alone.
+    """
+
+    groups: tuple[tuple[int, ...], ...]
+    devices: tuple[torch.device, ...]
+    backend: str
+    threads: int | None
+
+    @property
+    def workers(self) -> int:
+        return len(self.groups)
+
+
+def split(num_chains: int, parts: int) -> tuple[tuple[int, ...], ...]:
+    """``num_chains`` chain indices in ``parts`` contiguous groups of near-equal size."""
+    parts = max(1, min(parts, num_chains))
+    bounds = [round(i * num_chains / parts) for i in range(parts + 1)]
+    return tuple(tuple(range(bounds[i], bounds[i + 1])) for i in range(parts))
+
+
+def check_workers(workers: Any) -> None:
+    """Validate a ``workers=`` argument."""
+    if isinstance(workers, str):
+        if workers != "auto":
+            raise InvalidInputError(f"workers must be a positive int or 'auto', got {workers!r}")
+        return
+    if isinstance(workers, bool) or not isinstance(workers, (int, np.integer)) or workers < 1:
+        raise InvalidInputError(f"workers must be a positive int or 'auto' (1: run the chains "
+                                f"one after the other in this thread), got {workers!r}")
+
+
+def _devices(devices: Any, default: torch.device) -> tuple[torch.device, ...] | None:
+    if devices is None:
+        return None
+    if isinstance(devices, (str, torch.device)):
+        devices = [devices]
+    out = []
+    for d in devices:
+        try:
+            dev = torch.device(d)
+        except (RuntimeError, TypeError):
+            raise InvalidInputError(f"devices: {d!r} is not a torch device") from None
+        if dev.type == "cuda":
+            if not torch.cuda.is_available():
+                raise InvalidInputError(f"device {dev} requested but CUDA is not available")
+            if dev.index is not None and dev.index >= torch.cuda.device_count():
+                raise InvalidInputError(f"device {dev} requested but only "
+                                        f"{torch.cuda.device_count()} CUDA device(s) exist")
+        out.append(dev)
+    if not out:
+        raise InvalidInputError("devices is empty: give at least one device")
+    if len(set(out)) != len(out):
+        raise InvalidInputError(f"devices lists a device twice: {[str(d) for d in out]}")
+    return tuple(out)
+
+
+def plan(target: Any, *, num_chains: int, estimated_seconds: float | Callable[[], float],
+         compiled: bool,
+         workers: int | str = "auto", devices: Sequence[Any] | None = None,
+         backend: str | None = None) -> Plan:
+    """Decide how to run ``num_chains`` chains. The results never depend on the decision.
+
+    Args:
+        target: the prepared target (its ``device``).
+        num_chains: C.
+        estimated_seconds: the sequential run's estimated wall time (for ``"auto"``), or a
+            function returning it (called only when the rule needs it: it may time a step).
+        compiled: whether the run uses the compiled SGLD step (then it stays in one thread:
+            compiled code is specialised on the number of chains and compiling in every worker
+            would cost more than it saves).
+        workers: ``"auto"``: on CPU, ``min(C, core_budget())`` workers when the run is
+            estimated at ``MIN_PARALLEL_SECONDS`` or more, else 1; on one GPU, 1 (the chains
+            are batched); with ``devices``, one per device. An int forces that many (1: sequential).
+        devices: several devices to spread the chains over (one group each, threads).
+        backend: ``"process"`` or ``"thread"``; None: threads.
+    """
+    check_workers(workers)
+    if backend is not None and backend not in BACKENDS:
+        raise InvalidInputError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
+    devs = _devices(devices, target.device)
+    if devs is not None and len(devs) > 1:
+        count = len(devs) if workers == "auto" else min(int(workers), len(devs))
+        groups = split(num_chains, count)
+        cpu = all(d.type == "cpu" for d in devs[:len(groups)])
+        inline = len(groups) == 1 and devs[0] == target.device
+        return Plan(groups, devs[:len(groups)], "inline" if inline else "thread",
+                    _threads_per_worker(len(groups)) if cpu and len(groups) > 1 else None)
+    device = devs[0] if devs else target.device
+    if device != target.device:  # one other device: the chains run there, on a replica
+        return Plan(split(num_chains, 1), (device,), "thread", None)
+    if workers == "auto":
+        if device.type != "cpu" or compiled or num_chains < 2 or core_budget() < 2:
+            count = 1
+        elif (estimated_seconds() if callable(estimated_seconds)
+              else estimated_seconds) < MIN_PARALLEL_SECONDS:
+            count = 1
+        else:
+            count = min(num_chains, core_budget())
+    else:
+        count = min(int(workers), num_chains)
+        if compiled and count > 1:
+            count = 1
+    groups = split(num_chains, count)
+    if len(groups) == 1:
+        return Plan(groups, (device,), "inline", None)
+    if device.type != "cpu":
+        chosen = "thread"
+    elif backend is None:
+        chosen = "thread"
+    else:
+        chosen = backend
+        if chosen == "process" and not fork_available():
+            raise InvalidInputError("backend='process' needs os.fork (POSIX) in a process that may "
+                                    "have children (not a daemonic worker); use 'thread'")
+    threads = _threads_per_worker(len(groups)) if device.type == "cpu" else None
+    return Plan(groups, (device,) * len(groups), chosen, threads)
+
+
+def _threads_per_worker(workers: int) -> int:
+    return max(1, core_budget() // workers)
+
+
+# --------------------------------------------------------------------------------------------
+# running groups
+# --------------------------------------------------------------------------------------------
+RunFn = Callable[..., Iterator[tuple[int, Any, Any]]]
+
+
+def group_chunks(run: RunFn, target: Any, ids: Sequence[int], num_steps: int, chunk: int,
+                 run_kwargs: dict[str, Any]) -> Iterator[ChainChunk]:
+    """Run one group of chains in this thread, as a :class:`ChainChunk` every ``chunk`` steps."""
+    buf = torch.empty(len(ids), min(chunk, num_steps), device=target.device)
+    acc: list[tuple[int, Tensor]] = []
+    start = 0
+    gen = run(target, chain_ids=ids, num_steps=num_steps, **run_kwargs)
+    try:
+        for step, state, info in gen:
+            buf[:, step - start] = info.loss
+            if info.acceptance is not None:
+                acc.append((step, info.acceptance.detach().clone()))
+            if step + 1 - start == buf.shape[1] or step + 1 == num_steps:
+                final = None
+                if step + 1 == num_steps:
+                    final = state.params
+                    work = getattr(target, "_work", None)
+                    if work is not None and _shares(final, work):
+                        target.release_buffers()  # the lean path's buffer changes hands, no copy
+                yield ChainChunk(start, step + 1, buf[:, :step + 1 - start].clone(), tuple(acc),
+                                 final)
+                acc = []
+                start = step + 1
+    finally:
+        gen.close()
+
+
+def _run_group(run: RunFn, target: Any, ids: Sequence[int], num_steps: int, chunk: int,
+               run_kwargs: dict[str, Any], emit: Callable[[ChainChunk], None],
+               stop: Callable[[], bool]) -> None:
+    gen = group_chunks(run, target, ids, num_steps, chunk, run_kwargs)
+    try:
+        for c in gen:
+            emit(c)
+            if stop():
+                return
+    finally:
+        gen.close()
+
+
+def _shares(a: Tensor, b: Tensor) -> bool:
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
+def _merge(parts: list[ChainChunk], device: torch.device) -> ChainChunk:
+    first = parts[0]
+    if any(p.start != first.start or p.stop != first.stop for p in parts):
+        raise RuntimeError("chain groups reported different chunks")  # cannot happen
+    losses = torch.cat([p.losses.to(device) for p in parts], 0)
+    steps = [s for s, _ in first.acceptance]
+    acc = tuple((s, torch.cat([p.acceptance[i][1].to(device) for p in parts], 0))
+                for i, s in enumerate(steps))
+    final = None
+    if all(p.final_params is not None for p in parts):
+        final = (parts[0].final_params if len(parts) == 1
+                 else torch.cat([p.final_params.to(device) for p in parts], 0))
+    return ChainChunk(first.start, first.stop, losses, acc, final)
+
+
+def iter_chunks(run: RunFn, target: Any, the_plan: Plan, *, num_steps: int, chunk: int,
+                run_kwargs: dict[str, Any], shared_params: bool = False
+                ) -> Iterator[ChainChunk]:
+    """Run the plan's groups and yield the merged chunks in order (every chain, ``chunk`` steps).
+
+    Closing the generator stops the workers (threads finish their current step; child
+    processes are terminated).
+
+    Args:
+        run: :func:`devinterp.analyses.sampling.run_chains`.
+        target: the prepared target (must offer ``replica_for(device)``).
+        the_plan: from :func:`plan`.
+        num_steps: total steps.
+        chunk: steps per reported chunk.
+        run_kwargs: the other keyword arguments of ``run`` (``num_chains``, ``seed``, ...).
+        shared_params: the run takes the lean path: the chains' parameters live in one
+            ``(C, D)`` buffer made here (in shared memory for processes), each worker writing
+            its rows, so the final parameters come back without a copy or a transfer.
+    """
+    work = None
+    if shared_params and the_plan.backend != "inline":
+        work = torch.empty(sum(len(g) for g in the_plan.groups), target.dim,
+                           device=the_plan.devices[0])
+        if the_plan.backend == "process":
+            work.share_memory_()
+    if the_plan.backend == "inline":
+        yield from _inline(run, target, the_plan, num_steps, chunk, run_kwargs)
+    elif the_plan.backend == "thread":
+        yield from _threads(run, target, the_plan, num_steps, chunk, run_kwargs, work)
+    else:
+        yield from _processes(run, target, the_plan, num_steps, chunk, run_kwargs, work)
+
+
+def _inline(run: RunFn, target: Any, the_plan: Plan, num_steps: int, chunk: int,
+            run_kwargs: dict[str, Any]) -> Iterator[ChainChunk]:
+    yield from group_chunks(run, target, the_plan.groups[0], num_steps, chunk, run_kwargs)
+
+
+def _rows(the_plan: Plan, g: int) -> slice:
+    start = sum(len(x) for x in the_plan.groups[:g])
+    return slice(start, start + len(the_plan.groups[g]))
+
+
+def _own_rows(work: Tensor, rows: slice) -> Tensor:
+    """Rows of ``work`` as a tensor of their own: same memory, its own autograd version
+    counter (views share their base's, and one worker's in-place updates would then trip the
+    other workers' autograd checks)."""
+    count = rows.stop - rows.start
+    out = torch.empty(0, dtype=work.dtype, device=work.device)
+    out.set_(work.untyped_storage(), work.storage_offset() + rows.start * work.shape[1],
+             (count, work.shape[1]), (work.shape[1], 1))
+    return out
+
+
+def _threads(run: RunFn, target: Any, the_plan: Plan, num_steps: int, chunk: int,
+             run_kwargs: dict[str, Any], work: Tensor | None = None) -> Iterator[ChainChunk]:
+    inbox: queue.Queue = queue.Queue()
+    stop = threading.Event()
+    replicas = [target.replica_for(dev) for dev in the_plan.devices]
+    if work is not None and all(d == work.device for d in the_plan.devices):
+        for g, rep in enumerate(replicas):
+            rep.external_work = _own_rows(work, _rows(the_plan, g))
+    else:
+        work = None
+
+    def body(g: int) -> None:
+        try:
+            if the_plan.devices[g].type == "cuda":
+                torch.cuda.set_device(the_plan.devices[g])
+            _run_group(run, replicas[g], the_plan.groups[g], num_steps, chunk,
+                       dict(run_kwargs, restore_rng=False), lambda c: inbox.put((g, c)),
+                       stop.is_set)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            inbox.put((g, exc))
+
+    previous = torch.get_num_threads()
+    if the_plan.threads is not None:
+        torch.set_num_threads(the_plan.threads)
+    saved_rng = torch.get_rng_state()
+    cuda_rng = [(d, torch.cuda.get_rng_state(d)) for d in set(the_plan.devices)
+                if d.type == "cuda"]
+    threads = [threading.Thread(target=body, args=(g,), daemon=True,
+                                name=f"devinterp-chains-{g}") for g in range(the_plan.workers)]
+    try:
+        for t in threads:
+            t.start()
+        yield from _collect(inbox.get, the_plan, target.device, num_steps, work)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+        torch.set_rng_state(saved_rng)
+        for d, state in cuda_rng:
+            torch.cuda.set_rng_state(state, d)
+        if the_plan.threads is not None:
+            torch.set_num_threads(previous)
+
+
+def _collect(receive: Callable[[], tuple[int, Any]], the_plan: Plan, device: torch.device,
+             num_steps: int, work: Tensor | None = None) -> Iterator[ChainChunk]:
+    """Merge the groups' chunks in order; a worker's exception is raised here."""
+    pending: list[list[ChainChunk]] = [[] for _ in the_plan.groups]
+    while True:
+        while not all(pending):
+            g, item = receive()
+            if isinstance(item, BaseException):
+                raise item
+            pending[g].append(item)
+        parts = [p.pop(0) for p in pending]
+        if work is not None:  # the workers wrote their rows of ``work``: nothing to merge
+            parts = [replace(p, final_params=None) for p in parts]
+        merged = _merge(parts, device)
+        if work is not None and merged.stop >= num_steps:
+            merged = replace(merged, final_params=work)
+        yield merged
+        if merged.stop >= num_steps:
+            return
+
+
+# ---- processes -------------------------------------------------------------------------------
+def _to_numpy(c: ChainChunk) -> tuple:
+    return (c.start, c.stop, c.losses.cpu().numpy(),
+            tuple((s, a.cpu().numpy()) for s, a in c.acceptance),
+            None if c.final_params is None else c.final_params.detach().cpu().numpy())
+
+
+def _from_numpy(item: tuple) -> ChainChunk:
+    start, stop, losses, acc, final = item
+    return ChainChunk(start, stop, torch.from_numpy(losses),
+                      tuple((s, torch.from_numpy(a)) for s, a in acc),
+                      None if final is None else torch.from_numpy(final))
+
+
+def _child(run: RunFn, target: Any, ids: Sequence[int], threads: int | None, num_steps: int,
+           chunk: int, run_kwargs: dict[str, Any], conn: Any,
+           work: Tensor | None = None) -> None:
+    try:
+        if threads is not None:
+            torch.set_num_threads(threads)
+        if work is not None:
+            target.release_buffers()
+            target.external_work = work  # this group's rows of the shared buffer
+
+        def send(c: ChainChunk) -> None:
+            if work is not None:
+                c = replace(c, final_params=None)  # already in shared memory
+            conn.send(("chunk", _to_numpy(c)))
+
+        _run_group(run, target, ids, num_steps, chunk, dict(run_kwargs, restore_rng=False),
+                   send, lambda: False)
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent
+        text = "".join(traceback.format_exception(exc))
+        try:
+            pickle.loads(pickle.dumps(exc))
+            same = exc
+        except Exception:  # noqa: BLE001 - e.g. an exception with keyword-only arguments
+            same = None
+        conn.send(("error", (type(exc).__name__, str(exc), text, same)))
+    finally:
+        conn.close()
+
+
+def _processes(run: RunFn, target: Any, the_plan: Plan, num_steps: int, chunk: int,
+               run_kwargs: dict[str, Any], work: Tensor | None = None
+               ) -> Iterator[ChainChunk]:
+    import multiprocessing as mp
+    from multiprocessing.connection import wait
+
+    ctx = mp.get_context("fork")
+    procs, conns = [], []
+    try:
+        for g, ids in enumerate(the_plan.groups):
+            recv, send = ctx.Pipe(duplex=False)
+            proc = ctx.Process(target=_child, name=f"devinterp-chains-{g}", daemon=True,
+                               args=(run, target, ids, the_plan.threads, num_steps, chunk,
+                                     run_kwargs, send,
+                                     None if work is None
+                                     else _own_rows(work, _rows(the_plan, g))))
+            proc.start()
+            send.close()
+            procs.append(proc)
+            conns.append(recv)
+        live = dict(enumerate(conns))
+        finished: set[int] = set()
+        ready: list[tuple[int, Any]] = []
+
+        def receive() -> tuple[int, Any]:
+            while not ready:
+                if not live:
+                    raise RuntimeError("chain workers exited before finishing")
+                for conn in wait(list(live.values())):
+                    g = conns.index(conn)
+                    try:
+                        kind, payload = conn.recv()
+                    except EOFError:
+                        del live[g]
+                        if g not in finished:
+                            procs[g].join()
+                            ready.append((g, RuntimeError(
+                                f"chain worker {g} (chains {list(the_plan.groups[g])}) died "
+                                f"with exit code {procs[g].exitcode}")))
+                        continue
+                    item = _decode(kind, payload, g)
+                    if kind == "error" or item.stop >= num_steps:
+                        finished.add(g)
+                    ready.append((g, item))
+            return ready.pop(0)
+
+        yield from _collect(receive, the_plan, target.device, num_steps, work)
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+        for p in procs:
+            p.join()
+        for c in conns:
+            c.close()
+
+
+def _decode(kind: str, payload: Any, g: int) -> Any:
+    if kind == "chunk":
+        return _from_numpy(payload)
+    name, text, tb, exc = payload
+    if exc is not None:
+        return exc
+    return RuntimeError(f"chain worker {g} failed with {name}: {text}\n{tb}")
