@@ -161,7 +161,7 @@ def _bands(x, sigma, prior_w, centers, idx_c, half, min_window_points, degree):
 
 
 def _scan(x, y, sigma, prior_w, *, widths, centers, idx_c, degree, window, window_widths,
-          min_window_points, penalty, min_magnitude, min_amp, excluded):
+          min_window_points, penalty, min_magnitude, min_amp, excluded, drift):
     """Best (c, w) by weighted least-squares deviance over the grid, vectorised over centres.
 
     Each centre's window (half-width ``max(window, window_widths * w)``) is gathered into a band
@@ -207,6 +207,9 @@ def _scan(x, y, sigma, prior_w, *, widths, centers, idx_c, degree, window, windo
         ok = complete & (dev >= penalty) & (A / sig_c >= min_magnitude) & (A >= amp_c)
         for c_k, w_k, gap_k in excluded:  # too close to an accepted (or rejected) transition
             ok &= np.abs(centers - c_k) > _COMPLETE * (w + w_k) + 2.0 * gap_k
+        if w >= 0.5 * widths[-1]:  # broad shapes where drift was recognised
+            for c_k, w_k in drift:
+                ok &= np.abs(centers - c_k) > _COMPLETE * (w + w_k)
         if not ok.any():
             continue
         i = int(np.argmax(np.where(ok, dev, -np.inf)))
@@ -226,6 +229,8 @@ def _window(x: np.ndarray, c: float, window: float, min_window_points: int):
 def _evidence(xs, ys, ss, c, w, degree, k):
     """Robust deviance difference on one window, deflated by the misfit of the richer model.
 
+    Returns ``(A, D, fitted)``: the sigmoid's amplitude, the evidence and the fitted H1 curve.
+
     ``D = 2 sum [rho(r0/sigma) - rho(r1/sigma)] / phi`` with
     ``phi = max(1, median((r1/sigma)^2) / 0.455)`` (0.455 is the median of chi-square with one
     degree of freedom): a baseline that cannot follow the drift inflates ``phi`` and so cannot be
@@ -237,7 +242,7 @@ def _evidence(xs, ys, ss, c, w, degree, k):
     _, rho0 = _robust_fit(X1[:, :-1], ys, ss, k)
     z1 = (ys - X1 @ coef1) / ss
     phi = max(1.0, float(np.median(z1**2)) / 0.455)
-    return float(coef1[-1]), 2.0 * (rho0 - rho1) / phi, phi
+    return float(coef1[-1]), 2.0 * (rho0 - rho1) / phi, X1 @ coef1
 
 
 def _refine(x, y, sigma, cand: _Candidate, degree: int, k: float, w_bounds):
@@ -353,10 +358,17 @@ def detect_transitions(
                    huber_k=huber_k, max_transitions=max_transitions, metric=metric)
 
 
-def curve_range(values) -> float:
-    """The range of a curve as :func:`detect_transitions` measures it for ``min_change``: max - min of
-    its running median of three (end points kept), so a single outlier does not set it."""
+def curve_range(values, stderr=None) -> float:
+    """The range of a curve as :func:`detect_transitions` measures it for ``min_change``.
+
+    Without ``stderr``: max - min of the running median of three (end points kept), so a single
+    outlier does not set it. With ``stderr``: the range the curve spans beyond its errors,
+    ``max(v - 2 stderr) - min(v + 2 stderr)`` (at least 0), so uncertain points do not widen it.
+    """
     v = np.asarray(values, dtype=float)
+    if stderr is not None:
+        e = np.asarray(stderr, dtype=float)
+        return float(max((v - 2 * e).max() - (v + 2 * e).min(), 0.0)) if v.size else 0.0
     if v.size < 3:
         return float(np.ptp(v)) if v.size else 0.0
     med = np.median(np.stack([v[:-2], v[1:-1], v[2:]]), axis=0)
@@ -383,7 +395,8 @@ def _detect(series: Series, *, baseline_degree, window, window_widths, min_windo
     y = series.values.copy()
     sigma, _ = noise_scale(series, noise_floor=noise_floor)
     # the smallest |A| allowed, per point: a fraction of the range, and min_magnitude stated stderr
-    min_amp = np.full(n, min_change * curve_range(y))
+    min_move = min_change * curve_range(y, series.stderr)
+    min_amp = np.full(n, min_move)
     if series.stderr is not None:
         min_amp = np.maximum(min_amp, min_magnitude * series.stderr)
     dx = np.diff(x)
@@ -410,32 +423,39 @@ def _detect(series: Series, *, baseline_degree, window, window_widths, min_windo
 
     found: list[Transition] = []
     excluded: list[tuple[float, float, float]] = []  # (c, w, local gap)
+    drift: list[tuple[float, float]] = []  # (c, w) of broad shapes recognised as drift
     for _ in range(4 * max_transitions):
         if len(found) >= max_transitions:
             break
         cand = _scan(x, y, sigma, prior_w, widths=widths, centers=centers, idx_c=idx_c,
                      degree=baseline_degree, window=window, window_widths=window_widths,
                      min_window_points=min_window_points, penalty=pen,
-                     min_magnitude=min_magnitude, min_amp=min_amp, excluded=excluded)
+                     min_magnitude=min_magnitude, min_amp=min_amp, excluded=excluded, drift=drift)
         if cand is None:
             break
         c, w = _refine(x, y, sigma, cand, baseline_degree, huber_k, (w_min, _DRIFT_WIDTH * max_width))
         lo, hi = cand.lo, cand.hi
-        if w > max_width:  # the shape keeps widening past the widest transition: drift
-            excluded.append((cand.c, cand.w, _gap_at(x, cand.c)))
-            continue
+        if w > max_width:
+            if cand.w >= widths[-1]:  # widest on the grid and wider still when free: drift;
+                drift.append((cand.c, cand.w))  # narrower transitions there remain possible
+                continue
+            c, w = cand.c, cand.w
         if c - _COMPLETE * w < x[lo] or c + _COMPLETE * w > x[hi - 1]:
             c, w = cand.c, cand.w
-        amp, dev, _ = _evidence(x[lo:hi], y[lo:hi], sigma[lo:hi], c, w, baseline_degree, huber_k)
+        amp, dev, fitted = _evidence(x[lo:hi], y[lo:hi], sigma[lo:hi], c, w, baseline_degree, huber_k)
         noise_c = float(np.interp(c, x, sigma))
         mag = abs(amp) / noise_c
         gap = _gap_at(x, c)
         clash = any(abs(c - c_k) <= _COMPLETE * (w + w_k) + 2.0 * gap_k for c_k, w_k, gap_k in excluded)
-        small = abs(amp) < float(np.interp(c, x, min_amp))
+        half = 0.5 * _SPAN_10_90 * w
+        # the fitted curve's move between the samples bracketing [c - half, c + half]
+        i = max(int(np.searchsorted(x, c - half, "right")) - 1, lo) - lo
+        j = min(int(np.searchsorted(x, c + half, "left")), hi - 1) - lo
+        move = abs(float(fitted[j] - fitted[i]))
+        small = abs(amp) < float(np.interp(c, x, min_amp)) or move < min_move
         if dev < pen or mag < min_magnitude or clash or small:
             excluded.append((cand.c, cand.w, gap))
             continue
-        half = 0.5 * _SPAN_10_90 * w
         found.append(Transition(
             step=series.to_step(c), start=series.to_step(c - half), end=series.to_step(c + half),
             direction="rise" if amp > 0 else "fall",
