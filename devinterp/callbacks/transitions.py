@@ -49,6 +49,9 @@ class TransitionCallback(pl.Callback):
             :class:`~devinterp.analyses.transitions.TransitionTracker`): ``settle_points`` samples
             after the earlier of its fitting window's end and its 90% point times
             ``exp(settle_log)``; a flag comes a factor ~1.65-2.7 in steps after the transition.
+        range_factor: Also wait until training reaches ``range_factor`` times the transition's
+            end (so ``min_change`` is measured against a range that includes what followed); at
+            the end of training every settled transition is flagged without that wait.
         match_tolerance: Two transitions of the same metric whose steps differ by at most this in
             log step (or whose ``[start, end]`` overlap) are the same transition.
         detector_kwargs: Keyword arguments for :func:`detect_transitions` (e.g. ``min_change``;
@@ -64,6 +67,7 @@ class TransitionCallback(pl.Callback):
         min_points: int = 30,
         settle_points: int = 8,
         settle_log: float = 0.5,
+        range_factor: float = 4.0,
         match_tolerance: float = math.log(1.5),
         detector_kwargs: Mapping[str, Any] | None = None,
     ):
@@ -74,7 +78,8 @@ class TransitionCallback(pl.Callback):
         if sample_schedule is not None and not isinstance(sample_schedule, Schedule):
             raise InvalidInputError(f"sample_schedule must be a Schedule, got {type(sample_schedule).__name__}")
         self.tracker = TransitionTracker(min_points=min_points, settle_points=settle_points,
-                                         settle_log=settle_log, match_tolerance=match_tolerance,
+                                         settle_log=settle_log, range_factor=range_factor,
+                                         match_tolerance=match_tolerance,
                                          detector_kwargs=detector_kwargs)
         self.metrics = list(metrics)
         self.sample_schedule = sample_schedule or log_spaced(200)
@@ -116,18 +121,19 @@ class TransitionCallback(pl.Callback):
             self.check(trainer)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.check(trainer)
+        self.check(trainer, final=True)
 
     # --- logic (all of it in the tracker) ---------------------------------------------------
-    def check(self, trainer: pl.Trainer) -> list[Transition]:
-        """Analyse every watched curve now; flag and return the new transitions."""
+    def check(self, trainer: pl.Trainer, *, final: bool = False) -> list[Transition]:
+        """Analyse every watched curve now; flag and return the new transitions (``final``: the
+        last check of the run, see ``range_factor``)."""
         new: list[Transition] = []
         history = _logging.metric_history(trainer)
         for name in self.metrics:
             series = history.get(name, [])
             steps = [s for s, _ in series]
             values = [v for _, v in series]
-            for t in self.tracker.update(name, steps, values, _stderr_for(history, name, steps)):
+            for t in self.tracker.update(name, steps, values, _stderr_for(history, name, steps), final=final):
                 new.append(t)
                 self._flag(trainer, t)
         return new

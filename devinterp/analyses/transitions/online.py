@@ -31,17 +31,24 @@ class TransitionTracker:
             (``window_end``) or, if earlier, the transition's end (90% point) times
             ``exp(settle_log)`` (default 0.5: a factor 1.65 in steps). A flag therefore comes a
             factor ~1.65-2.7 in steps after the transition's end.
+        range_factor: Before the final check, a transition is also held back until the curve
+            has been followed to ``range_factor`` times the transition's end (in steps), so the
+            range that ``min_change`` is measured against includes what came after it (an early,
+            small move is not flagged just because nothing larger had happened yet). The final
+            check (``final=True``, at the end of training) does not wait: the range is then the
+            whole curve's, as post hoc. 1 disables the wait.
         match_tolerance: Two transitions of the same metric and direction whose steps differ by at
             most this in log step (or whose ``[start, end]`` overlap) are the same transition.
         detector_kwargs: Keyword arguments for :func:`detect_transitions` (``min_change`` etc.).
     """
 
     def __init__(self, *, min_points: int = 30, settle_points: int = 8, settle_log: float = 0.5,
-                 match_tolerance: float = math.log(1.5), detector_kwargs: Mapping[str, Any] | None = None):
-        if min_points < 6 or settle_points < 0 or settle_log < 0 or match_tolerance < 0:
+                 range_factor: float = 4.0, match_tolerance: float = math.log(1.5), detector_kwargs: Mapping[str, Any] | None = None):
+        if min_points < 6 or settle_points < 0 or settle_log < 0 or match_tolerance < 0 or range_factor < 1:
             raise InvalidInputError(
-                f"need min_points >= 6, settle_points >= 0, settle_log >= 0, match_tolerance >= 0; got "
-                f"{min_points}, {settle_points}, {settle_log}, {match_tolerance}"
+                f"need min_points >= 6, settle_points >= 0, settle_log >= 0, match_tolerance >= 0, "
+                f"range_factor >= 1; got {min_points}, {settle_points}, {settle_log}, {match_tolerance}, "
+                f"{range_factor}"
             )
         kwargs = dict(detector_kwargs or {})
         if "metric" in kwargs:
@@ -49,15 +56,17 @@ class TransitionTracker:
         self.min_points = int(min_points)
         self.settle_points = int(settle_points)
         self.settle_log = float(settle_log)
+        self.range_factor = float(range_factor)
         self.match_tolerance = float(match_tolerance)
         self.detector_kwargs = kwargs
         self.transitions: list[Transition] = []
 
     def update(self, metric: str, steps: Sequence[float], values: Sequence[float],
-               stderr: Sequence[float] | None = None) -> list[Transition]:
+               stderr: Sequence[float] | None = None, *, final: bool = False) -> list[Transition]:
         """Analyse ``metric``'s curve so far; return (and remember) the transitions flagged now.
 
         A curve shorter than ``min_points`` or that the detector rejects yields nothing.
+        ``final=True`` marks the last check (the curve is complete; see ``range_factor``).
         """
         if len(steps) < self.min_points:
             return []
@@ -69,7 +78,8 @@ class TransitionTracker:
         settled_before = ordered[-self.settle_points - 1] if self.settle_points else ordered[-1]
         new = []
         for t in found:
-            if self.settles_at(t) <= settled_before and not self.seen(t):
+            waited = final or (ordered[-1] + 1.0) >= self.range_factor * (t.end + 1.0)
+            if waited and self.settles_at(t) <= settled_before and not self.seen(t):
                 self.transitions.append(t)
                 new.append(t)
         return new
@@ -104,7 +114,7 @@ def replay(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], check_steps: Seq
     Args:
         curves: ``{metric: (steps, values)}`` (what the callback's history held at the end).
         check_steps: The steps at which the callback checked (e.g. every ``check_every`` steps and
-            the last step).
+            the last step, which is the final check).
         tracker: The tracker to use (default: a new one with default settings).
 
     Returns:
@@ -112,11 +122,12 @@ def replay(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], check_steps: Seq
     """
     tracker = tracker or TransitionTracker()
     flags: list[Transition] = []
-    for step in sorted(check_steps):
+    checks = sorted(check_steps)
+    for k, step in enumerate(checks):
         for metric, (s, v) in curves.items():
             s, v = np.asarray(s), np.asarray(v, dtype=float)
             keep = (s <= step) & np.isfinite(v)
-            flags += tracker.update(metric, s[keep], v[keep])
+            flags += tracker.update(metric, s[keep], v[keep], final=k == len(checks) - 1)
     return flags
 
 
