@@ -62,6 +62,7 @@ class HeadRuns:
     """
 
     def __init__(self, logdir: str | Path, filename_suffix: str = ""):
+        self.logdir = str(logdir)
         self.root = Path(logdir) / HEADS_DIR
         self.filename_suffix = filename_suffix
         self._writers: dict = {}

@@ -16,10 +16,11 @@ import torch
 from torch import Tensor, nn
 
 from devinterp.analyses.circuits import icl_score, induction_scores
-from devinterp.callbacks._logging import log_scalars
+from devinterp.callbacks._logging import log_scalars, tensorboard_writer
 from devinterp.callbacks._trainer import resolve_schedule
 from devinterp.errors import InvalidInputError
 from devinterp.schedules import Schedule, log_spaced
+from devinterp.tensorboard import HeadRuns
 
 __all__ = ["CircuitCallback"]
 
@@ -80,6 +81,7 @@ class CircuitCallback(pl.Callback):
         self.model_attr = model_attr
         self._resolved: Schedule | None = None
         self._last_step: int | None = None
+        self._head_runs: HeadRuns | None = None
 
     # -- Lightning hooks ----------------------------------------------------------------------
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -129,4 +131,20 @@ class CircuitCallback(pl.Callback):
                     device=pl_module.device,
                 )
         log_scalars(trainer, values, step)
+        self._log_head_runs(trainer, values, step)
         self._last_step = step
+
+    def _log_head_runs(self, trainer: pl.Trainer, values: dict[str, float], step: int) -> None:
+        """Every per-head tag again in its head's own TensorBoard run (one colour per head)."""
+        writer = tensorboard_writer(trainer)
+        if writer is None:
+            return
+        if self._head_runs is None or self._head_runs.logdir != writer.log_dir:
+            self._head_runs = HeadRuns(writer.log_dir)
+        self._head_runs.add(values, step)
+        self._head_runs.flush()
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._head_runs is not None:
+            self._head_runs.close()
+            self._head_runs = None

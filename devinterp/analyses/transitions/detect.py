@@ -39,7 +39,7 @@ from devinterp.errors import InvalidInputError
 METHOD = "local-sigmoid-vs-polynomial"
 _SPAN_10_90 = 2.0 * math.log(9.0)  # 10%-90% span of a logistic of unit width
 MAX_WIDTH = 0.4  # widest sigmoid scanned (log-step units); slower changes are drift
-WINDOW_WIDTHS = 5.0  # fitting window half-width >= this many sigmoid widths
+WINDOW_WIDTHS = 6.0  # fitting window half-width >= this many sigmoid widths
 MIN_CHANGE = 0.1  # smallest |amplitude| reported, as a fraction of the curve's range
 _DRIFT_WIDTH = 2.0  # a refined width above max_width (up to this factor) marks drift
 _COMPLETE = 2.5  # the window must hold c +- 2.5 w (8%..92% of the change): no edge extrapolation
@@ -304,7 +304,7 @@ def detect_transitions(
         window: Smallest half-width of the fitting window around each candidate centre, in log-step
             units (default 1.0: a factor e each way), widened to ``min_window_points``.
         window_widths: The window's half-width is at least this many sigmoid widths, so a broad
-            transition has baseline on both sides of it (default 5).
+            transition has baseline on both sides of it (default 6).
         min_window_points: Minimum points on each side of a centre in its window.
         min_side_points: Minimum points on each side of a centre in the whole curve (lowered to
             ``n // 3`` for curves shorter than ``3 * min_side_points``, at least 3).
@@ -442,6 +442,9 @@ def _detect(series: Series, *, baseline_degree, window, window_widths, min_windo
             c, w = cand.c, cand.w
         if c - _COMPLETE * w < x[lo] or c + _COMPLETE * w > x[hi - 1]:
             c, w = cand.c, cand.w
+        if not x[lo] + _COMPLETE * w <= c <= x[hi - 1] - _COMPLETE * w:  # not inside its own window
+            excluded.append((cand.c, cand.w, _gap_at(x, cand.c)))
+            continue
         amp, dev, fitted = _evidence(x[lo:hi], y[lo:hi], sigma[lo:hi], c, w, baseline_degree, huber_k)
         noise_c = float(np.interp(c, x, sigma))
         mag = abs(amp) / noise_c

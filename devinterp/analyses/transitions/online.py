@@ -107,12 +107,13 @@ class TransitionTracker:
         self.transitions = [Transition(**d) for d in state.get("transitions", [])]
 
 
-def replay(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], check_steps: Sequence[int],
+def replay(curves: Mapping[str, tuple], check_steps: Sequence[int],
            tracker: TransitionTracker | None = None) -> list[Transition]:
     """Run a tracker over recorded curves as the callback would have during training.
 
     Args:
-        curves: ``{metric: (steps, values)}`` (what the callback's history held at the end).
+        curves: ``{metric: (steps, values)}`` or ``(steps, values, stderr)`` (what the callback's
+            history held at the end; the callback uses ``llc/stderr`` for ``llc/mean``).
         check_steps: The steps at which the callback checked (e.g. every ``check_every`` steps and
             the last step, which is the final check).
         tracker: The tracker to use (default: a new one with default settings).
@@ -124,10 +125,12 @@ def replay(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], check_steps: Seq
     flags: list[Transition] = []
     checks = sorted(check_steps)
     for k, step in enumerate(checks):
-        for metric, (s, v) in curves.items():
-            s, v = np.asarray(s), np.asarray(v, dtype=float)
+        for metric, curve in curves.items():
+            s, v = np.asarray(curve[0]), np.asarray(curve[1], dtype=float)
+            e = np.asarray(curve[2], dtype=float) if len(curve) > 2 and curve[2] is not None else None
             keep = (s <= step) & np.isfinite(v)
-            flags += tracker.update(metric, s[keep], v[keep], final=k == len(checks) - 1)
+            flags += tracker.update(metric, s[keep], v[keep], None if e is None else e[keep],
+                                    final=k == len(checks) - 1)
     return flags
 
 
