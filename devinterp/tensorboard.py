@@ -15,18 +15,104 @@ back into curves. The tags:
 ``ov_copying/L{l}H{h}``   copying score of the head's OV circuit (eigenvalues)
 ``qk_previous_token/L{l}H{h}``  previous-token attention of the positional QK circuit
 ``transitions/flag``      1 at each flagged transition step
+``transitions/marker/<metric>``  a spike at each flag of ``<metric>``, from the curve's minimum
+                          to its maximum (so it is visible on the curve's own chart)
 ``transitions`` (text)    one line per flagged transition, with its evidence
 ========================  =========================================================
+
+Per-head curves (any tag ``<family>/L{l}H{h}`` or ``<family>/L{l}H{h}->L{l'}H{h'}``) are also
+written as one TensorBoard *run per head* (``<logdir>/heads/<head>``, tag ``by_head/<family>``),
+as ``SummaryWriter.add_scalars`` does, so a chart of a family draws every head in its own colour.
+:func:`read_scalars` skips those runs (the main run keeps the ``<family>/<head>`` tags).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 
 LLC_BAND_TAGS = ("llc/mean", "llc/lower", "llc/upper")
+FLAG_TAG = "transitions/flag"
+TEXT_TAG = "transitions"
+MARKER_PREFIX = "transitions/marker/"
+HEADS_DIR = "heads"
+BY_HEAD_PREFIX = "by_head/"
+#: ``<family>/<head>`` with a head ``L{l}H{h}`` or a pair ``L{l}H{h}->L{l'}H{h'}``.
+HEAD_TAG = re.compile(r"^(?P<family>.+)/(?P<head>L\d+H\d+(?:->L\d+H\d+)?)$")
+
+
+def head_run(tag: str) -> tuple[str, str] | None:
+    """``(run, tag)`` under which a per-head tag is also written, or None for other tags.
+
+    ``induction/L1H0`` -> ``("L1H0", "by_head/induction")``;
+    ``composition/K/L0H0->L1H1`` -> ``("L0H0-to-L1H1", "by_head/composition/K")``.
+    """
+    m = HEAD_TAG.match(tag)
+    if m is None:
+        return None
+    return m["head"].replace("->", "-to-"), BY_HEAD_PREFIX + m["family"]
+
+
+class HeadRuns:
+    """One ``SummaryWriter`` per head under ``<logdir>/heads/<head>`` (created on first use).
+
+    Args:
+        logdir: The run's TensorBoard folder.
+        filename_suffix: Suffix of the event files (lets a writer find and replace its own files).
+    """
+
+    def __init__(self, logdir: str | Path, filename_suffix: str = ""):
+        self.logdir = str(logdir)
+        self.root = Path(logdir) / HEADS_DIR
+        self.filename_suffix = filename_suffix
+        self._writers: dict = {}
+
+    def add(self, scalars: Mapping[str, float], step: int) -> int:
+        """Write every per-head tag of ``scalars`` to its head's run; returns how many were."""
+        count = 0
+        for tag, value in scalars.items():
+            where = head_run(tag)
+            if where is None:
+                continue
+            run, family_tag = where
+            writer = self._writers.get(run)
+            if writer is None:
+                from torch.utils.tensorboard import SummaryWriter
+
+                writer = SummaryWriter(str(self.root / run), filename_suffix=self.filename_suffix)
+                self._writers[run] = writer
+            writer.add_scalar(family_tag, float(value), int(step))
+            count += 1
+        return count
+
+    def flush(self) -> None:
+        for w in self._writers.values():
+            w.flush()
+
+    def close(self) -> None:
+        for w in self._writers.values():
+            w.close()
+        self._writers.clear()
+
+
+def marker_points(step: float, values: Sequence[float]) -> list[tuple[int, float]]:
+    """A visible marker for a flag at ``step`` on a curve with ``values``: a spike from the
+    curve's minimum (one step before and after) to its maximum (at the step)."""
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v)]
+    lo, hi = (float(v.min()), float(v.max())) if v.size else (0.0, 1.0)
+    s = int(round(float(step)))
+    return [(max(s - 1, 0), lo), (s, hi), (s + 1, lo)]
+
+
+def log_flag(writer, transition, values: Sequence[float]) -> None:
+    """Write ``transition``'s marker (:func:`marker_points`) under ``transitions/marker/<metric>``."""
+    metric = getattr(transition, "metric", None) or "unnamed"
+    for s, v in marker_points(transition.step, values):
+        writer.add_scalar(MARKER_PREFIX + metric, v, s)
 
 
 def llc_band(scalars: Mapping[str, float]) -> dict[str, float]:
@@ -39,21 +125,34 @@ def llc_band(scalars: Mapping[str, float]) -> dict[str, float]:
 
 
 def custom_scalars_layout() -> dict:
-    """The devinterp custom-scalars layout (Multiline entries are regular expressions over tags).
+    """The devinterp custom-scalars layout (Multiline entries are regular expressions over tags,
+    searched, so they are anchored here).
 
-    - *LLC*: a margin chart of ``llc/mean`` with its ``mean -/+ stderr`` band;
-    - *Circuits*: every head's induction score on one chart, every previous-token score on another;
-    - *Loss and transitions*: ``loss/train`` with the ``transitions/flag`` markers.
+    - *LLC*: a margin chart of ``llc/mean`` with its ``mean -/+ stderr`` band, and the LLC with its
+      transition markers;
+    - *Circuits*: every head's induction score on one chart, every previous-token score on another,
+      one run (one colour) per head, with the heads' transition markers;
+    - *Loss*, *ICL score*: each curve with its own transition markers (spikes over its range);
+    - *Transition flags*: ``transitions/flag`` (1 at every flagged step, any metric).
     """
+    def marked(tag: str) -> list[str]:
+        return [f"^{re.escape(tag)}$", f"^{re.escape(MARKER_PREFIX + tag)}$"]
+
     return {
         "devinterp": {
             "LLC (mean ± stderr)": ["Margin", list(LLC_BAND_TAGS)],
-            "Induction score, all heads": ["Multiline", [r"induction/.*"]],
-            "Previous-token score, all heads": ["Multiline", [r"previous_token/.*"]],
-            "Loss with transition markers": ["Multiline", [r"loss/train", r"transitions/flag"]],
-            "In-context-learning score": ["Multiline", [r"icl_score"]],
-            "K-composition, all head pairs": ["Multiline", [r"composition/K/.*"]],
-            "OV copying, all heads": ["Multiline", [r"ov_copying/.*"]],
+            "LLC with transition markers": ["Multiline", marked("llc/mean")],
+            "Induction score, one run per head": [
+                "Multiline", [r"^by_head/induction$", rf"^{MARKER_PREFIX}induction/"]],
+            "Previous-token score, one run per head": [
+                "Multiline", [r"^by_head/previous_token$", rf"^{MARKER_PREFIX}previous_token/"]],
+            "Loss with transition markers": ["Multiline", marked("loss/train")],
+            "In-context-learning score with transition markers": ["Multiline", marked("icl_score")],
+            "Transition flags (1 at each flagged step)": ["Multiline", [f"^{FLAG_TAG}$"]],
+            "K-composition, one run per head pair": [
+                "Multiline", [r"^by_head/composition/K$", rf"^{MARKER_PREFIX}composition/K/"]],
+            "OV copying, one run per head": [
+                "Multiline", [r"^by_head/ov_copying$", rf"^{MARKER_PREFIX}ov_copying/"]],
         }
     }
 
@@ -66,6 +165,9 @@ def write_layout(writer) -> None:
 def read_scalars(logdir: str | Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Read every scalar series under ``logdir`` (all runs merged, last write of a step wins).
 
+    Per-head runs (under ``heads/``) are skipped: their curves are the main run's
+    ``<family>/<head>`` tags.
+
     Returns:
         ``{tag: (steps, values)}`` with steps sorted ascending.
     """
@@ -73,6 +175,8 @@ def read_scalars(logdir: str | Path) -> dict[str, tuple[np.ndarray, np.ndarray]]
 
     merged: dict[str, dict[int, float]] = {}
     for events in sorted(Path(logdir).rglob("events.out.tfevents.*")):
+        if HEADS_DIR in events.relative_to(logdir).parts[:-1]:
+            continue  # per-head runs repeat the main run's <family>/<head> tags
         acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
         acc.Reload()
         for tag in acc.Tags().get("scalars", []):

@@ -115,6 +115,57 @@ def test_induction_formation_is_flagged_within_factor_1_5_of_half_crossing(demo)
     assert any(round(s) in flag_steps for _, _, s in near)
 
 
+def test_no_negligible_flags_and_every_formation_flagged(demo):
+    """Issue 14 on the real run: every flag's curve moves >= 10% of its range across the flag's
+    [start, end] (between the samples bracketing it), and every head that became an induction
+    head (final score > 0.5) has its rise flagged within x1.5 of its half-way step."""
+    from devinterp.analyses.transitions import Transition, relative_move
+
+    scalars = demo["scalars"]
+    flags = json.loads((demo["out"] / "summary.json").read_text())["transitions"]
+    assert flags
+    for f in flags:
+        t = Transition(**{k: f[k] for k in ("step", "start", "end", "direction", "kind", "magnitude",
+                                            "confidence", "method")}, metric=f["metric"])
+        move = relative_move(*scalars[f["metric"]], t)
+        assert move >= 0.1, f"{f['metric']} flag at {f['step']} moves only {move:.3f} of its range"
+    for h in HEADS:
+        steps, score = scalars[f"induction/{h}"]
+        if score[-1] <= 0.5:
+            continue
+        t_half = half_crossing(steps, score)
+        near = [f for f in flags if f["metric"] == f"induction/{h}" and f["direction"] == "rise"
+                and t_half / 1.5 <= f["step"] <= t_half * 1.5]
+        assert near, f"induction/{h}: no rise flag within x1.5 of {t_half}; flags {flags}"
+
+
+def test_tensorboard_markers_and_per_head_runs(demo):
+    """Each flag has a visible marker on its curve's chart, and each head is its own run."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    scalars = demo["scalars"]
+    flags = json.loads((demo["out"] / "summary.json").read_text())["transitions"]
+    for f in flags:
+        steps, values = scalars[f"transitions/marker/{f['metric']}"]
+        curve = scalars[f["metric"]][1]
+        s = round(f["step"])
+        assert s in steps.tolist()
+        i = steps.tolist().index(s)
+        lo, hi = curve[np.isfinite(curve)].min(), curve[np.isfinite(curve)].max()
+        # a spike from the curve's minimum to its maximum (so far, when flagged online)
+        assert lo - 1e-6 <= values[i - 1] < values[i] <= hi + 1e-6
+        assert values[i + 1] == values[i - 1]
+    runs = sorted(p.name for p in (demo["logdir"] / "heads").iterdir())
+    assert runs == HEADS
+    for h in HEADS:
+        (events,) = (demo["logdir"] / "heads" / h).glob("events.out.tfevents.*")
+        acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
+        acc.Reload()
+        assert {"by_head/induction", "by_head/previous_token"} <= set(acc.Tags()["scalars"])
+        got = [e.value for e in acc.Scalars("by_head/induction")]
+        assert got == pytest.approx(scalars[f"induction/{h}"][1].tolist())
+
+
 def test_summary_files_exist_and_agree_with_tensorboard(demo):
     out, scalars = demo["out"], demo["scalars"]
     png = out / "summary.png"

@@ -26,6 +26,7 @@ import numpy as np
 from scipy.special import expit
 
 DRIFTS = ("power", "linear", "quadratic", "broad_tanh")
+NOISES = ("gaussian", "student_t", "laplace")
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,11 @@ def log_steps(rng: np.random.Generator, n_points: int, start: float, stop: float
     return steps
 
 
+def max_transitions_for(n_points: int) -> int:
+    """How many transitions a curve of ``n_points`` can hold with enough points around each."""
+    return 0 if n_points < 10 else 1 if n_points < 30 else 2 if n_points < 80 else 3
+
+
 def synthetic_curve(
     rng: np.random.Generator,
     *,
@@ -76,14 +82,21 @@ def synthetic_curve(
     drift: str | None = None,
     drift_max: float = 40.0,
     amplitude_range: tuple[float, float] = (6.0, 14.0),
-    width_range: tuple[float, float] = (0.01, 0.3),
+    width_range: tuple[float, float] = (0.02, 0.3),
     min_edge_points: int = 6,
 ) -> SyntheticCurve:
-    """Draw one curve (see the module docstring). Same generator state, same curve."""
-    if noise not in ("gaussian", "student_t"):
-        raise ValueError(f"noise must be 'gaussian' or 'student_t', got {noise!r}")
-    if n_transitions not in (0, 1, 2):
-        raise ValueError(f"n_transitions must be 0, 1 or 2, got {n_transitions}")
+    """Draw one curve (see the module docstring). Same generator state, same curve.
+
+    ``n_transitions`` is capped by :func:`max_transitions_for` (short curves hold fewer); at most
+    ``n_points // 3`` points (and ``min_edge_points``) lie before the first and after the last midpoint.
+    """
+    if noise not in NOISES:
+        raise ValueError(f"noise must be one of {NOISES}, got {noise!r}")
+    if not 0 <= n_transitions <= 3:
+        raise ValueError(f"n_transitions must be in 0..3, got {n_transitions}")
+    if n_points < 10:
+        raise ValueError(f"n_points must be >= 10, got {n_points}")
+    n_transitions = min(n_transitions, max_transitions_for(n_points))
     stop = 10 ** rng.uniform(3.5, 5.5)
     steps = log_steps(rng, n_points, 10.0, stop)
     x = np.log(steps + 1.0)
@@ -105,21 +118,28 @@ def synthetic_curve(
     else:
         raise ValueError(f"drift must be one of {DRIFTS}, got {drift!r}")
     widths = np.exp(rng.uniform(math.log(width_range[0]), math.log(width_range[1]), n_transitions))
-    lo_x = max(x0 + 0.15 * span, x[min_edge_points])
-    hi_x = min(x1 - 0.15 * span, x[-min_edge_points - 1])
+    edge = min(min_edge_points, n_points // 3)
+    lo_x = max(x0 + 0.15 * span, x[edge])
+    hi_x = min(x1 - 0.15 * span, x[-edge - 1])
     centers: list[float] = []
     for _ in range(1000):
         centers = sorted(rng.uniform(lo_x, hi_x, n_transitions).tolist())
-        if n_transitions < 2 or centers[1] - centers[0] >= max(0.2 * span, 6 * widths.max()):
+        gaps = np.diff(centers)
+        need = max(0.15 * span, 6 * float(widths.max())) if n_transitions else 0.0
+        if n_transitions < 2 or gaps.min() >= need:
             break
+    else:
+        raise ValueError(f"cannot place {n_transitions} transitions {need:.2f} apart on this grid")
     amps = rng.uniform(*amplitude_range, n_transitions) * rng.choice([-1.0, 1.0], n_transitions)
     y = base.copy()
     for c, w, a in zip(centers, widths, amps, strict=True):
         y += a * expit((x - c) / w)
     if noise == "gaussian":
         eps = rng.standard_normal(n_points)
-    else:
+    elif noise == "student_t":
         eps = rng.standard_t(df, n_points) / math.sqrt(df / (df - 2))
+    else:  # laplace, unit sd
+        eps = rng.laplace(0.0, 1.0 / math.sqrt(2.0), n_points)
     y += eps
     scale, shift = 10 ** rng.uniform(-2, 2), rng.normal(0, 5)
     return SyntheticCurve(
@@ -130,15 +150,18 @@ def synthetic_curve(
     )
 
 
-def curve_suite(seed: int, n_curves: int, *, min_points: int = 20, max_points: int = 2000,
-                noises: tuple[str, ...] = ("gaussian", "student_t")) -> list[SyntheticCurve]:
-    """``n_curves`` curves: point counts log-uniform in ``[min_points, max_points]``, noise types and
-    transition counts 0/1/2 cycled evenly."""
+def curve_suite(seed: int, n_curves: int, *, min_points: int = 10, max_points: int = 2000,
+                noises: tuple[str, ...] = NOISES, max_transitions: int = 3) -> list[SyntheticCurve]:
+    """``n_curves`` curves: point counts log-uniform in ``[min_points, max_points]``, noise kinds and
+    transition counts ``0..max_transitions`` cycled evenly (a count is capped by the curve's
+    length: :func:`max_transitions_for`)."""
     rng = np.random.default_rng(seed)
     out = []
+    k = max_transitions + 1
     for i in range(n_curves):
         n = int(round(math.exp(rng.uniform(math.log(min_points), math.log(max_points)))))
-        out.append(synthetic_curve(rng, n_points=n, n_transitions=i % 3, noise=noises[(i // 3) % len(noises)]))
+        out.append(synthetic_curve(rng, n_points=n, n_transitions=i % k,
+                                   noise=noises[(i // k) % len(noises)]))
     return out
 
 
@@ -172,8 +195,9 @@ def hit_tolerance(width: float) -> float:
     return math.log(1.5) + width
 
 
-def match(curve: SyntheticCurve, flagged_steps) -> tuple[int, int, int]:
-    """Greedy one-to-one matching (closest first): ``(tp, fp, fn)`` for one curve."""
+def match_detail(curve: SyntheticCurve, flagged_steps) -> tuple[tuple[bool, ...], int]:
+    """Greedy one-to-one matching (closest first): which true transitions were hit, and the number
+    of flags that hit none (false flags)."""
     flags = [math.log(s + 1.0) for s in flagged_steps]
     truth = [math.log(m + 1.0) for m in curve.midpoints]
     pairs = sorted(
@@ -185,8 +209,14 @@ def match(curve: SyntheticCurve, flagged_steps) -> tuple[int, int, int]:
         if i not in used_f and j not in used_t:
             used_f.add(i)
             used_t.add(j)
-    tp = len(used_t)
-    return tp, len(flags) - tp, len(truth) - tp
+    return tuple(j in used_t for j in range(len(truth))), len(flags) - len(used_f)
+
+
+def match(curve: SyntheticCurve, flagged_steps) -> tuple[int, int, int]:
+    """Greedy one-to-one matching (closest first): ``(tp, fp, fn)`` for one curve."""
+    hits, fp = match_detail(curve, flagged_steps)
+    tp = sum(hits)
+    return tp, fp, len(hits) - tp
 
 
 def score(curves, flagged) -> Score:

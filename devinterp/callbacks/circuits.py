@@ -21,9 +21,10 @@ from torch import Tensor, nn
 from devinterp.analyses.circuits import check_scoring_inputs, icl_score, induction_scores
 from devinterp.analyses.composition import weight_scalars
 from devinterp.callbacks._gate import StepGate
-from devinterp.callbacks._logging import log_scalars
+from devinterp.callbacks._logging import log_scalars, tensorboard_writer
 from devinterp.errors import InvalidInputError
 from devinterp.schedules import Schedule, log_spaced
+from devinterp.tensorboard import HeadRuns
 
 __all__ = ["CircuitCallback"]
 
@@ -100,6 +101,7 @@ class CircuitCallback(pl.Callback):
         self.model_attr = model_attr
         self._gate = StepGate(self.schedule, owner="CircuitCallback")
         self.attention = attention
+        self._head_runs: HeadRuns | None = None
 
     # -- Lightning hooks ----------------------------------------------------------------------
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -153,3 +155,19 @@ class CircuitCallback(pl.Callback):
                 )
             values.update(weight_scalars(model, self.weights, self.weight_kinds))
         log_scalars(trainer, values, step)
+        self._log_head_runs(trainer, values, step)
+
+    def _log_head_runs(self, trainer: pl.Trainer, values: dict[str, float], step: int) -> None:
+        """Every per-head tag again in its head's own TensorBoard run (one colour per head)."""
+        writer = tensorboard_writer(trainer)
+        if writer is None:
+            return
+        if self._head_runs is None or self._head_runs.logdir != writer.log_dir:
+            self._head_runs = HeadRuns(writer.log_dir)
+        self._head_runs.add(values, step)
+        self._head_runs.flush()
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._head_runs is not None:
+            self._head_runs.close()
+            self._head_runs = None

@@ -9,27 +9,31 @@ A thin adapter over :func:`devinterp.analyses.detect_transitions`:
 - every ``check_every`` steps (and at the end of training) each curve with at least ``min_points``
   points is analysed; a transition not seen before (same metric and direction, overlapping ``[start, end]`` or a
   step within ``match_tolerance`` in log step) is flagged once: a text line under the TensorBoard tag
-  ``transitions`` and a point ``transitions/flag = 1`` at the transition's step. No zeros are
-  logged between flags: the marker series holds only the flagged steps.
+  ``transitions``, a point ``transitions/flag = 1`` at the transition's step (no zeros in
+  between) and a marker ``transitions/marker/<metric>``: a spike over the curve's range at the
+  step, drawn on the curve's own chart (see :mod:`devinterp.tensorboard`).
+
+The flagging logic (when a transition has settled, whether it was flagged before) is
+:class:`devinterp.analyses.transitions.TransitionTracker`, which replays a recorded run exactly.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict
 from typing import Any
 
 import lightning.pytorch as pl
 
-from devinterp.analyses.transitions import Transition, detect_transitions
+from devinterp.analyses.transitions import Transition
+from devinterp.analyses.transitions.online import TransitionTracker
 from devinterp.callbacks import _logging
 from devinterp.callbacks._trainer import resolve_schedule
 from devinterp.errors import InvalidInputError
 from devinterp.schedules import Schedule, log_spaced
+from devinterp.tensorboard import FLAG_TAG, TEXT_TAG, log_flag
 
-FLAG_TAG = "transitions/flag"
-TEXT_TAG = "transitions"
+__all__ = ["FLAG_TAG", "TEXT_TAG", "TransitionCallback"]
 
 
 class TransitionCallback(pl.Callback):
@@ -41,13 +45,17 @@ class TransitionCallback(pl.Callback):
             ``log_spaced(200)`` resolved against the run's total steps.
         check_every: Run the detector every this many optimizer steps (and at train end).
         min_points: Minimum points in a curve before it is analysed.
-        settle_points: A transition is flagged only once this many points follow its fitting window
-            (``window_end``), so a change still under way at the end of the data, which the local
-            baseline can mistake for its opposite, is never flagged half-seen. The price is a delay:
-            a flag comes once training is about a factor ``e`` (the window) past the transition.
+        settle_points, settle_log: When a transition has settled enough to be flagged (see
+            :class:`~devinterp.analyses.transitions.TransitionTracker`): ``settle_points`` samples
+            after the earlier of its fitting window's end and its 90% point times
+            ``exp(settle_log)``; a flag comes a factor ~1.65-2.7 in steps after the transition.
+        range_factor: Also wait until training reaches ``range_factor`` times the transition's
+            end (so ``min_change`` is measured against a range that includes what followed); at
+            the end of training every settled transition is flagged without that wait.
         match_tolerance: Two transitions of the same metric whose steps differ by at most this in
             log step (or whose ``[start, end]`` overlap) are the same transition.
-        detector_kwargs: Keyword arguments for :func:`detect_transitions`.
+        detector_kwargs: Keyword arguments for :func:`detect_transitions` (e.g. ``min_change``;
+            the defaults are those of the post-hoc analysis).
     """
 
     def __init__(
@@ -58,33 +66,35 @@ class TransitionCallback(pl.Callback):
         check_every: int = 50,
         min_points: int = 30,
         settle_points: int = 8,
+        settle_log: float = 0.5,
+        range_factor: float = 4.0,
         match_tolerance: float = math.log(1.5),
         detector_kwargs: Mapping[str, Any] | None = None,
     ):
         if isinstance(metrics, str) or not metrics:
             raise InvalidInputError(f"metrics must be a non-empty list of names, got {metrics!r}")
-        if check_every <= 0 or min_points < 6 or match_tolerance < 0:
-            raise InvalidInputError(
-                f"need check_every > 0, min_points >= 6, match_tolerance >= 0; got {check_every}, "
-                f"{min_points}, {match_tolerance}"
-            )
+        if check_every <= 0:
+            raise InvalidInputError(f"check_every must be > 0, got {check_every}")
         if sample_schedule is not None and not isinstance(sample_schedule, Schedule):
             raise InvalidInputError(f"sample_schedule must be a Schedule, got {type(sample_schedule).__name__}")
-        kwargs = dict(detector_kwargs or {})
-        if "metric" in kwargs:
-            raise InvalidInputError("detector_kwargs must not set 'metric' (the callback names the curves)")
+        self.tracker = TransitionTracker(min_points=min_points, settle_points=settle_points,
+                                         settle_log=settle_log, range_factor=range_factor,
+                                         match_tolerance=match_tolerance,
+                                         detector_kwargs=detector_kwargs)
         self.metrics = list(metrics)
         self.sample_schedule = sample_schedule or log_spaced(200)
         self.check_every = int(check_every)
-        self.min_points = int(min_points)
-        if settle_points < 0:
-            raise InvalidInputError(f"settle_points must be >= 0, got {settle_points}")
-        self.settle_points = int(settle_points)
-        self.match_tolerance = float(match_tolerance)
-        self.detector_kwargs = kwargs
-        self.transitions: list[Transition] = []
+        self.min_points = self.tracker.min_points
+        self.settle_points = self.tracker.settle_points
+        self.match_tolerance = self.tracker.match_tolerance
+        self.detector_kwargs = self.tracker.detector_kwargs
         self._sampled: dict[str, list[tuple[int, float]]] = {}
         self._schedule: Schedule | None = None
+
+    @property
+    def transitions(self) -> list[Transition]:
+        """Every transition flagged so far, in the order flagged."""
+        return self.tracker.transitions
 
     # --- hooks ------------------------------------------------------------------------------
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -111,55 +121,50 @@ class TransitionCallback(pl.Callback):
             self.check(trainer)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.check(trainer)
+        self.check(trainer, final=True)
 
-    # --- logic ------------------------------------------------------------------------------
-    def check(self, trainer: pl.Trainer) -> list[Transition]:
-        """Analyse every watched curve now; flag and return the new transitions."""
+    # --- logic (all of it in the tracker) ---------------------------------------------------
+    def check(self, trainer: pl.Trainer, *, final: bool = False) -> list[Transition]:
+        """Analyse every watched curve now; flag and return the new transitions (``final``: the
+        last check of the run, see ``range_factor``)."""
         new: list[Transition] = []
         history = _logging.metric_history(trainer)
         for name in self.metrics:
             series = history.get(name, [])
-            if len(series) < self.min_points:
-                continue
             steps = [s for s, _ in series]
             values = [v for _, v in series]
-            try:
-                found = detect_transitions(steps, values, metric=name, **self.detector_kwargs)
-            except InvalidInputError:
-                continue
-            settled_before = steps[-self.settle_points - 1] if self.settle_points else steps[-1]
-            for t in found:
-                if t.window_end <= settled_before and not self._seen(t):
-                    self.transitions.append(t)
-                    new.append(t)
-                    self._flag(trainer, t)
+            for t in self.tracker.update(name, steps, values, _stderr_for(history, name, steps), final=final):
+                new.append(t)
+                self._flag(trainer, t)
         return new
-
-    def _seen(self, t: Transition) -> bool:
-        lx = math.log1p(max(t.step, 0.0))
-        for old in self.transitions:
-            if old.metric != t.metric or old.direction != t.direction:
-                continue
-            if old.start <= t.end and t.start <= old.end:
-                return True
-            if abs(math.log1p(max(old.step, 0.0)) - lx) <= self.match_tolerance:
-                return True
-        return False
 
     def _flag(self, trainer: pl.Trainer, t: Transition) -> None:
         step = int(round(t.step))
         _logging.log_text(trainer, TEXT_TAG, t.describe(), step=step)
         _logging.log_scalars(trainer, {FLAG_TAG: 1.0}, step=step)
+        writer = _logging.tensorboard_writer(trainer)
+        if writer is not None:  # a spike over the curve's range so far, on the curve's own chart
+            log_flag(writer, t, [v for _, v in _logging.metric_history(trainer).get(t.metric, [])])
 
     # --- resume -----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {
-            "transitions": [asdict(t) for t in self.transitions],
+            **self.tracker.state_dict(),
             "sampled": {k: [list(p) for p in v] for k, v in self._sampled.items()},
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.transitions = [Transition(**d) for d in state_dict.get("transitions", [])]
+        self.tracker.load_state_dict(state_dict)
         self._sampled = {k: [(int(s), float(v)) for s, v in pts]
                          for k, pts in state_dict.get("sampled", {}).items()}
+
+
+def _stderr_for(history, name: str, steps: list[int]) -> list[float] | None:
+    """``llc/stderr`` at the same steps for an ``llc/mean`` curve (as post hoc), else None."""
+    if not name.endswith("/mean"):
+        return None
+    err = dict(history.get(name[: -len("mean")] + "stderr", []))
+    out = [err.get(s) for s in steps]
+    if not out or any(e is None or not math.isfinite(e) or e <= 0 for e in out):
+        return None
+    return [float(e) for e in out]

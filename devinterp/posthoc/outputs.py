@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from devinterp.report import transition_record
-from devinterp.tensorboard import llc_band, write_layout
+from devinterp.tensorboard import HEADS_DIR, HeadRuns, llc_band, log_flag, write_layout
 
 __all__ = [
     "Curves",
@@ -180,7 +180,11 @@ class TensorBoardOut:
         suffix = f".devinterp-posthoc-{tag}"
         for old in self.logdir.glob(f"events.out.tfevents.*{suffix}"):
             old.unlink()
+        for old in self.logdir.glob(f"{HEADS_DIR}/*/events.out.tfevents.*{suffix}"):
+            old.unlink()
         self.writer = SummaryWriter(str(self.logdir), filename_suffix=suffix)
+        self.heads = HeadRuns(self.logdir, filename_suffix=suffix)  # one run per head
+        self._curves: dict[str, list[float]] = {}
         write_layout(self.writer)
 
     def scalars(self, step: int, values: Mapping[str, float]) -> None:
@@ -188,20 +192,29 @@ class TensorBoardOut:
         values.update(llc_band(values))
         for tag, v in sorted(values.items()):
             self.writer.add_scalar(tag, float(v), int(step))
+            self._curves.setdefault(tag, []).append(float(v))
+        self.heads.add(values, int(step))
 
     def curves(self, curves: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> None:
         for tag, (steps, values) in sorted(curves.items()):
             for s, v in zip(steps.tolist(), values.tolist(), strict=True):
                 self.writer.add_scalar(tag, float(v), int(s))
+                self.heads.add({tag: float(v)}, int(s))
+            self._curves[tag] = [float(v) for v in values.tolist()]
 
     def transitions(self, transitions: Sequence) -> None:
         for t in transitions:
             step = int(round(float(t.step)))
             self.writer.add_scalar(FLAG_TAG, 1.0, step)
             self.writer.add_text(TEXT_TAG, _describe(t), step)
+            metric = getattr(t, "metric", None)
+            if metric in self._curves:  # a spike over the curve's range, on its own chart
+                log_flag(self.writer, t, self._curves[metric])
 
     def flush(self) -> None:
         self.writer.flush()
+        self.heads.flush()
 
     def close(self) -> None:
         self.writer.close()
+        self.heads.close()

@@ -22,17 +22,26 @@ removed from the curve and the scan repeats.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from scipy.optimize import minimize
 from scipy.special import expit
 
-from devinterp.analyses.transitions._series import Series, noise_scale, validate_series
+from devinterp.analyses.transitions._series import (
+    Series,
+    local_residuals,
+    noise_scale,
+    validate_series,
+)
 from devinterp.errors import InvalidInputError
 
 METHOD = "local-sigmoid-vs-polynomial"
 _SPAN_10_90 = 2.0 * math.log(9.0)  # 10%-90% span of a logistic of unit width
+MAX_WIDTH = 0.4  # widest sigmoid scanned (log-step units); slower changes are drift
+WINDOW_WIDTHS = 6.0  # fitting window half-width >= this many sigmoid widths
+MIN_CHANGE = 0.1  # smallest |amplitude| reported, as a fraction of the curve's range
+_DRIFT_WIDTH = 2.0  # a refined width above max_width (up to this factor) marks drift
 _COMPLETE = 2.5  # the window must hold c +- 2.5 w (8%..92% of the change): no edge extrapolation
 
 
@@ -133,43 +142,55 @@ class _Candidate:
     score: float
 
 
-def _scan(x, y, sigma, prior_w, *, widths, centers, idx_c, degree, window,
-          min_window_points, penalty, min_magnitude, excluded):
-    """Best (c, w) by weighted least-squares deviance over the grid, vectorised over centres.
-
-    Each centre's window is gathered into a band ``(C, L)``; the polynomial part of the normal
-    equations is shared by all widths, so a width only adds the sigmoid column.
-    """
+def _bands(x, sigma, prior_w, centers, idx_c, half, min_window_points, degree):
+    """Windows ``centers +- half`` (at least ``min_window_points`` each side) gathered into bands
+    ``(C, L)``, with the polynomial part of the weighted normal equations."""
     n = x.size
-    lo = np.minimum(np.searchsorted(x, centers - window, "left"), idx_c - min_window_points)
-    hi = np.maximum(np.searchsorted(x, centers + window, "right"), idx_c + min_window_points)
+    lo = np.minimum(np.searchsorted(x, centers - half, "left"), idx_c - min_window_points)
+    hi = np.maximum(np.searchsorted(x, centers + half, "right"), idx_c + min_window_points)
     lo, hi = np.clip(lo, 0, n), np.clip(hi, 0, n)
     L = int((hi - lo).max())
     idx = lo[:, None] + np.arange(L)[None, :]
     inside = idx < hi[:, None]
     idx = np.minimum(idx, n - 1)
-    xb, yb = x[idx], y[idx]
     W = np.where(inside, (prior_w / sigma**2)[idx], 0.0)
     h = np.maximum(centers - x[lo], x[hi - 1] - centers)
-    u = (xb - centers[:, None]) / h[:, None]
+    u = (x[idx] - centers[:, None]) / h[:, None]
     P = np.stack([u**d for d in range(degree + 1)], axis=2)  # (C, L, p)
-    WP = P * W[:, :, None]
-    G0 = np.einsum("cli,clj->cij", WP, P)
-    b0 = np.einsum("cli,cl->ci", WP, yb)
+    return lo, hi, idx, W, P
+
+
+def _scan(x, y, sigma, prior_w, *, widths, centers, idx_c, degree, window, window_widths,
+          min_window_points, penalty, min_magnitude, min_amp, excluded, drift):
+    """Best (c, w) by weighted least-squares deviance over the grid, vectorised over centres.
+
+    Each centre's window (half-width ``max(window, window_widths * w)``) is gathered into a band
+    ``(C, L)``; the polynomial part of the normal equations is shared by all widths with the same
+    window, so a width only adds the sigmoid column.
+    """
     p = degree + 1
     eye = 1e-10 * np.eye(p + 1)
-    coef0 = np.linalg.solve(G0 + eye[:p, :p], b0[:, :, None])[:, :, 0]
-    yWy = (W * yb**2).sum(1)
-    rss0 = yWy - (coef0 * b0).sum(1)
-    n_w = hi - lo
     sig_c = np.interp(centers, x, sigma)
-    allowed = np.ones(centers.size, bool)
+    amp_c = np.interp(centers, x, min_amp)
     best: _Candidate | None = None
-    G1 = np.zeros((centers.size, p + 1, p + 1))
-    G1[:, :p, :p] = G0
-    b1 = np.zeros((centers.size, p + 1))
-    b1[:, :p] = b0
+    cache_half = None
     for w in widths:
+        half = max(window, window_widths * w)
+        if half != cache_half:
+            cache_half = half
+            lo, hi, idx, W, P = _bands(x, sigma, prior_w, centers, idx_c, half, min_window_points, degree)
+            xb, yb = x[idx], y[idx]
+            WP = P * W[:, :, None]
+            G0 = np.einsum("cli,clj->cij", WP, P)
+            b0 = np.einsum("cli,cl->ci", WP, yb)
+            coef0 = np.linalg.solve(G0 + eye[:p, :p], b0[:, :, None])[:, :, 0]
+            yWy = (W * yb**2).sum(1)
+            rss0 = yWy - (coef0 * b0).sum(1)
+            n_w = hi - lo
+            G1 = np.zeros((centers.size, p + 1, p + 1))
+            G1[:, :p, :p] = G0
+            b1 = np.zeros((centers.size, p + 1))
+            b1[:, :p] = b0
         sg = expit((xb - centers[:, None]) / w) - 0.5
         Ws = W * sg
         cross = np.einsum("cli,cl->ci", P, Ws)
@@ -181,11 +202,14 @@ def _scan(x, y, sigma, prior_w, *, widths, centers, idx_c, degree, window,
         rss1 = yWy - (coef1 * b1).sum(1)
         phi = np.maximum(1.0, rss1 / np.maximum(n_w - p - 1, 1))
         dev = (rss0 - rss1) / phi
-        A = coef1[:, -1]
+        A = np.abs(coef1[:, -1])
         complete = (centers - _COMPLETE * w >= x[lo]) & (centers + _COMPLETE * w <= x[hi - 1])
-        ok = allowed & complete & (dev >= penalty) & (np.abs(A) / sig_c >= min_magnitude)
+        ok = complete & (dev >= penalty) & (A / sig_c >= min_magnitude) & (A >= amp_c)
         for c_k, w_k, gap_k in excluded:  # too close to an accepted (or rejected) transition
             ok &= np.abs(centers - c_k) > _COMPLETE * (w + w_k) + 2.0 * gap_k
+        if w >= 0.5 * widths[-1]:  # broad shapes where drift was recognised
+            for c_k, w_k in drift:
+                ok &= np.abs(centers - c_k) > _COMPLETE * (w + w_k)
         if not ok.any():
             continue
         i = int(np.argmax(np.where(ok, dev, -np.inf)))
@@ -205,6 +229,8 @@ def _window(x: np.ndarray, c: float, window: float, min_window_points: int):
 def _evidence(xs, ys, ss, c, w, degree, k):
     """Robust deviance difference on one window, deflated by the misfit of the richer model.
 
+    Returns ``(A, D, fitted)``: the sigmoid's amplitude, the evidence and the fitted H1 curve.
+
     ``D = 2 sum [rho(r0/sigma) - rho(r1/sigma)] / phi`` with
     ``phi = max(1, median((r1/sigma)^2) / 0.455)`` (0.455 is the median of chi-square with one
     degree of freedom): a baseline that cannot follow the drift inflates ``phi`` and so cannot be
@@ -216,7 +242,7 @@ def _evidence(xs, ys, ss, c, w, degree, k):
     _, rho0 = _robust_fit(X1[:, :-1], ys, ss, k)
     z1 = (ys - X1 @ coef1) / ss
     phi = max(1.0, float(np.median(z1**2)) / 0.455)
-    return float(coef1[-1]), 2.0 * (rho0 - rho1) / phi, phi
+    return float(coef1[-1]), 2.0 * (rho0 - rho1) / phi, X1 @ coef1
 
 
 def _refine(x, y, sigma, cand: _Candidate, degree: int, k: float, w_bounds):
@@ -246,15 +272,17 @@ def detect_transitions(
     log_offset: float = 1.0,
     baseline_degree: int = 2,
     window: float = 1.0,
+    window_widths: float = WINDOW_WIDTHS,
     min_window_points: int = 8,
     min_side_points: int = 5,
     min_width: float | None = None,
-    max_width: float = 0.35,
-    n_widths: int = 7,
+    max_width: float = MAX_WIDTH,
+    n_widths: int = 8,
     max_centers: int = 150,
     penalty: float | None = None,
     penalty_factor: float = 3.5,
     min_magnitude: float = 4.0,
+    min_change: float = MIN_CHANGE,
     noise_floor: float = 0.01,
     huber_k: float = 2.0,
     max_transitions: int = 5,
@@ -262,20 +290,27 @@ def detect_transitions(
 ) -> list[Transition]:
     """Find sigmoid/step transitions in a training curve, robustly and without firing on drift.
 
+    The result does not depend on the units of ``values``: they are centred and scaled by their
+    range first (``values * 10**k + b`` gives the same flags for any ``k`` and ``b``).
+
     Args:
         steps: Training steps (any order; sorted internally; distinct).
         values: Metric values, finite.
         stderr: Optional per-point standard errors (e.g. of the LLC); the noise scale becomes
-            ``c * stderr`` with ``c`` fitted robustly.
+            ``c * stderr`` with ``c`` fitted robustly, and a transition must also be at least
+            ``min_magnitude`` stated standard errors high.
         log_offset: ``x = log(step + log_offset)``; the default 1 allows step 0.
         baseline_degree: Degree of the local polynomial baseline in ``x`` (drift model).
-        window: Half-width of the fitting window around each candidate centre, in log-step
+        window: Smallest half-width of the fitting window around each candidate centre, in log-step
             units (default 1.0: a factor e each way), widened to ``min_window_points``.
+        window_widths: The window's half-width is at least this many sigmoid widths, so a broad
+            transition has baseline on both sides of it (default 6).
         min_window_points: Minimum points on each side of a centre in its window.
-        min_side_points: Minimum points on each side of a centre in the whole curve.
+        min_side_points: Minimum points on each side of a centre in the whole curve (lowered to
+            ``n // 3`` for curves shorter than ``3 * min_side_points``, at least 3).
         min_width: Smallest logistic width scanned, in log-step units; default
             ``0.1 * median spacing`` (a step sharper than the sampling).
-        max_width: Largest width scanned (default 0.35: a 10-90% rise over a factor ~4.7 in
+        max_width: Largest width scanned (default 0.4: a 10-90% rise over a factor ~5.8 in
             steps). Slower changes count as drift.
         n_widths: Number of widths scanned (geometric grid).
         max_centers: Centres scanned per width (all midpoints if fewer, else a uniform grid in x).
@@ -283,6 +318,11 @@ def detect_transitions(
         penalty_factor: See ``penalty`` (BIC with 3 extra parameters would be 3; 3.5 leaves room
             for the scan over centres and widths).
         min_magnitude: Minimum ``|A| / sigma`` of a reported transition.
+        min_change: Minimum ``|A|`` as a fraction of the curve's range (the range of its running
+            median of three, so one outlier does not set it). This is what keeps smooth,
+            almost noiseless curves (head scores, an ICL score) from being flagged for negligible
+            moves: their noise scale is ~0, so ``min_magnitude`` alone would pass any bend.
+            Default 0.1 (10% of the range); 0 disables it.
         noise_floor: Noise sd is at least this fraction of the value range (noiseless curves).
         huber_k: Huber threshold in noise sd for the robust fit and evidence.
         max_transitions: Stop after this many.
@@ -296,30 +336,69 @@ def detect_transitions(
     """
     if baseline_degree < 0 or baseline_degree > 5:
         raise InvalidInputError(f"baseline_degree must be in 0..5, got {baseline_degree}")
-    if window <= 0 or max_width <= 0 or n_widths < 1 or max_centers < 1:
-        raise InvalidInputError("window, max_width, n_widths and max_centers must be > 0")
+    if window <= 0 or window_widths < 0 or max_width <= 0 or n_widths < 1 or max_centers < 1:
+        raise InvalidInputError("window, max_width, n_widths, max_centers must be > 0 and window_widths >= 0")
     if min_side_points < 1 or min_window_points < min_side_points:
         raise InvalidInputError(
             f"need 1 <= min_side_points <= min_window_points, got {min_side_points}, {min_window_points}"
         )
     if huber_k <= 0 or min_magnitude < 0 or noise_floor < 0 or penalty_factor < 0:
         raise InvalidInputError("huber_k must be > 0; min_magnitude, noise_floor, penalty_factor >= 0")
-    min_points = max(2 * min_side_points, baseline_degree + 3, 6)
+    if not 0 <= min_change < 1:
+        raise InvalidInputError(f"min_change is a fraction of the curve's range in [0, 1), got {min_change}")
+    min_points = max(min(2 * min_side_points, 6), baseline_degree + 3, 6)
     series = validate_series(steps, values, stderr, log_offset=log_offset, min_points=min_points)
     return _detect(series, baseline_degree=baseline_degree, window=window,
-                   min_window_points=min_window_points, min_side_points=min_side_points,
+                   window_widths=window_widths,
+                   min_window_points=min_window_points,
+                   min_side_points=max(3, min(min_side_points, series.n // 3)),
                    min_width=min_width, max_width=max_width, n_widths=n_widths,
                    max_centers=max_centers, penalty=penalty, penalty_factor=penalty_factor,
-                   min_magnitude=min_magnitude, noise_floor=noise_floor, huber_k=huber_k,
-                   max_transitions=max_transitions, metric=metric)
+                   min_magnitude=min_magnitude, min_change=min_change, noise_floor=noise_floor,
+                   huber_k=huber_k, max_transitions=max_transitions, metric=metric)
 
 
-def _detect(series: Series, *, baseline_degree, window, min_window_points, min_side_points,
-            min_width, max_width, n_widths, max_centers, penalty, penalty_factor, min_magnitude,
-            noise_floor, huber_k, max_transitions, metric) -> list[Transition]:
+def curve_range(values, stderr=None) -> float:
+    """The range of a curve as :func:`detect_transitions` measures it for ``min_change``.
+
+    Without ``stderr``: max - min of the running median of three (end points kept), so a single
+    outlier does not set it. With ``stderr``: the range the curve spans beyond its errors,
+    ``max(v - 2 stderr) - min(v + 2 stderr)`` (at least 0), so uncertain points do not widen it.
+    """
+    v = np.asarray(values, dtype=float)
+    if stderr is not None:
+        e = np.asarray(stderr, dtype=float)
+        return float(max((v - 2 * e).max() - (v + 2 * e).min(), 0.0)) if v.size else 0.0
+    if v.size < 3:
+        return float(np.ptp(v)) if v.size else 0.0
+    med = np.median(np.stack([v[:-2], v[1:-1], v[2:]]), axis=0)
+    smooth = np.concatenate([v[:1], med, v[-1:]])
+    return float(np.ptp(smooth))
+
+
+def _standardize(series: Series) -> tuple[Series, float, float]:
+    """Centre and scale the values (and stderr) by the median and the range: unit-free detection."""
+    v = series.values
+    center = float(np.median(v))
+    scale = float(np.ptp(v))
+    if not np.isfinite(scale) or scale <= 0:
+        scale = max(abs(center), 1.0) if np.isfinite(center) else 1.0
+    e = None if series.stderr is None else series.stderr / scale
+    return replace(series, values=(v - center) / scale, stderr=e), center, scale
+
+
+def _detect(series: Series, *, baseline_degree, window, window_widths, min_window_points,
+            min_side_points, min_width, max_width, n_widths, max_centers, penalty, penalty_factor,
+            min_magnitude, min_change, noise_floor, huber_k, max_transitions, metric) -> list[Transition]:
+    series, _, scale = _standardize(series)
     x, n = series.x, series.n
     y = series.values.copy()
     sigma, _ = noise_scale(series, noise_floor=noise_floor)
+    # the smallest |A| allowed, per point: a fraction of the range, and min_magnitude stated stderr
+    min_move = min_change * curve_range(y, series.stderr)
+    min_amp = np.full(n, min_move)
+    if series.stderr is not None:
+        min_amp = np.maximum(min_amp, min_magnitude * series.stderr)
     dx = np.diff(x)
     w_min = 0.1 * float(np.median(dx)) if min_width is None else float(min_width)
     if w_min <= 0:
@@ -337,8 +416,6 @@ def _detect(series: Series, *, baseline_degree, window, min_window_points, min_s
     idx_c = np.searchsorted(x, centers, "left")
 
     # prior robustness weights from the local (neighbour) residuals
-    from devinterp.analyses.transitions._series import local_residuals
-
     r, a, b = local_residuals(x, y)
     z = np.zeros(n)
     z[1:-1] = np.abs(r) / (sigma[1:-1] * np.sqrt(1 + a**2 + b**2))
@@ -346,35 +423,49 @@ def _detect(series: Series, *, baseline_degree, window, min_window_points, min_s
 
     found: list[Transition] = []
     excluded: list[tuple[float, float, float]] = []  # (c, w, local gap)
+    drift: list[tuple[float, float]] = []  # (c, w) of broad shapes recognised as drift
     for _ in range(4 * max_transitions):
         if len(found) >= max_transitions:
             break
         cand = _scan(x, y, sigma, prior_w, widths=widths, centers=centers, idx_c=idx_c,
-                     degree=baseline_degree, window=window,
+                     degree=baseline_degree, window=window, window_widths=window_widths,
                      min_window_points=min_window_points, penalty=pen,
-                     min_magnitude=min_magnitude, excluded=excluded)
+                     min_magnitude=min_magnitude, min_amp=min_amp, excluded=excluded, drift=drift)
         if cand is None:
             break
-        c, w = _refine(x, y, sigma, cand, baseline_degree, huber_k, (w_min, max_width))
+        c, w = _refine(x, y, sigma, cand, baseline_degree, huber_k, (w_min, _DRIFT_WIDTH * max_width))
         lo, hi = cand.lo, cand.hi
+        if w > max_width:
+            if cand.w >= widths[-1]:  # widest on the grid and wider still when free: drift;
+                drift.append((cand.c, cand.w))  # narrower transitions there remain possible
+                continue
+            c, w = cand.c, cand.w
         if c - _COMPLETE * w < x[lo] or c + _COMPLETE * w > x[hi - 1]:
             c, w = cand.c, cand.w
-        amp, dev, _ = _evidence(x[lo:hi], y[lo:hi], sigma[lo:hi], c, w, baseline_degree, huber_k)
+        if not x[lo] + _COMPLETE * w <= c <= x[hi - 1] - _COMPLETE * w:  # not inside its own window
+            excluded.append((cand.c, cand.w, _gap_at(x, cand.c)))
+            continue
+        amp, dev, fitted = _evidence(x[lo:hi], y[lo:hi], sigma[lo:hi], c, w, baseline_degree, huber_k)
         noise_c = float(np.interp(c, x, sigma))
         mag = abs(amp) / noise_c
         gap = _gap_at(x, c)
         clash = any(abs(c - c_k) <= _COMPLETE * (w + w_k) + 2.0 * gap_k for c_k, w_k, gap_k in excluded)
-        if dev < pen or mag < min_magnitude or clash:
+        half = 0.5 * _SPAN_10_90 * w
+        # the fitted curve's move between the samples bracketing [c - half, c + half]
+        i = max(int(np.searchsorted(x, c - half, "right")) - 1, lo) - lo
+        j = min(int(np.searchsorted(x, c + half, "left")), hi - 1) - lo
+        move = abs(float(fitted[j] - fitted[i]))
+        small = abs(amp) < float(np.interp(c, x, min_amp)) or move < min_move
+        if dev < pen or mag < min_magnitude or clash or small:
             excluded.append((cand.c, cand.w, gap))
             continue
-        half = 0.5 * _SPAN_10_90 * w
         found.append(Transition(
             step=series.to_step(c), start=series.to_step(c - half), end=series.to_step(c + half),
             direction="rise" if amp > 0 else "fall",
             kind="step" if 2 * half < gap else "sigmoid",
             magnitude=float(mag), confidence=float(expit((dev - pen) / 2.0)), method=METHOD,
-            amplitude=float(amp), width=float(w), evidence=float(dev), penalty=float(pen),
-            noise=noise_c, n_window=hi - lo,
+            amplitude=float(amp * scale), width=float(w), evidence=float(dev), penalty=float(pen),
+            noise=noise_c * scale, n_window=hi - lo,
             window_start=float(series.steps[lo]), window_end=float(series.steps[hi - 1]),
             metric=metric,
         ))
