@@ -40,7 +40,9 @@ def test_one_flag_per_learned_singular_value():
     learned = [k for k, t in enumerate(TEACHER) if svals[-1, k] >= 0.9 * t]
     assert len(learned) == 3
     half = [steps[np.argmax(svals[:, k] >= 0.5 * TEACHER[k])] for k in learned]
-    found = detect_transitions(steps, losses)
+    # the third drop (teacher value 1.5: 0.5·1.5² = 1.125 of a loss range of ~18) moves ~6% of the
+    # curve's range, below the default min_change of 10%: a user after such steps lowers it
+    found = detect_transitions(steps, losses, min_change=0.04)
     assert len(found) == len(learned)
     assert all(t.direction == "fall" for t in found)
     for t, h in zip(found, half, strict=True):  # each drop where its singular value is half learned
