@@ -97,6 +97,7 @@ class DemoConfig:
     snapshot_points: int = 60
     loss_points: int = 200
     check_every: int = 100
+    transition_range_factor: float = 40.0
     score_sequences: int = 32
     recipe: InductionRecipe = field(default_factory=induction_recipe)
 
@@ -472,6 +473,9 @@ def _run(out, *, quick: bool, seed: int, cfg: DemoConfig, progress: bool,
     transitions_cb = TransitionCallback(
         ["loss/train", "llc/mean", "icl_score", *induction_tags, *composition_tags],
         sample_schedule=log_spaced(cfg.loss_points), check_every=cfg.check_every,
+        # the weight-space curves move early (initialisation) and form late: judge an early move
+        # against the range the curve reaches by formation, not the range seen so far
+        range_factor=cfg.transition_range_factor,
     )
     callbacks = [
         SnapshotCallback(out / "snapshots", log_spaced(cfg.snapshot_points)),

@@ -156,7 +156,9 @@ def test_tensorboard_markers_and_per_head_runs(demo):
         assert lo - 1e-6 <= values[i - 1] < values[i] <= hi + 1e-6
         assert values[i + 1] == values[i - 1]
     runs = sorted(p.name for p in (demo["logdir"] / "heads").iterdir())
-    assert runs == HEADS
+    assert [r for r in runs if "-to-" not in r] == HEADS          # one run per head
+    pairs = {f"{a}-to-{b}" for a in HEADS for b in HEADS if a.startswith("L0") and b.startswith("L1")}
+    assert {r for r in runs if "-to-" in r} == pairs               # and one per composing pair
     for h in HEADS:
         (events,) = (demo["logdir"] / "heads" / h).glob("events.out.tfevents.*")
         acc = EventAccumulator(str(events), size_guidance={"scalars": 0})

@@ -443,7 +443,7 @@ def _excess_stats(losses: np.ndarray, lo: int, hi: int, init_loss: float) -> tup
 # --------------------------------------------------------------------------------------------
 def top_curvature(target: SamplingTarget, *, iters: int = 20, num_samples: int = 4096,
                   seed: int = 0) -> float:
-    """Largest eigenvalue of ``∇²L_n(w*)`` (power iteration, finite-difference HVPs).
+    """Largest-magnitude eigenvalue of ``∇²L_n(w*)`` (power iteration, finite-difference HVPs).
 
     Runs two power iterations at once from random starts and returns the larger Rayleigh
     quotient, on the first ``num_samples`` samples (the mask of a weight-refined target applies).
@@ -474,7 +474,9 @@ def top_curvature(target: SamplingTarget, *, iters: int = 20, num_samples: int =
         if not bool(torch.isfinite(norm).all()) or float(norm.max()) == 0.0:
             break
         v = hv / norm.clamp_min(1e-30)
-    value = float(rayleigh.max())
+    # power iteration finds the eigenvalue of largest magnitude; away from a minimum (e.g. an
+    # untrained network) it can be negative, and its magnitude still sets the step-size scale
+    value = float(rayleigh.abs().max())
     return value if math.isfinite(value) and value > 0 else 0.0
 
 

@@ -129,7 +129,12 @@ def synthetic_curve(
         if n_transitions < 2 or gaps.min() >= need:
             break
     else:
-        raise ValueError(f"cannot place {n_transitions} transitions {need:.2f} apart on this grid")
+        # rare (short log-span, broad widths): place them evenly and narrow the widths to fit
+        centers = np.linspace(lo_x, hi_x, n_transitions + 2)[1:-1].tolist()
+        gap = (hi_x - lo_x) / (n_transitions + 1)
+        if gap < 0.15 * span:
+            raise ValueError(f"cannot place {n_transitions} transitions {need:.2f} apart on this grid")
+        widths = np.minimum(widths, gap / 6)
     amps = rng.uniform(*amplitude_range, n_transitions) * rng.choice([-1.0, 1.0], n_transitions)
     y = base.copy()
     for c, w, a in zip(centers, widths, amps, strict=True):
