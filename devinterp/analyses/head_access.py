@@ -39,6 +39,7 @@ compare scores across models only with the same convention.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
@@ -147,20 +148,19 @@ def _lm_head(model: nn.Module) -> Tensor | None:
 # ----------------------------------------------------------------------------------------------
 # families
 # ----------------------------------------------------------------------------------------------
-class _Family:
-    name = ""
+class _Family(Protocol):
+    """What every model family below provides (static methods on a class)."""
+
+    name: str
 
     @staticmethod
-    def match(model: nn.Module) -> bool:
-        raise NotImplementedError
+    def match(model: nn.Module) -> bool: ...
 
     @staticmethod
-    def weights(model: nn.Module) -> HeadWeights:
-        raise NotImplementedError
+    def weights(model: nn.Module) -> HeadWeights: ...
 
     @staticmethod
-    def masks(model: nn.Module, layer: int, head: int) -> dict[str, Tensor]:
-        raise NotImplementedError
+    def masks(model: nn.Module, layer: int, head: int) -> dict[str, Tensor]: ...
 
 
 def _tensor(model: nn.Module, paths: tuple[str, ...]) -> Tensor | None:
