@@ -988,14 +988,7 @@ class SnapshotStore:
         if not isinstance(fs, _LocalFS):
             raise StoreNotFoundError(f"{fs.display()}: HuggingFace checkpoint folders are read from local paths")
         found = find_checkpoints(fs.display())
-        self = cls.__new__(cls)
-        self.mode = "r"
-        self._fs = fs
-        self.root = fs.display()
-        self._readonly = True
-        self._torn_tail = False
-        self._recovered = False
-        self._ckpt_files = {}
+        self = cls._checkpoint_view(fs)
         entries: dict[int, dict[str, Any]] = {}
         for step, folder in sorted(found.items()):
             rel = os.path.relpath(folder, fs.display())
@@ -1011,6 +1004,20 @@ class SnapshotStore:
         }
         self._entries = entries
         self._steps = sorted(entries)
+        return self
+
+    @classmethod
+    def _checkpoint_view(cls, fs: Any) -> SnapshotStore:
+        """An empty read-only store over a folder of checkpoints (filled by the caller)."""
+        self = cls.__new__(cls)
+        self.mode = "r"
+        self._fs = fs
+        self.root = fs.display()
+        self._readonly = True
+        self._torn_tail = False
+        self._recovered = False
+        self._ckpt_files = {}
+        self._ckpt_run = None
         return self
 
     @classmethod
@@ -1037,15 +1044,7 @@ class SnapshotStore:
         names = [n for n in fs.listdir() if n.endswith(".ckpt")]
         if not names:
             raise StoreNotFoundError(f"{fs.display()} holds no Lightning .ckpt files")
-        self = cls.__new__(cls)
-        self.mode = "r"
-        self._fs = fs
-        self.root = fs.display()
-        self._readonly = True
-        self._torn_tail = False
-        self._recovered = False
-        self._ckpt_files = {}
-        self._ckpt_run = None
+        self = cls._checkpoint_view(fs)
         entries: dict[int, dict[str, Any]] = {}
         # "last*.ckpt" duplicates another file's step: prefer the named one.
         damaged: list[Problem] = []
