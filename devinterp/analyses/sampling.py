@@ -579,12 +579,7 @@ class SamplingTarget:
             with torch.no_grad():
                 for sl, a, m in parts:
                     ps, gs = p[sl], g[sl]
-                    diff = ps - a
-                    gs.mul_(nbeta)
-                    if m is not None:
-                        diff.mul_(m)
-                        gs.mul_(m)
-                    gs.add_(diff, alpha=localization)  # the drift ∇U (masked)
+                    diff = _masked_drift(ps, gs, a, m, nbeta, localization)  # gs := ∇U (masked)
                     xi = torch.randn(ps.shape, generator=noise_gens[c], device=ps.device,
                                      dtype=ps.dtype)
                     if m is not None:
@@ -606,12 +601,8 @@ class SamplingTarget:
                 dist_new, q_bwd = zero.clone(), zero.clone()
                 for sl, a, m in parts:
                     ps, gs = p[sl], g[sl]
-                    diff = ps - a
-                    gs.mul_(nbeta)
-                    if m is not None:
-                        diff.mul_(m)
-                        gs.mul_(m)
-                    gs.add_(diff, alpha=localization).mul_(half)  # w − w' + ε/2·∇U(w')
+                    diff = _masked_drift(ps, gs, a, m, nbeta, localization)
+                    gs.mul_(half)  # w − w' + ε/2·∇U(w')
                     dist_new += diff.pow(2).sum()
                     q_bwd += gs.pow(2).sum()
                 log_ratio = (nbeta * (loss.detach().float() - loss_new.detach().float())
@@ -1098,6 +1089,19 @@ def divergence_threshold(target: SamplingTarget, nbeta: float) -> float:
     """
     scale = max(abs(target.init_loss), target.batch_loss_std, target.num_selected / (2 * nbeta))
     return target.init_loss + EXPLODE_FACTOR * scale
+
+
+def _masked_drift(ps: Tensor, gs: Tensor, anchor: Tensor, mask: Tensor | None, nbeta: float,
+                  localization: float) -> Tensor:
+    """In place ``gs := nβ·gs + γ·(ps − w*)`` (masked): the drift ∇U from the loss gradient
+    ``gs``; returns the (masked) displacement ``ps − w*``."""
+    diff = ps - anchor
+    gs.mul_(nbeta)
+    if mask is not None:
+        diff.mul_(mask)
+        gs.mul_(mask)
+    gs.add_(diff, alpha=localization)
+    return diff
 
 
 def _first_bad(trace: Tensor, threshold: float) -> tuple[int, int] | None:
