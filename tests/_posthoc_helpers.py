@@ -5,10 +5,24 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from devinterp.errors import ChainDivergedError
+
+_TESTS = Path(__file__).resolve().parent
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """The environment of a test's ``devinterp`` subprocess: this checkout and tests/ importable,
+    one intra-op thread, no warnings; ``extra`` on top."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(_TESTS.parent), str(_TESTS), env.get("PYTHONPATH", "")])
+    env["OMP_NUM_THREADS"] = "1"
+    env["PYTHONWARNINGS"] = "ignore"
+    env.update(extra)
+    return env
 
 
 @dataclass(frozen=True)

@@ -13,21 +13,13 @@ from pathlib import Path
 
 import pytest
 from _posthoc_helpers import make_run
+from _posthoc_helpers import subprocess_env as _env
 
 from devinterp.posthoc import ResultsFile, analyze
 from devinterp.store import SnapshotStore
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-
-
-def _env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(HERE), env.get("PYTHONPATH", "")])
-    env["OMP_NUM_THREADS"] = "1"
-    env["PYTHONWARNINGS"] = "ignore"
-    env.update(extra)
-    return env
 
 
 def _default_sigint() -> None:

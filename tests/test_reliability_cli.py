@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import warnings
@@ -12,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from _posthoc_helpers import make_run
+from _posthoc_helpers import subprocess_env as _env
 
 from devinterp.cli import main
 from devinterp.errors import CorruptSnapshotError, InvalidInputError, OutputExistsError
@@ -19,15 +19,6 @@ from devinterp.store import SnapshotStore
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-
-
-def _env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(HERE), env.get("PYTHONPATH", "")])
-    env["OMP_NUM_THREADS"] = "1"
-    env["PYTHONWARNINGS"] = "ignore"
-    env.update(extra)
-    return env
 
 
 def _run(capsys, *argv: str) -> tuple[int, str, str]:
