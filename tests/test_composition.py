@@ -20,6 +20,7 @@ from devinterp.analyses import (
     HeadWeights,
     composition_baseline,
     composition_scores,
+    composition_scores_by_kind,
     head_weights,
     ov_copying_scores,
     qk_previous_token_scores,
@@ -124,6 +125,45 @@ def test_composition_equals_the_dense_definition(L, H, d, dh, seed):
                                    _dense_composition(hw, kind), atol=1e-10, equal_nan=True)
         np.testing.assert_allclose(composition_scores(hw, kind), _dense_composition(hw, kind),
                                    atol=1e-5, equal_nan=True)
+
+
+@pytest.mark.parametrize("L,H,d,dh,seed", [(3, 4, 40, 6, 3), (4, 3, 300, 8, 4)])
+def test_both_product_routes_equal_the_dense_definition(L, H, d, dh, seed):
+    """The product route and the Gram route (block upper triangle, more than one block at d = 300)
+    give the definition; near-zero pairs are refined from the products (planted zeros stay 0)."""
+    from devinterp.analyses.composition import _left, _pair_scores, _right
+
+    hw = _random_weights(L, H, d, dh, seed=seed)
+    W_O = hw.W_O.clone()
+    W_O[0, 0] = 0.0 * W_O[0, 0]
+    W_O[0, 0, :, :dh] = torch.eye(dh, dtype=W_O.dtype)        # OV(L0H0) writes into 6 or 8 basis directions
+    W_K, W_Q = hw.W_K.clone(), hw.W_Q.clone()
+    W_K[1, 0], W_Q[1, 0] = 0.0 * W_K[1, 0], 0.0 * W_Q[1, 0]
+    W_K[1, 0, dh:2 * dh], W_Q[1, 0, dh:2 * dh] = torch.eye(dh), torch.eye(dh)   # L1H0 reads others only
+    hw = HeadWeights(W_Q=W_Q, W_K=W_K, W_V=hw.W_V, W_O=W_O, b_Q=None, b_K=None, b_V=None, b_O=None,
+                     W_E=None, W_U=None, W_pos=None, family="test")
+    dense = {k: _dense_composition(hw, k) for k in "QKV"}
+    assert dense["K"][0, 0, 1, 0] == 0.0
+    for dtype, atol in ((torch.float64, 1e-10), (torch.float32, 2e-6)):
+        A, Bs = _left(hw, dtype), [_right(hw, k, dtype) for k in "QKV"]
+        for route in ("cross", "gram"):
+            for kind, got in zip("QKV", _pair_scores(A, Bs, route=route), strict=True):
+                np.testing.assert_allclose(got, dense[kind], atol=atol, equal_nan=True, err_msg=route)
+                if kind != "V":   # L1H0's values read everything
+                    assert got[0, 0, 1, 0] < atol
+    both = composition_scores_by_kind(hw)
+    for kind in "QKV":
+        np.testing.assert_array_equal(both[kind], composition_scores(hw, kind))
+
+
+def test_tied_unembedding_is_the_embedding_gram_matrix():
+    from devinterp.analyses.composition import _unembed_embed
+
+    g = torch.Generator().manual_seed(8)
+    W_E = torch.randn(500, 300, generator=g, dtype=torch.float64)
+    np.testing.assert_allclose(_unembed_embed(W_E.T.clone(), W_E), W_E.T @ W_E, rtol=1e-12, atol=1e-9)
+    W_U = torch.randn(300, 500, generator=g, dtype=torch.float64)
+    np.testing.assert_allclose(_unembed_embed(W_U, W_E), W_U @ W_E, rtol=1e-12, atol=1e-9)
 
 
 def test_scores_are_invariant_under_the_models_symmetries():

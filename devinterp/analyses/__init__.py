@@ -23,6 +23,7 @@ _EXPORTS = {
     "HeadWeights": "devinterp.analyses.head_access",
     "head_weights": "devinterp.analyses.head_access",
     "composition_scores": "devinterp.analyses.composition",
+    "composition_scores_by_kind": "devinterp.analyses.composition",
     "composition_baseline": "devinterp.analyses.composition",
     "ov_copying_scores": "devinterp.analyses.composition",
     "qk_previous_token_scores": "devinterp.analyses.composition",

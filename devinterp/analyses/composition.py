@@ -35,6 +35,7 @@ from devinterp.errors import InvalidInputError
 
 __all__ = [
     "composition_scores",
+    "composition_scores_by_kind",
     "composition_baseline",
     "ov_copying_scores",
     "qk_previous_token_scores",
@@ -53,8 +54,18 @@ def _check_kind(kind: str) -> str:
 
 
 def _r_factor(W: Tensor) -> Tensor:
-    """``R`` of the thin QR ``W = Q R`` over the last two dims: ``‖X Wᵀ‖ = ‖X Rᵀ‖`` for any X."""
-    return torch.linalg.qr(W, mode="r").R
+    """``F`` ``(dh × dh)`` with ``FᵀF = WᵀW`` over the last two dims: ``‖X Wᵀ‖ = ‖X Fᵀ‖`` for any X.
+
+    The Cholesky factor of the ``d_head × d_head`` Gram matrix, taken in float64 (the ``R`` of a QR
+    of ``W``, up to signs, at a fifth of the cost); an eigen square root for rank-deficient ``W``.
+    """
+    G = (W.mT @ W).double()
+    L, info = torch.linalg.cholesky_ex(G)
+    bad = info != 0
+    if bad.any():
+        lam, U = torch.linalg.eigh(G[bad])
+        L[bad] = U * lam.clamp_min(0).sqrt()[..., None, :]      # (U Λ^½)(U Λ^½)ᵀ = G
+    return L.mT.to(W.dtype)
 
 
 def _left(hw: HeadWeights, dtype: torch.dtype) -> Tensor:
@@ -73,22 +84,123 @@ def _right(hw: HeadWeights, kind: str, dtype: torch.dtype) -> Tensor:
     return X.to(dtype) @ _r_factor(Y.to(dtype)).transpose(-1, -2)
 
 
-def _pair_scores(A: Tensor, B: Tensor) -> np.ndarray:
-    """``‖A[l1,h1] B[l2,h2]‖ / (‖A[l1,h1]‖ ‖B[l2,h2]‖)`` for l1 < l2, NaN elsewhere."""
+def _pair_scores(A: Tensor, Bs: list[Tensor], route: str | None = None) -> list[np.ndarray]:
+    """``‖A[l1,h1] B[l2,h2]‖ / (‖A[l1,h1]‖ ‖B[l2,h2]‖)`` for l1 < l2 (NaN elsewhere), one array per B.
+
+    ``A`` ``(L, H, dh, d)`` (earlier heads), each ``B`` ``(L, H, d, dh')`` (later heads). Two exact
+    routes, the cheaper one for the shapes (``route`` forces one; tests use it):
+
+    - ``"cross"``: every product ``A_i B_j`` (``d_head × d_head``): ``d · dh · dh'`` per pair.
+    - ``"gram"``: ``‖A_i B_j‖² = ⟨A_iᵀA_i, B_j B_jᵀ⟩`` (``d × d`` Gram matrices, symmetric, so only
+      their upper block triangle): ``≈ d²/2`` per pair plus ``≈ d² · dh/2`` per head to form them —
+      cheaper once ``d < 2 · dh · dh'`` (GPT-2 small: 768 < 8192).
+    """
+    L, H, dh, d = A.shape
+    if L < 2:
+        return [np.full((L, H, L, H), np.nan) for _ in Bs]
+    if route is None:
+        n, pairs, k = (L - 1) * H, (L - 1) * L // 2 * H * H, len(Bs)
+        cross = k * pairs * d * dh * max(B.shape[-1] for B in Bs)
+        gram = (n * (1 + k) * dh * d * d + k * pairs * d * d) / 2
+        route = "gram" if gram < cross else "cross"
+    a_norm = torch.linalg.matrix_norm(A)                                    # (L, H)
+    outs = []
+    sq = _gram_squares(A, Bs) if route == "gram" else [_cross_squares(A, B) for B in Bs]
+    for B, s2 in zip(Bs, sq, strict=True):
+        den = a_norm[:-1].reshape(-1, 1) * torch.linalg.matrix_norm(B)[1:].reshape(1, -1)
+        rel = s2 / den.square()                                             # (n, n): score²
+        if route == "gram":  # ⟨P, Q⟩ loses ~eps·‖P‖‖Q‖: recompute near-zero scores exactly
+            rel = _refine_small(rel, A, B)
+        score = rel.clamp_min(0).sqrt().double().numpy().reshape(L - 1, H, L - 1, H)
+        out = np.full((L, H, L, H), np.nan)
+        for l1 in range(L - 1):
+            out[l1, :, l1 + 1:, :] = score[l1, :, l1:, :]
+        outs.append(out)
+    return outs
+
+
+#: Below this score² (score < 0.003) the Gram route's rounding (~1e-8 of ‖A‖²‖B‖² in float32) could show in
+#: the score's 5th digit, so those pairs are recomputed from their products.
+_REFINE_BELOW = 1e-5
+
+
+def _cross_squares(A: Tensor, B: Tensor) -> Tensor:
+    """``‖A_i B_j‖²`` for earlier heads i (layers 0..L-2) and later heads j (layers 1..L-1)."""
     L, H, dh, d = A.shape
     dh_r = B.shape[-1]
-    out = np.full((L, H, L, H), np.nan)
-    a_norm = torch.linalg.matrix_norm(A)  # (L, H)
-    b_norm = torch.linalg.matrix_norm(B)
+    out = torch.zeros((L - 1) * H, (L - 1) * H, dtype=A.dtype)
     for l1 in range(L - 1):
         later = B[l1 + 1:]                                          # (L', H, d, dh)
         right = later.permute(2, 0, 1, 3).reshape(d, -1)            # (d, L' H dh)
         prod = A[l1].reshape(H * dh, d) @ right                     # (H dh, L' H dh)
         prod = prod.reshape(H, dh, L - l1 - 1, H, dh_r)
-        num = prod.pow(2).sum(dim=(1, 4)).sqrt()                    # (H, L', H)
-        den = a_norm[l1][:, None, None] * b_norm[l1 + 1:][None]
-        out[l1, :, l1 + 1:, :] = (num / den).double().numpy()
+        out[l1 * H:(l1 + 1) * H, l1 * H:] = prod.pow(2).sum(dim=(1, 4)).reshape(H, -1)
     return out
+
+
+#: Block edge of the Gram route: the ``d × d`` Gram matrices are formed ``block × block`` at a time
+#: (upper triangle only), so memory stays ``O(heads · block²)`` and the buffers stay in cache.
+_GRAM_BLOCK = 128
+
+
+def _gram_squares(A: Tensor, Bs: list[Tensor]) -> list[Tensor]:
+    """``‖A_i B_j‖² = ⟨A_iᵀ A_i, B_j B_jᵀ⟩_F`` for all pairs (layer-upper-triangular), every B at once."""
+    L, H, dh, d = A.shape
+    n, k = (L - 1) * H, len(Bs)
+    left = A[:-1].reshape(n, dh, d)
+    # later heads, grouped by layer then kind: rows (layer, kind, head), so one product per layer
+    right = torch.stack([B[1:].transpose(-1, -2) for B in Bs], dim=1).reshape(n * k, -1, d)
+    edges = list(range(0, d, _GRAM_BLOCK)) + [d]
+    w_max = max(b - a for a, b in zip(edges, edges[1:], strict=False))
+    buf_p = torch.empty(n * w_max * w_max, dtype=A.dtype)
+    buf_q = torch.empty(n * k * w_max * w_max, dtype=A.dtype)
+    acc = torch.zeros(n, n * k, dtype=A.dtype)
+    for i, (a0, a1) in enumerate(zip(edges, edges[1:], strict=False)):
+        for b0, b1 in list(zip(edges, edges[1:], strict=False))[i:]:
+            w1, w2 = a1 - a0, b1 - b0
+            P = buf_p[:n * w1 * w2].view(n, w1, w2)
+            Q = buf_q[:n * k * w1 * w2].view(n * k, w1, w2)
+            torch.bmm(left[:, :, a0:a1].transpose(1, 2), left[:, :, b0:b1], out=P)
+            torch.bmm(right[:, :, a0:a1].transpose(1, 2), right[:, :, b0:b1], out=Q)
+            Pv, Qv = P.view(n, -1), Q.view(n * k, -1)
+            weight = 1.0 if a0 == b0 else 2.0     # an off-diagonal block stands for its mirror too
+            for r in range(L - 1):                # later layer r + 1 reads earlier layers 0..r
+                rows, cols = slice(0, (r + 1) * H), slice(r * k * H, (r + 1) * k * H)
+                acc[rows, cols].addmm_(Pv[rows], Qv[cols].T, alpha=weight)
+    acc = acc.view(n, L - 1, k, H)
+    return [acc[:, :, j].reshape(n, n) for j in range(k)]
+
+
+def _refine_small(rel: Tensor, A: Tensor, B: Tensor) -> Tensor:
+    """Recompute, from the products ``A_i B_j``, the valid pairs whose score² is below the cutoff."""
+    L, H, dh, d = A.shape
+    n = (L - 1) * H
+    valid = torch.ones(L - 1, L - 1, dtype=torch.bool).triu().repeat_interleave(H, 0).repeat_interleave(H, 1)
+    ii, jj = torch.nonzero(valid & (rel < _REFINE_BELOW), as_tuple=True)
+    if ii.numel() == 0:
+        return rel
+    left, right = A[:-1].reshape(n, dh, d), B[1:].reshape(n, d, -1)
+    a_n, b_n = torch.linalg.matrix_norm(left), torch.linalg.matrix_norm(right)
+    rel = rel.clone()
+    for c in range(0, ii.numel(), 256):
+        i, j = ii[c:c + 256], jj[c:c + 256]
+        prod = torch.bmm(left[i], right[j])
+        rel[i, j] = (torch.linalg.matrix_norm(prod) / (a_n[i] * b_n[j])).square()
+    return rel
+
+
+def composition_scores_by_kind(model, kinds: tuple[str, ...] = KINDS, *,
+                               dtype: torch.dtype = torch.float32) -> dict[str, np.ndarray]:
+    """:func:`composition_scores` for several kinds at once (the earlier heads' side is shared).
+
+    Returns:
+        ``{kind: np.ndarray (layers, heads, layers, heads)}``.
+    """
+    kinds = tuple(_check_kind(k) for k in kinds)
+    hw = head_weights(model)
+    with torch.no_grad():
+        scores = _pair_scores(_left(hw, dtype), [_right(hw, k, dtype) for k in kinds])
+    return dict(zip(kinds, scores, strict=True))
 
 
 def composition_scores(model, kind: str = "K", *, dtype: torch.dtype = torch.float32) -> np.ndarray:
@@ -100,8 +212,12 @@ def composition_scores(model, kind: str = "K", *, dtype: torch.dtype = torch.flo
     ``all_composition_scores(kind)``. NaN where ``l2 <= l1`` (TransformerLens writes 0 there).
     Scores lie in ``[0, 1]``; compare them with :func:`composition_baseline`.
 
-    Computed from the factors (``‖R_V W_O X R_Yᵀ‖`` with QR factors, ``d_head × d_head``
-    products), never the ``d_model × d_model`` circuits.
+    Computed from the factors, never the ``d_model × d_model`` circuits: with QR factors,
+    ``‖W_OV(h1) R(h2)‖ = ‖A B‖`` for ``A = R_V W_O`` (``d_head × d_model``) and ``B = X R_Yᵀ``
+    (``d_model × d_head``), and ``‖A B‖²`` is either summed from the ``d_head × d_head`` product or
+    read as ``⟨AᵀA, B Bᵀ⟩`` from (block upper-triangular) Gram matrices, whichever costs less;
+    near-zero scores are always taken from the product. All of Q, K, V at once:
+    :func:`composition_scores_by_kind`.
 
     Args:
         model: A supported model (see :mod:`devinterp.analyses.head_access`) or a ``HeadWeights``.
@@ -111,10 +227,7 @@ def composition_scores(model, kind: str = "K", *, dtype: torch.dtype = torch.flo
     Returns:
         ``np.ndarray`` of shape ``(layers, heads, layers, heads)``.
     """
-    _check_kind(kind)
-    hw = head_weights(model)
-    with torch.no_grad():
-        return _pair_scores(_left(hw, dtype), _right(hw, kind, dtype))
+    return composition_scores_by_kind(model, (_check_kind(kind),), dtype=dtype)[kind]
 
 
 def composition_baseline(model, kind: str = "K", *, num_samples: int = 256, seed: int = 0) -> float:
@@ -185,13 +298,36 @@ def ov_copying_scores(model) -> np.ndarray:
                         "no embedding" if hw.W_E is None else "no unembedding")
             + "; pass a HeadWeights with W_E and W_U")
     with torch.no_grad():
-        C = (hw.W_U @ hw.W_E).double()                         # (d, d), summed over the vocabulary
-        M = hw.W_O.double() @ C @ hw.W_V.double()              # (L, H, dh, dh)
+        C = _unembed_embed(hw.W_U, hw.W_E)                     # (d, d), summed over the vocabulary
+        L, H, dh, d = hw.W_O.shape
+        WOC = (hw.W_O.reshape(L * H * dh, d).to(C.dtype) @ C).reshape(L, H, dh, d)
+        M = (WOC @ hw.W_V.to(C.dtype)).double()                # (L, H, dh, dh)
         lam = torch.linalg.eigvals(M)                          # (L, H, dh) complex
         num = lam.real.sum(-1)
         den = lam.abs().sum(-1)
         score = torch.where(den > 0, num / den.clamp_min(1e-300), torch.full_like(num, math.nan))
     return score.numpy()
+
+
+def _unembed_embed(W_U: Tensor, W_E: Tensor) -> Tensor:
+    """``W_U W_E`` (``d × d``), the ``vocab · d²`` step of OV copying; half of it when tied.
+
+    With tied embeddings (``W_U = W_Eᵀ``, as GPT-2) the product is the Gram matrix ``W_Eᵀ W_E``:
+    only its upper block triangle is multiplied and mirrored.
+    """
+    W_E = W_E.to(W_U.dtype)
+    d = W_E.shape[1]
+    if d < 2 * _GRAM_BLOCK or W_U.shape != (d, W_E.shape[0]) or not torch.equal(W_U, W_E.T):
+        return W_U @ W_E
+    C = torch.empty(d, d, dtype=W_E.dtype)
+    edges = list(range(0, d, d // 4 + 1)) + [d]
+    blocks = list(zip(edges, edges[1:], strict=False))
+    for i, (a0, a1) in enumerate(blocks):
+        for b0, b1 in blocks[i:]:
+            C[a0:a1, b0:b1] = W_E[:, a0:a1].T @ W_E[:, b0:b1]
+            if b0 != a0:
+                C[b0:b1, a0:a1] = C[a0:a1, b0:b1].T
+    return C
 
 
 #: Positions :func:`qk_previous_token_scores` uses by default (all of ``W_pos`` when it is shorter).
@@ -251,8 +387,7 @@ def weight_circuit_scalars(model, *, kinds: tuple[str, ...] = KINDS, copying: bo
     hw = head_weights(model)
     labels = [[f"L{layer}H{h}" for h in range(hw.n_heads)] for layer in range(hw.n_layers)]
     out: dict[str, float] = {}
-    for kind in kinds:
-        scores = composition_scores(hw, _check_kind(kind))
+    for kind, scores in composition_scores_by_kind(hw, tuple(kinds)).items():
         for l1, h1, l2, h2 in zip(*np.nonzero(np.isfinite(scores)), strict=True):
             out[f"composition/{kind}/{labels[l1][h1]}->{labels[l2][h2]}"] = float(scores[l1, h1, l2, h2])
         if np.isfinite(scores).any():
