@@ -1,17 +1,24 @@
 """Benchmark: every weight-space circuit score of a 12-layer × 12-head model on one CPU thread.
 
-"All scores" = Q-, K- and V-composition of every head pair (``composition_scores``), the OV
-copying score of every head (``ov_copying_scores``) and the positional QK previous-token score
-(``qk_previous_token_scores``). Target: < 1 s. Baseline, timed interleaved in the same run on the
-same weights: TransformerLens' own ``composition_scores`` on ``FactoredMatrix`` circuits (what
-``all_composition_scores`` calls) for Q, K and V, or, without TransformerLens, the dense
-definition (explicit ``d_model × d_model`` products) in torch.
+"All scores" = what ``CircuitCallback(weights=True)`` computes per snapshot:
+``weight_circuit_scalars`` — Q-, K- and V-composition of every head pair (9,504 pairs per kind
+at 12 × 12), the random baseline per kind (its cache cleared before every run, so it is paid
+for), the OV copying score of every head and the positional QK previous-token score. Target:
+< 1 s of CPU time. Default shapes: GPT-2 small — d_model 768, d_head 64, vocab 50,257 with tied
+embeddings (``W_U = W_Eᵀ``), 1,024 positions; ``--untied`` draws ``W_U`` separately.
 
-The cost is dominated by the pairwise products (``(L·H·d_head)² · d_model / 2`` multiply-adds per
-kind) and by ``W_U W_E`` (``vocab · d_model²``) for copying, so the script reports several widths.
+Measured in the same run on the same weights:
 
-    OMP_NUM_THREADS=1 python benchmarks/composition_scoring.py [--d-model 192 384] [--vocab 4096]
-    OMP_NUM_THREADS=1 python benchmarks/composition_scoring.py --d-model 768 --no-baseline   # GPT-2 small widths
+- **previous**: the implementation before the Gram route (QR factors; composition from every
+  ``d_head × d_head`` product ``A_i B_j``, one kind at a time; ``W_O C W_V`` in float64).
+- **floor**: the one ``vocab × d_model²`` product ``W_U W_E`` that OV copying cannot avoid
+  (``W_Eᵀ W_E`` when tied), timed alone: no exact copying score is cheaper.
+- ``--tl``: TransformerLens' ``composition_scores`` on ``FactoredMatrix`` circuits (what
+  ``all_composition_scores`` calls) — it broadcasts all pairs at once (GBs at d_model 768), so only
+  on request.
+
+    OMP_NUM_THREADS=1 python benchmarks/composition_scoring.py                   # GPT-2 small shapes
+    OMP_NUM_THREADS=1 python benchmarks/composition_scoring.py --d-model 192 384 --vocab 4096
 """
 
 from __future__ import annotations
@@ -22,61 +29,88 @@ import time
 
 import torch
 
-from devinterp.analyses.composition import (
-    KINDS,
-    composition_scores,
-    ov_copying_scores,
-    qk_previous_token_scores,
-)
+from devinterp.analyses import composition as comp
 from devinterp.analyses.head_access import HeadWeights
 
 TARGET_S = 1.0
 
 
-def random_weights(L: int, H: int, d: int, vocab: int, n_ctx: int, seed: int = 0) -> HeadWeights:
+def random_weights(L: int, H: int, d: int, vocab: int, n_ctx: int, *, tied: bool = True,
+                   seed: int = 0) -> HeadWeights:
     g = torch.Generator().manual_seed(seed)
     dh = d // H
 
     def r(*s):
         return torch.randn(*s, generator=g) / d ** 0.5
 
+    W_E = r(vocab, d)
     return HeadWeights(W_Q=r(L, H, d, dh), W_K=r(L, H, d, dh), W_V=r(L, H, d, dh), W_O=r(L, H, dh, d),
-                       b_Q=None, b_K=None, b_V=None, b_O=None, W_E=r(vocab, d), W_U=r(d, vocab),
-                       W_pos=r(n_ctx, d), family="benchmark")
+                       b_Q=None, b_K=None, b_V=None, b_O=None, W_E=W_E,
+                       W_U=W_E.T.clone() if tied else r(d, vocab), W_pos=r(n_ctx, d), family="benchmark")
 
 
-def ours(hw: HeadWeights) -> None:
-    for kind in KINDS:
-        composition_scores(hw, kind)
-    ov_copying_scores(hw)
-    qk_previous_token_scores(hw)
+def ours(hw: HeadWeights) -> dict[str, float]:
+    comp._baseline.cache_clear()
+    return comp.weight_circuit_scalars(hw)
 
 
-def baseline_fn(hw: HeadWeights):
-    try:
-        from transformer_lens.FactoredMatrix import FactoredMatrix
-        from transformer_lens.utilities import composition_scores as tl_scores
-    except ImportError:
-        tl_scores = None
+def _qr_r(W: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.qr(W, mode="r").R
 
-    if tl_scores is not None:
-        def tl() -> None:
-            left = FactoredMatrix(hw.W_V, hw.W_O)
-            qk = FactoredMatrix(hw.W_Q, hw.W_K.transpose(-2, -1))
-            for right in (qk, qk.T, left):
-                tl_scores(left, right, broadcast_dims=True)
-        return "TransformerLens composition_scores (Q, K, V)", tl
 
-    def dense() -> None:
-        ov = hw.W_V @ hw.W_O
-        qk = hw.W_Q @ hw.W_K.transpose(-1, -2)
-        L, H, d, _ = ov.shape
-        left = ov.reshape(L * H, d, d)
-        for right in (qk, qk.transpose(-1, -2), ov):
-            right = right.reshape(L * H, d, d)
-            for i in range(L * H):
-                torch.linalg.matrix_norm(left[i] @ right)
-    return "dense d_model x d_model products (Q, K, V)", dense
+def previous(hw: HeadWeights) -> None:
+    """The implementation before this benchmark's target was met (kept here to measure against)."""
+    for kind in comp.KINDS:
+        A = _qr_r(hw.W_V) @ hw.W_O
+        X, Y = {"Q": (hw.W_Q, hw.W_K), "K": (hw.W_K, hw.W_Q), "V": (hw.W_V, hw.W_O.mT)}[kind]
+        B = X @ _qr_r(Y).mT
+        comp._pair_scores(A, [B], route="cross")
+        _previous_baseline(hw.d_model, hw.d_head, kind)
+    C = (hw.W_U @ hw.W_E).double()
+    torch.linalg.eigvals(hw.W_O.double() @ C @ hw.W_V.double())
+    comp.qk_previous_token_scores(hw)
+
+
+def _previous_baseline(d: int, dh: int, kind: str, n: int = 64, seed: int = 0) -> float:
+    """The previous random baseline: full-size Gaussian matrices, one kind at a time."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def draw(*shape):
+        return torch.randn(n, *shape, generator=gen, dtype=torch.float64)
+
+    A = _qr_r(draw(d, dh)) @ draw(dh, d)
+    X, Y = draw(d, dh), draw(d, dh) if kind != "V" else draw(dh, d).mT
+    B = X @ _qr_r(Y).mT
+    return float((torch.linalg.matrix_norm(A @ B) / torch.linalg.matrix_norm(A)
+                  / torch.linalg.matrix_norm(B)).mean())
+
+
+def floor(hw: HeadWeights) -> None:
+    comp._unembed_embed(hw.W_U, hw.W_E)
+
+
+def parts(hw: HeadWeights) -> dict[str, float]:
+    """CPU seconds of each score family (one run)."""
+    out = {}
+    for name, fn in (("composition Q+K+V", lambda: comp.composition_scores_by_kind(hw)),
+                     ("baselines", lambda: (comp._baseline.cache_clear(),
+                                            [comp.composition_baseline(hw, k) for k in "QKV"])),
+                     ("OV copying", lambda: comp.ov_copying_scores(hw)),
+                     ("QK previous-token", lambda: comp.qk_previous_token_scores(hw))):
+        out[name] = timed(fn)[1]
+    return out
+
+
+def tl_fn(hw: HeadWeights):
+    from transformer_lens.FactoredMatrix import FactoredMatrix
+    from transformer_lens.utilities import composition_scores as tl_scores
+
+    def tl() -> None:
+        left = FactoredMatrix(hw.W_V, hw.W_O)
+        qk = FactoredMatrix(hw.W_Q, hw.W_K.transpose(-2, -1))
+        for right in (qk, qk.T, left):
+            tl_scores(left, right, broadcast_dims=True)
+    return tl
 
 
 def timed(fn) -> tuple[float, float]:
@@ -92,32 +126,45 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--heads", type=int, default=12)
-    parser.add_argument("--d-model", type=int, nargs="+", default=[192, 384])
-    parser.add_argument("--vocab", type=int, default=4096)
+    parser.add_argument("--d-model", type=int, nargs="+", default=[768])
+    parser.add_argument("--vocab", type=int, default=50257)
+    parser.add_argument("--untied", action="store_true", help="W_U drawn apart from W_E (default: tied)")
     parser.add_argument("--n-ctx", type=int, default=1024)
-    parser.add_argument("--no-baseline", action="store_true")
+    parser.add_argument("--no-previous", action="store_true", help="skip the previous implementation")
+    parser.add_argument("--tl", action="store_true", help="also time TransformerLens (memory-hungry)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"{args.layers} layers x {args.heads} heads, vocab {args.vocab}, n_ctx {args.n_ctx}, "
-          f"{args.threads} thread(s), median of {args.repeats}")
+    print(f"{args.layers} layers x {args.heads} heads, vocab {args.vocab} "
+          f"({'untied' if args.untied else 'tied'} W_U), n_ctx {args.n_ctx}, {args.threads} thread(s), "
+          f"median of {args.repeats}; times are process CPU seconds (wall in brackets)", flush=True)
     for d in args.d_model:
-        hw = random_weights(args.layers, args.heads, d, args.vocab, args.n_ctx)
-        name, base = baseline_fn(hw)
-        ours(hw)  # warm-up
-        t_ours, t_base = [], []
+        hw = random_weights(args.layers, args.heads, d, args.vocab, args.n_ctx, tied=not args.untied)
+        n = len(ours(hw))  # warm-up
+        rows = {"ours": [], "previous": [], "floor": [], "tl": []}
+        fns = {"ours": lambda hw=hw: ours(hw), "floor": lambda hw=hw: floor(hw)}
+        if not args.no_previous:
+            fns["previous"] = lambda hw=hw: previous(hw)
+        if args.tl:
+            fns["tl"] = tl_fn(hw)
         for _ in range(args.repeats):
-            t_ours.append(timed(lambda hw=hw: ours(hw)))
-            if not args.no_baseline:
-                t_base.append(timed(base))
-        mo = statistics.median(w for w, _ in t_ours)
-        co = statistics.median(c for _, c in t_ours)
-        line = f"d_model {d:4d} (d_head {d // args.heads}): all scores {mo:.3f} s wall, {co:.3f} s CPU " \
-               f"[{'OK' if co < TARGET_S else 'over'} the {TARGET_S:.0f} s target]"
-        if t_base:
-            mb = statistics.median(w for w, _ in t_base)
-            cb = statistics.median(c for _, c in t_base)
-            line += f"; baseline ({name}) {mb:.3f} s wall, {cb:.3f} s CPU; ratio baseline/ours {cb / co:.1f}x (CPU)"
-        print(line, flush=True)
+            for name, fn in fns.items():
+                rows[name].append(timed(fn))
+        med = {k: (statistics.median(w for w, _ in v), statistics.median(c for _, c in v))
+               for k, v in rows.items() if v}
+        wo, co = med["ours"]
+        print(f"d_model {d} (d_head {d // args.heads}): all {n} scores {co:.3f} s CPU ({wo:.3f} s wall) "
+              f"[{'MET' if co < TARGET_S else 'OVER'}: target {TARGET_S:.0f} s]", flush=True)
+        print("  of which " + ", ".join(f"{k} {v:.3f} s" for k, v in parts(hw).items()), flush=True)
+        wf, cf = med["floor"]
+        print(f"  floor W_U W_E alone: {cf:.3f} s CPU ({wf:.3f} s wall); all but it: {co - cf:.3f} s", flush=True)
+        if "previous" in med:
+            wp, cp = med["previous"]
+            print(f"  previous implementation: {cp:.3f} s CPU ({wp:.3f} s wall); ratio previous/ours "
+                  f"{cp / co:.1f}x", flush=True)
+        if "tl" in med:
+            wt, ct = med["tl"]
+            print(f"  TransformerLens composition_scores (Q, K, V only): {ct:.3f} s CPU ({wt:.3f} s wall); "
+                  f"ratio TL/ours {ct / co:.1f}x", flush=True)
 
 
 if __name__ == "__main__":

@@ -275,6 +275,19 @@ def test_baseline_is_what_random_initialisation_scores():
     assert composition_baseline((64, 16), seed=3) == composition_baseline((64, 16), seed=3)
 
 
+@pytest.mark.parametrize("d,dh", [(40, 8), (96, 6)])
+def test_baseline_sampled_in_d_head_dimensions_has_the_direct_distribution(d, dh):
+    from devinterp.analyses.composition import _baseline_samples
+
+    direct = _baseline_samples(d, dh, 3000, 11, reduced=False)
+    reduced = _baseline_samples(d, dh, 3000, 12, reduced=True)
+    se = np.sqrt(direct.var() / direct.size + reduced.var() / reduced.size)
+    assert abs(direct.mean() - reduced.mean()) < 4 * se, (direct.mean(), reduced.mean(), se)
+    assert abs(direct.std() - reduced.std()) < 0.1 * direct.std()
+    qs = np.linspace(0.1, 0.9, 9)
+    assert np.abs(np.quantile(direct, qs) - np.quantile(reduced, qs)).max() < 6 * se + 0.1 * direct.std()
+
+
 # ----------------------------------------------------------------------------------------------
 # the families
 # ----------------------------------------------------------------------------------------------

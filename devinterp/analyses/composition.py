@@ -233,9 +233,13 @@ def composition_scores(model, kind: str = "K", *, dtype: torch.dtype = torch.flo
 def composition_baseline(model, kind: str = "K", *, num_samples: int = 256, seed: int = 0) -> float:
     """Mean composition score of random matrices with the model's shapes (to read scores against).
 
-    ``W_Q, W_K, W_V, W_O`` are drawn i.i.d. Gaussian (``d_model × d_head`` / ``d_head × d_model``;
-    the scale cancels) for ``num_samples`` independent head pairs, seeded by ``seed``. For
-    ``d_model = 64, d_head = 16`` it is about 0.12; it shrinks roughly as ``1/√(d_model/d_head)``.
+    ``W_Q, W_K, W_V, W_O`` drawn i.i.d. Gaussian (``d_model × d_head`` / ``d_head × d_model``; the
+    scale cancels), ``num_samples`` independent head pairs, seeded by ``seed``. The three kinds
+    have the same distribution (each score is ``‖R_V W_O X R_Yᵀ‖ / (‖R_V W_O‖ ‖X R_Yᵀ‖)`` with four
+    independent Gaussian factors), so one draw serves all three. It is sampled in ``d_head``
+    dimensions — Bartlett factors of the Wishart Gram matrices and the ``d_head × d_head``
+    Gaussian block of ``W_O X`` (rotation invariance) — so it costs the same at any ``d_model``.
+    For ``d_model = 64, d_head = 16`` it is about 0.12; it shrinks roughly as ``√(d_head/d_model)``.
 
     Args:
         model: A supported model, a ``HeadWeights``, or a ``(d_model, d_head)`` pair.
@@ -251,28 +255,46 @@ def composition_baseline(model, kind: str = "K", *, num_samples: int = 256, seed
     else:
         hw = head_weights(model)
         d, dh = hw.d_model, hw.d_head
-    return _baseline(d, dh, kind, num_samples, int(seed))
+    return _baseline(d, dh, num_samples, int(seed))
+
+
+def _bartlett(rng: np.random.Generator, n: int, m: int, p: int) -> np.ndarray:
+    """``n`` upper-triangular ``R`` ``(p × p)`` with ``RᵀR ~ Wishart(I_p, m)`` (= ``WᵀW``, ``W`` ``m × p`` Gaussian)."""
+    R = np.triu(rng.standard_normal((n, p, p)), 1)
+    R[:, np.arange(p), np.arange(p)] = np.sqrt(rng.chisquare(m - np.arange(p), size=(n, p)))
+    return R
 
 
 @functools.lru_cache(maxsize=64)
-def _baseline(d: int, dh: int, kind: str, num_samples: int, seed: int) -> float:
+def _baseline(d: int, dh: int, num_samples: int, seed: int) -> float:
     """The random baseline (cached: it depends only on its arguments)."""
-    gen = torch.Generator().manual_seed(seed)
+    return float(np.mean(_baseline_samples(d, dh, num_samples, seed, reduced=d >= 2 * dh)))
 
-    def heads() -> HeadWeights:  # num_samples independent heads, as (num_samples, 1) "layers x heads"
-        def draw(*shape):
-            return torch.randn(num_samples, 1, *shape, generator=gen, dtype=torch.float64)
 
-        return HeadWeights(W_Q=draw(d, dh), W_K=draw(d, dh), W_V=draw(d, dh), W_O=draw(dh, d),
-                           b_Q=None, b_K=None, b_V=None, b_O=None, W_E=None, W_U=None, W_pos=None,
-                           family="random")
-
+def _baseline_samples(d: int, dh: int, n: int, seed: int, *, reduced: bool) -> np.ndarray:
+    """``n`` composition scores of independent Gaussian head pairs (``reduced``: in ``d_head`` dims)."""
+    rng = np.random.default_rng(seed)
+    if reduced:
+        # Earlier head: A = R_V W_O; W_O = R_Oᵀ Q_Oᵀ (QR of the Gaussian W_Oᵀ), Q_O uniformly random.
+        # Later head: B = X R_Yᵀ; in the frame [Q_O, Q_⊥], X = [G; H] with G (dh × dh) and H
+        # ((d - dh) × dh) Gaussian and independent of Q_O. So A B = R_V R_Oᵀ G R_Yᵀ,
+        # ‖A‖ = ‖R_V R_Oᵀ‖ and ‖B‖² = ‖G R_Yᵀ‖² + ‖S R_Yᵀ‖² with SᵀS = HᵀH (needs d - dh ≥ dh).
+        R_V, R_O, R_Y = (_bartlett(rng, n, d, dh) for _ in range(3))
+        S = _bartlett(rng, n, d - dh, dh)
+        G = rng.standard_normal((n, dh, dh))
+        left = R_V @ R_O.transpose(0, 2, 1)
+        GY, SY = G @ R_Y.transpose(0, 2, 1), S @ R_Y.transpose(0, 2, 1)
+        num = np.linalg.norm(left @ GY, axis=(1, 2))
+        den = np.linalg.norm(left, axis=(1, 2)) * np.sqrt(
+            np.square(GY).sum(axis=(1, 2)) + np.square(SY).sum(axis=(1, 2)))
+        return num / den
+    W_V, W_O, X, Y = (torch.from_numpy(rng.standard_normal((n, *shape)))
+                      for shape in ((d, dh), (dh, d), (d, dh), (d, dh)))
     with torch.no_grad():
-        A = _left(heads(), torch.float64)[:, 0]          # earlier heads
-        B = _right(heads(), kind, torch.float64)[:, 0]   # later heads: independent draws
-        score = (torch.linalg.matrix_norm(A @ B) / torch.linalg.matrix_norm(A)
-                 / torch.linalg.matrix_norm(B))
-    return float(score.mean())
+        A = _r_factor(W_V) @ W_O
+        B = X @ _r_factor(Y).mT
+        score = torch.linalg.matrix_norm(A @ B) / torch.linalg.matrix_norm(A) / torch.linalg.matrix_norm(B)
+    return score.numpy()
 
 
 def ov_copying_scores(model) -> np.ndarray:
@@ -380,7 +402,7 @@ def weight_circuit_scalars(model, *, kinds: tuple[str, ...] = KINDS, copying: bo
 
     Tags: ``composition/{kind}/L{l1}H{h1}->L{l2}H{h2}`` for every pair with ``l1 < l2`` and
     ``composition/{kind}/max`` and ``composition/{kind}/baseline`` (:func:`composition_baseline`,
-    64 samples, seed 0); ``ov_copying/L{l}H{h}`` (when the embedding and unembedding are
+    256 samples, seed 0: the same for the three kinds); ``ov_copying/L{l}H{h}`` (when the embedding and unembedding are
     found); ``qk_previous_token/L{l}H{h}`` (learned absolute positions only). For large models
     restrict ``kinds`` (a 12 × 12 model has 9,504 pairs per kind).
     """
@@ -392,7 +414,7 @@ def weight_circuit_scalars(model, *, kinds: tuple[str, ...] = KINDS, copying: bo
             out[f"composition/{kind}/{labels[l1][h1]}->{labels[l2][h2]}"] = float(scores[l1, h1, l2, h2])
         if np.isfinite(scores).any():
             out[f"composition/{kind}/max"] = float(np.nanmax(scores))
-            out[f"composition/{kind}/baseline"] = composition_baseline(hw, kind, num_samples=64, seed=0)
+            out[f"composition/{kind}/baseline"] = composition_baseline(hw, kind, num_samples=256, seed=0)
     if copying and hw.W_E is not None and hw.W_U is not None:
         for (layer, h), v in np.ndenumerate(ov_copying_scores(hw)):
             out[f"ov_copying/{labels[layer][h]}"] = float(v)
