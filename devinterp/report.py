@@ -131,9 +131,15 @@ def induction_circuits(curves: Curves, transitions: Sequence = (), *, threshold:
     the transition flagged on that curve (the one closest to its half-way rise) or, if none was
     flagged, the half-way step itself.
 
+    "Rises with the circuit" is measured at the end of formation, ``formation_end`` = 1.5 × the
+    first step where the induction score reaches half its final value: ``rise_by_formation`` is
+    the pair's K-composition there minus its first value, and ``other_rises_by_formation`` the
+    same for every other K pair into the induction head (``{"L0H1": 0.006, ...}``).
+
     Returns:
         ``[{"previous_token": "L0H0", "induction": "L1H1", "k_composition": (first, last),
-        "step": ..., "flagged": bool, "baseline": ...}, ...]`` (empty without the curves).
+        "step": ..., "flagged": bool, "baseline": ..., "formation_end": ..., "rise_by_formation":
+        ..., "other_rises_by_formation": {...}}, ...]`` (empty without the curves).
     """
     def layer(head: str) -> int:
         return int(head[1:].split("H")[0])
@@ -158,11 +164,34 @@ def induction_circuits(curves: Curves, transitions: Sequence = (), *, threshold:
         if flags:
             ref = half if half is not None else float(steps[-1])
             step, flagged = min(flags, key=lambda s: abs(math.log(max(s, 0.5) / max(ref, 0.5)))), True
+        end = _formation_end(*curves[f"induction/{head}"])
+        others = {t.split("/")[-1].split("->")[0]: curves[t] for t in curves
+                  if t.startswith("composition/K/") and t.endswith(f"->{head}") and t != tag}
         out.append({"previous_token": src, "induction": head,
                     "k_composition": (float(values[0]), float(values[-1])), "step": step,
                     "flagged": flagged,
-                    "baseline": None if base is None or not len(base[1]) else float(base[1][-1])})
+                    "baseline": None if base is None or not len(base[1]) else float(base[1][-1]),
+                    "formation_end": end, "rise_by_formation": _rise_until(steps, values, end),
+                    "other_rises_by_formation": {h: _rise_until(*c, end) for h, c in sorted(others.items())}})
     return out
+
+
+def _formation_end(steps: np.ndarray, values: np.ndarray) -> float | None:
+    """1.5 × the first step where ``values`` reaches half its final value (None if it never does)."""
+    steps, values = np.asarray(steps, float), np.asarray(values, float)
+    if not len(values) or not np.isfinite(values[-1]) or values[-1] <= 0:
+        return None
+    hit = np.nonzero(values >= values[-1] / 2)[0]
+    return 1.5 * float(steps[hit[0]]) if len(hit) else None
+
+
+def _rise_until(steps: np.ndarray, values: np.ndarray, step: float | None) -> float | None:
+    """``values`` at the last point at or before ``step``, minus its first value."""
+    steps, values = np.asarray(steps, float), np.asarray(values, float)
+    if step is None or not len(values):
+        return None
+    i = int(np.searchsorted(steps, step, side="right")) - 1
+    return float(values[max(i, 0)] - values[0])
 
 
 def describe_circuit(c: Mapping) -> str:

@@ -411,6 +411,12 @@ def test_report_panel_and_circuit_naming():
     (c,) = induction_circuits(curves)
     assert (c["previous_token"], c["induction"], c["flagged"]) == ("L0H0", "L1H0", False)
     assert 140 <= c["step"] <= 160 and c["k_composition"][1] == pytest.approx(0.32, abs=1e-3)
+    # formation ends at 1.5 x the step the induction score reaches half its final value (~150)
+    end = c["formation_end"]
+    assert 1.5 * 140 <= end <= 1.5 * 160
+    i = np.searchsorted(steps, end, side="right") - 1
+    assert c["rise_by_formation"] == pytest.approx(0.2 * (rise[i] - rise[0]))
+    assert c["other_rises_by_formation"] == {"L0H1": pytest.approx(0.0)}
 
     class Flag:
         metric, step, start, end, direction, kind = "composition/K/L0H0->L1H0", 147.0, 130, 170, "rise", "sigmoid"

@@ -239,6 +239,8 @@ def test_the_induction_circuit_is_read_from_the_weights(demo):
     assert scalars[f"qk_previous_token/{prev}"][1][-1] > 0.4        # its QK circuit: previous position
     summary = json.loads((demo["out"] / "summary.json").read_text())
     assert {c["induction"] for c in summary["circuits"]} == set(inductions)
+    for c in summary["circuits"]:   # the same criterion, as the summary reports it
+        assert c["rise_by_formation"] > 4 * max(c["other_rises_by_formation"].values()), c
 
 
 def test_demo_store_analyses_without_model_data_or_loss_flags(demo, tmp_path):
