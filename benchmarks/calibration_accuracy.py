@@ -11,7 +11,7 @@ stderr, relative error, chosen ε·h, chains × (burn-in + draws), model evaluat
 the budget bound, wall time) and the median and maximum relative error per family.
 
     OMP_NUM_THREADS=1 python benchmarks/calibration_accuracy.py [--seed 0] [--family dln|rrr|large|all]
-        [--budget 5000] [--only 3]
+        [--budget 5000] [--only 3] [--burnin-fraction 0]
 
 The goals (issue 13): small DLNs max 25%; larger DLNs median 10% and max 20%.
 """
@@ -83,8 +83,14 @@ def main() -> None:
     ap.add_argument("--family", default="all", choices=["dln", "rrr", "large", "heldout", "all"])
     ap.add_argument("--budget", type=int, default=5000, help="0: no limit")
     ap.add_argument("--only", type=int, default=0, help="the first ONLY networks of the family")
+    ap.add_argument("--burnin-fraction", type=float, default=None,
+                    help="override calibration.BURNIN_FRACTION (0: the lengths before it)")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    if args.burnin_fraction is not None:
+        from devinterp.analyses import calibration
+
+        calibration.BURNIN_FRACTION = args.burnin_fraction
     rows = []
     probs = problems(args.family, seed=args.seed)
     if args.only:

@@ -922,7 +922,8 @@ def _lengths(chosen: PilotRow, rows: list[PilotRow],
 
 #: At most this factor longer than the calibrated lengths when filling the budget.
 MAX_STRETCH = 8.0
-#: Least share of each chain spent as burn-in when the lengths fill the budget.
+#: Least share of each chain spent as burn-in when the lengths fill the budget (the draws are
+#: the second half: λ̂ of a chain from w* still rises after the pilots' plateau; docs/calibration.md).
 BURNIN_FRACTION = 0.5
 
 
@@ -936,7 +937,10 @@ def _fill_budget(num_chains: int, num_burnin: int, num_draws: int, available: fl
     goes into longer chains rather than being left unused. With a burn-in longer than a third
     of a chain, two chains instead of more (each chain pays the burn-in again). Burn-in and
     draws grow in proportion, at most ``MAX_STRETCH`` times and up to ``max_burnin`` /
-    ``max_draws``.
+    ``max_draws``. At least ``BURNIN_FRACTION`` of each chain is burn-in, also when the
+    draws do not fit and are cut later (``budget.fit_lengths``): the pilots see only the fast
+    part of the relaxation, and λ̂ of a chain from w* keeps rising for 1,000-2,000 steps even on
+    small deep linear networks, so the draws come from the second half of each chain.
     """
     per_check = 1 + 1 / 30
     chains = num_chains
