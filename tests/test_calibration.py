@@ -192,6 +192,31 @@ def test_cli_prints_the_table(tmp_path):
     assert bad.returncode != 0 and "dln:" in bad.stderr + bad.stdout
 
 
+def test_filling_the_budget_spends_at_least_half_of_each_chain_on_burn_in():
+    """The pilots see only the fast part of the relaxation; λ̂ of a chain from w* keeps rising
+    for ~1,000-2,000 steps on deep linear networks, so the draws come from the second half."""
+    from devinterp.analyses.budget import fit_lengths
+    from devinterp.analyses.calibration import BURNIN_FRACTION, _fill_budget
+
+    per_check = 1 + 1 / 30
+    # room to stretch: burn-in raised to half of each (stretched) chain, the cost within bounds
+    c, b, d, text = _fill_budget(2, 200, 1500, 4000, max_burnin=20_000, max_draws=20_000)
+    assert c == 2 and b >= BURNIN_FRACTION * (b + d) and d > 0 and "stretched" in text
+    assert c * (b + d) * per_check <= 4000 + 2
+    # a calibrated burn-in longer than half is kept (stretched in proportion)
+    c, b, d, _ = _fill_budget(2, 900, 300, 3000, max_burnin=20_000, max_draws=20_000)
+    assert b > d and b >= 900
+    # draws beyond the budget: burn-in takes half of what a chain can afford, the draws are cut
+    # later by fit_lengths (which keeps the burn-in and warns in estimate_llc)
+    c, b, d, text = _fill_budget(2, 200, 5000, 3000, max_burnin=20_000, max_draws=20_000)
+    per = 3000 / 2 / per_check
+    assert b == math.ceil(BURNIN_FRACTION * per) and d == 5000 and "num_burnin raised" in text
+    fc, fb, fd = fit_lengths(c, b, d, 3000)
+    assert (fc, fb) == (2, b) and 0.9 * b <= fd <= 1.1 * b
+    # ... but never beyond max_burnin
+    assert _fill_budget(2, 200, 5000, 3000, max_burnin=300, max_draws=20_000)[1] == 300
+
+
 def test_auto_estimate_on_a_small_dln_fast():
     prob = make_dln_problem([4, 5, 6, 4], 1, 10_000, seed=0, noise_std=0.0)
     r = estimate_llc(prob.model, prob.data, prob.loss_fn, seed=0)
@@ -218,10 +243,9 @@ def _rel_errors(problems, seed):
 @pytest.mark.slow
 def test_ground_truth_deep_linear_networks():
     errs = _rel_errors([make_dln_problem(w, r, 10_000, 0, noise_std=0.0) for w, r in DLNS], 0)
-    # Goal: median <= 10%. Within the default 5,000-evaluation budget these five read median
-    # 10.5%, max 13.0% (7.0% with the earlier unbounded defaults): a regression guard at the
-    # measured level, not the goal (issue 13 left open on this point).
-    assert statistics.median(errs) <= 0.11 and max(errs) <= 0.25, errs
+    # The goal (issue 13): median <= 10%, max <= 25%. Measured within the default budget (half of
+    # each chain burn-in): median 8.7%, max 9.9% (benchmarks/calibration_accuracy.py --family dln)
+    assert statistics.median(errs) <= 0.10 and max(errs) <= 0.25, errs
 
 
 @pytest.mark.slow
@@ -240,9 +264,10 @@ def test_ground_truth_larger_deep_linear_networks_within_the_default_budget():
     from benchmarks.calibration_accuracy import LARGE
 
     errs = _rel_errors([make_dln_problem(w, r, 10_000, 0, noise_std=0.0) for w, r in LARGE], 0)
-    # Goal: median <= 10%, max <= 20%. Measured: median 6.8%, max 20.6% ([30]*6 r=3 reads 20.6%
-    # low): the max is guarded at the measured level, not the goal (issue 13 left open).
-    assert statistics.median(errs) <= 0.10 and max(errs) <= 0.22, errs
+    # The goal (issue 13): median <= 10%, max <= 20%. Measured: median 5.7%, max 18.3% ([30]*6
+    # r=3, depth 5, reads low: its chains are short for its relaxation). Seed 1 and held-out
+    # depth-5 networks miss the max (docs/calibration.md, "Measured accuracy").
+    assert statistics.median(errs) <= 0.10 and max(errs) <= 0.20, errs
 
 
 @pytest.mark.slow

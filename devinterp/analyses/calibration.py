@@ -922,6 +922,9 @@ def _lengths(chosen: PilotRow, rows: list[PilotRow],
 
 #: At most this factor longer than the calibrated lengths when filling the budget.
 MAX_STRETCH = 8.0
+#: Least share of each chain spent as burn-in when the lengths fill the budget (the draws are
+#: the second half: λ̂ of a chain from w* still rises after the pilots' plateau; docs/calibration.md).
+BURNIN_FRACTION = 0.5
 
 
 def _fill_budget(num_chains: int, num_burnin: int, num_draws: int, available: float, *,
@@ -934,7 +937,10 @@ def _fill_budget(num_chains: int, num_burnin: int, num_draws: int, available: fl
     goes into longer chains rather than being left unused. With a burn-in longer than a third
     of a chain, two chains instead of more (each chain pays the burn-in again). Burn-in and
     draws grow in proportion, at most ``MAX_STRETCH`` times and up to ``max_burnin`` /
-    ``max_draws``.
+    ``max_draws``. At least ``BURNIN_FRACTION`` of each chain is burn-in, also when the
+    draws do not fit and are cut later (``budget.fit_lengths``): the pilots see only the fast
+    part of the relaxation, and λ̂ of a chain from w* keeps rising for 1,000-2,000 steps even on
+    small deep linear networks, so the draws come from the second half of each chain.
     """
     per_check = 1 + 1 / 30
     chains = num_chains
@@ -944,13 +950,24 @@ def _fill_budget(num_chains: int, num_burnin: int, num_draws: int, available: fl
         per = available / chains / per_check
     total = num_burnin + num_draws
     if per <= total:
-        return chains, num_burnin, num_draws, (
-            f"{chains} chains (the budget cannot fit {num_chains} with this burn-in)"
-            if chains != num_chains else "")
+        # the draws will be cut to fit (estimate_llc warns with the ESS reached): the burn-in
+        # still takes its share of what each chain can afford
+        burn = min(max(num_burnin, int(math.ceil(BURNIN_FRACTION * per))), max_burnin)
+        text = (f"{chains} chains (the budget cannot fit {num_chains} with this burn-in)"
+                if chains != num_chains else "")
+        if burn != num_burnin:
+            text += ("; " if text else "") + (
+                f"num_burnin raised to {burn} ({BURNIN_FRACTION:.0%} of the {int(per)} steps "
+                "per chain the budget allows)")
+        return chains, burn, num_draws, text
     scale = min(per / total, MAX_STRETCH)
     burn = int(min(num_burnin * scale, max_burnin))
     draws = int(min(num_draws * scale, max_draws, per - burn))
     draws = max(draws, num_draws)
+    length = burn + draws
+    if burn < BURNIN_FRACTION * length:
+        burn = min(int(math.ceil(BURNIN_FRACTION * length)), max_burnin)
+        draws = length - burn
     text = (f"stretched to {chains} chains × ({burn} + {draws}) steps to use the budget "
             f"({int(available):,} model evaluations left after the calibration)")
     return chains, burn, draws, text
