@@ -137,7 +137,28 @@ HAND = ModuleAttention(pattern="blocks.*.attn.attn_dropout", head_input="blocks.
 
 
 def test_hand_written_attention_through_module_adapter():
-    model = trained("handwritten")
+    """On hand-written attention that has grown an induction head (checked here, not assumed)."""
+    model = trained("handwritten-induction")
+    with torch.no_grad():
+        model(tokens())
+    patterns = [b.attn.last_pattern for b in model.blocks]
+    ind, prev = reference_scores(patterns, SEQ)  # the model's own record says a head formed
+    assert ind[1].max() > 0.5 and prev[0].max() > 0.4, (ind, prev)
+    check_agreement(model, patterns, "modules", attention=HAND)
+    check_ablation_changes_output(model, attention=HAND)
+    # ablating the induction head hurts in-context copying: the repeat half gets worse
+    x = tokens()
+    head = int(np.argmax(ind[1]))
+    with torch.no_grad():
+        clean = torch.nn.functional.cross_entropy(model(x)[:, SEQ // 2:-1].flatten(0, 1), x[:, SEQ // 2 + 1:].flatten())
+        with capture_attention(model, ablate=[(1, head)], record=False, attention=HAND):
+            ablated = torch.nn.functional.cross_entropy(model(x)[:, SEQ // 2:-1].flatten(0, 1),
+                                                        x[:, SEQ // 2 + 1:].flatten())
+    assert ablated > clean + 0.1, (float(clean), float(ablated))
+
+
+def test_hand_written_pre_ln_model_through_module_adapter():
+    model = trained("handwritten")  # pre-LN + MLPs: no induction head within this budget
     with torch.no_grad():
         model(tokens())
     patterns = [b.attn.last_pattern for b in model.blocks]

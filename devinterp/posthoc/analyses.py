@@ -177,16 +177,24 @@ class LLCAnalysis:
         else:
             if context.data is None or context.loss_fn is None:
                 raise InvalidInputError("calibrating the LLC needs data and a loss function (see --data and --loss)")
+            import sys
+            import time
+
             model.eval()
+            if context.progress is not False:  # announced even when stderr is not a terminal
+                print(f"devinterp analyze: calibrating the LLC sampler once, at step {context.step} "
+                      f"(reused for every snapshot; saved as {path.name}) ...", file=sys.stderr, flush=True)
+            t0 = time.perf_counter()
             kwargs = {k: v for k, v in self._given().items() if k in ("localization", "nbeta", "batch_size")}
             if self.num_chains is not None:
                 kwargs["num_chains"] = self.num_chains
             cal = calibrate(model, context.data, context.loss_fn, sampler=self.sampler, seed=context.step_seed,
                             device=context.device, vectorize=self.vectorize, budget=self.budget,
                             progress=context.progress, **kwargs)
+            if context.progress is not False:
+                print(f"devinterp analyze: calibrated in {time.perf_counter() - t0:.0f} s: "
+                      f"{_describe_calibration(cal)}", file=sys.stderr, flush=True)
             if not cal.ok:  # on the console, not only in the JSON
-                import sys
-
                 print("devinterp analyze: LLC calibration fell back (ok: false): "
                       + "; ".join(cal.warnings), file=sys.stderr, flush=True)
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -339,3 +347,10 @@ class CircuitAnalysis:
 
         values.update(weight_scalars(target, self.weights, tuple(self.weight_kinds)))
         return _finite_scalars(values)
+
+
+def _describe_calibration(cal: Any) -> str:
+    """One line for the console: what the calibration chose."""
+    return (f"step_size={cal.step_size:.3g}, localization={cal.localization:.3g}, nbeta={cal.nbeta:.3g}, "
+            f"{cal.num_chains} chains x ({cal.num_burnin} burn-in + {cal.num_draws} draws)"
+            + ("" if cal.ok else " (fallback)"))
