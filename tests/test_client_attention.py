@@ -206,10 +206,12 @@ def test_lightning_style_wrapper_is_scored_through_the_inner_hf_model():
 @pytest.mark.slow
 @needs_hf
 def test_trained_llama_grows_an_induction_head_and_scores_still_match():
-    """Longer training (300 steps at lr 1e-2): the GQA Llama grows an induction head.
+    """Longer training (300 steps at lr 1e-2): a layer-1 Llama head attends one past the repeat.
 
-    (GPT-2, NeoX and the hand-written model stayed below 0.1 within 1000 steps of this data at lr
-    1e-3..3e-3: they learn the repeat by position instead; see the issue-12 report.)
+    On this data (period fixed at 12, as in the scoring) that head is a fixed-offset head rather
+    than an induction circuit: layer 0 grows no previous-token head (max 0.12 for seed 0; seed 1
+    grows neither, 0.10). The test checks that the scores still match HF's sharply peaked patterns.
+    The hand-written model grows a real induction head: test_hand_written_attention_through_module_adapter.
     """
     model = trained("llama", steps=300, lr=1e-2)
     scores = induction_scores(model, vocab_size=VOCAB, seq_len=SEQ, num_sequences=16)
