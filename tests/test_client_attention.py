@@ -14,7 +14,16 @@ import copy
 import numpy as np
 import pytest
 import torch
-from client_models import VOCAB, HandWrittenLM, needs_hf, needs_tl, tiny_gpt2, tl_bridge, trained
+from client_models import (
+    VOCAB,
+    HandWrittenLM,
+    needs_hf,
+    needs_tl,
+    tiny_gpt2,
+    tl_bridge,
+    trained,
+    trained_induction,
+)
 
 from devinterp.analyses import ModuleAttention, capture_attention, induction_scores
 from devinterp.data import repeated_tokens
@@ -219,3 +228,15 @@ def test_trained_llama_grows_an_induction_head_and_scores_still_match():
     assert layer == 1 and value > 0.5, scores.induction
     assert np.isfinite(scores.copying).all()
     check_agreement(model, hf_patterns(model), "sdpa")
+
+
+@pytest.mark.slow
+@needs_hf
+def test_neox_grows_an_induction_head_at_a_longer_budget_and_scores_match():
+    """GPT-NeoX (full rotary) on the reference recipe grows the circuit after ~1,250 steps."""
+    model = trained_induction(family="neox", steps=1500)
+    patterns = hf_patterns(model)
+    ind, prev = reference_scores(patterns, SEQ)
+    assert ind[1].max() > 0.5 and prev[0].max() > 0.4, (ind, prev)
+    check_agreement(model, patterns, "sdpa")
+    check_ablation_changes_output(model)
