@@ -14,7 +14,16 @@ import copy
 import numpy as np
 import pytest
 import torch
-from client_models import VOCAB, HandWrittenLM, needs_hf, needs_tl, tiny_gpt2, tl_bridge, trained
+from client_models import (
+    VOCAB,
+    HandWrittenLM,
+    needs_hf,
+    needs_tl,
+    tiny_gpt2,
+    tl_bridge,
+    trained,
+    trained_induction,
+)
 
 from devinterp.analyses import ModuleAttention, capture_attention, induction_scores
 from devinterp.data import repeated_tokens
@@ -137,7 +146,28 @@ HAND = ModuleAttention(pattern="blocks.*.attn.attn_dropout", head_input="blocks.
 
 
 def test_hand_written_attention_through_module_adapter():
-    model = trained("handwritten")
+    """On hand-written attention that has grown an induction head (checked here, not assumed)."""
+    model = trained("handwritten-induction")
+    with torch.no_grad():
+        model(tokens())
+    patterns = [b.attn.last_pattern for b in model.blocks]
+    ind, prev = reference_scores(patterns, SEQ)  # the model's own record says a head formed
+    assert ind[1].max() > 0.5 and prev[0].max() > 0.4, (ind, prev)
+    check_agreement(model, patterns, "modules", attention=HAND)
+    check_ablation_changes_output(model, attention=HAND)
+    # ablating the induction head hurts in-context copying: the repeat half gets worse
+    x = tokens()
+    head = int(np.argmax(ind[1]))
+    with torch.no_grad():
+        clean = torch.nn.functional.cross_entropy(model(x)[:, SEQ // 2:-1].flatten(0, 1), x[:, SEQ // 2 + 1:].flatten())
+        with capture_attention(model, ablate=[(1, head)], record=False, attention=HAND):
+            ablated = torch.nn.functional.cross_entropy(model(x)[:, SEQ // 2:-1].flatten(0, 1),
+                                                        x[:, SEQ // 2 + 1:].flatten())
+    assert ablated > clean + 0.1, (float(clean), float(ablated))
+
+
+def test_hand_written_pre_ln_model_through_module_adapter():
+    model = trained("handwritten")  # pre-LN + MLPs: no induction head within this budget
     with torch.no_grad():
         model(tokens())
     patterns = [b.attn.last_pattern for b in model.blocks]
@@ -185,10 +215,12 @@ def test_lightning_style_wrapper_is_scored_through_the_inner_hf_model():
 @pytest.mark.slow
 @needs_hf
 def test_trained_llama_grows_an_induction_head_and_scores_still_match():
-    """Longer training (300 steps at lr 1e-2): the GQA Llama grows an induction head.
+    """Longer training (300 steps at lr 1e-2): a layer-1 Llama head attends one past the repeat.
 
-    (GPT-2, NeoX and the hand-written model stayed below 0.1 within 1000 steps of this data at lr
-    1e-3..3e-3: they learn the repeat by position instead; see the issue-12 report.)
+    On this data (period fixed at 12, as in the scoring) that head is a fixed-offset head rather
+    than an induction circuit: layer 0 grows no previous-token head (max 0.12 for seed 0; seed 1
+    grows neither, 0.10). The test checks that the scores still match HF's sharply peaked patterns.
+    The hand-written model grows a real induction head: test_hand_written_attention_through_module_adapter.
     """
     model = trained("llama", steps=300, lr=1e-2)
     scores = induction_scores(model, vocab_size=VOCAB, seq_len=SEQ, num_sequences=16)
@@ -196,3 +228,15 @@ def test_trained_llama_grows_an_induction_head_and_scores_still_match():
     assert layer == 1 and value > 0.5, scores.induction
     assert np.isfinite(scores.copying).all()
     check_agreement(model, hf_patterns(model), "sdpa")
+
+
+@pytest.mark.slow
+@needs_hf
+def test_neox_grows_an_induction_head_at_a_longer_budget_and_scores_match():
+    """GPT-NeoX (full rotary) on the reference recipe grows the circuit after ~1,250 steps."""
+    model = trained_induction(family="neox", steps=1500)
+    patterns = hf_patterns(model)
+    ind, prev = reference_scores(patterns, SEQ)
+    assert ind[1].max() > 0.5 and prev[0].max() > 0.4, (ind, prev)
+    check_agreement(model, patterns, "sdpa")
+    check_ablation_changes_output(model)

@@ -51,3 +51,41 @@ def test_callbacks_on_a_lightning_module_wrapping_hf(tmp_path, attn):
     assert [s for s, _ in llc.results] == [0, 2]  # step 0 is always estimated
     for _, result in llc.results:
         assert math.isfinite(result.mean) and abs(result.init_loss - math.log(VOCAB)) < 0.5
+
+
+class HFLitDict(pl.LightningModule):
+    """The other usual wrapper: dict batches (``input_ids``, ``attention_mask``, ``labels``) and
+    ``forward(**batch)`` returning the HF ``ModelOutput`` with its own ``.loss``."""
+
+    def __init__(self):
+        super().__init__()
+        self.model = tiny_gpt2(n_ctx=16, seed=2)
+
+    def forward(self, input_ids, attention_mask=None, labels=None):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+
+    def training_step(self, batch, batch_idx):
+        return self(**batch).loss
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+
+def test_callbacks_on_dict_batches_and_model_output_loss(tmp_path):
+    tokens = repeated_tokens(VOCAB, 16, 32, seed=4)
+    rows = [{"input_ids": t, "attention_mask": torch.ones_like(t), "labels": t} for t in tokens]
+    circuits = CircuitCallback(VOCAB, at([1]), seq_len=16, num_sequences=4)
+    llc = LLCCallback(rows[:16], schedule=at([1]), calibrate=False, num_chains=1, num_draws=6,
+                      num_burnin=2, step_size=1e-4, batch_size=8)  # lm_loss takes HF's .loss
+    module = HFLitDict()
+    trainer = pl.Trainer(max_steps=2, callbacks=[circuits, llc], logger=pl.loggers.CSVLogger(tmp_path),
+                         enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=tmp_path)
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    trainer.fit(module, DataLoader(rows, batch_size=8))
+    history = metric_history(trainer)
+    assert [s for s, _ in history["induction/L1H0"]] == [0, 1]  # step 0 is always scored
+    assert [s for s, _ in llc.results] == [0, 1]
+    for _, result in llc.results:
+        assert math.isfinite(result.mean) and abs(result.init_loss - math.log(VOCAB)) < 0.5
+    assert any(not torch.equal(before[k], v) for k, v in module.state_dict().items())  # it trained

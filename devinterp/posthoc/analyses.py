@@ -167,6 +167,7 @@ class LLCAnalysis:
         """With ``step_size="auto"``: load or compute the calibration (on the given snapshot)."""
         if self.step_size != "auto" or self.calibration is not None:
             return self
+        import sys
         from pathlib import Path
 
         from devinterp.analyses.calibration import Calibration, calibrate
@@ -177,22 +178,31 @@ class LLCAnalysis:
         else:
             if context.data is None or context.loss_fn is None:
                 raise InvalidInputError("calibrating the LLC needs data and a loss function (see --data and --loss)")
+            import time
+
             model.eval()
+            if context.progress is not False:  # announced even when stderr is not a terminal
+                print(f"devinterp analyze: calibrating the LLC sampler once, at step {context.step} "
+                      f"(reused for every snapshot; saved as {path.name}) ...", file=sys.stderr, flush=True)
+            t0 = time.perf_counter()
             kwargs = {k: v for k, v in self._given().items() if k in ("localization", "nbeta", "batch_size")}
             if self.num_chains is not None:
                 kwargs["num_chains"] = self.num_chains
             cal = calibrate(model, context.data, context.loss_fn, sampler=self.sampler, seed=context.step_seed,
                             device=context.device, vectorize=self.vectorize, budget=self.budget,
                             progress=context.progress, **kwargs)
+            if context.progress is not False:
+                print(f"devinterp analyze: calibrated in {time.perf_counter() - t0:.0f} s: "
+                      f"{_describe_calibration(cal)}", file=sys.stderr, flush=True)
             if not cal.ok:  # on the console, not only in the JSON
-                import sys
-
                 print("devinterp analyze: LLC calibration fell back (ok: false): "
                       + "; ".join(cal.warnings), file=sys.stderr, flush=True)
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".json.tmp")
             tmp.write_text(json.dumps(cal.to_dict(), indent=2))
             tmp.replace(path)
+        if context.progress is not False:
+            print(f"devinterp analyze: {_llc_cost_line(cal, self)}", file=sys.stderr, flush=True)
         return replace(self, calibration=cal)
 
     def compute(self, model: nn.Module, snapshot: Any, context: AnalysisContext) -> dict[str, float]:
@@ -339,3 +349,30 @@ class CircuitAnalysis:
 
         values.update(weight_scalars(target, self.weights, tuple(self.weight_kinds)))
         return _finite_scalars(values)
+
+
+def _describe_calibration(cal: Any) -> str:
+    """One line for the console: what the calibration chose."""
+    return (f"step_size={cal.step_size:.3g}, localization={cal.localization:.3g}, nbeta={cal.nbeta:.3g}, "
+            f"{cal.num_chains} chains x ({cal.num_burnin} burn-in + {cal.num_draws} draws)"
+            + ("" if cal.ok else " (fallback)"))
+
+
+def _llc_cost_line(cal: Any, llc: LLCAnalysis) -> str:
+    """What each snapshot's LLC will cost, at the pace the calibration measured."""
+    chains = llc.num_chains or cal.num_chains
+    wanted = chains * ((llc.num_burnin if llc.num_burnin is not None else cal.num_burnin)
+                       + (llc.num_draws or cal.num_draws))
+    evals = wanted if llc.budget is None else min(wanted, llc.budget)
+    pace = cal.seconds / cal.cost if getattr(cal, "cost", 0) and cal.seconds else None
+    eta = "" if pace is None else f" (about {_duration(evals * pace)} per snapshot at the calibration's pace)"
+    return (f"LLC: up to {evals:,} model evaluations per snapshot{eta}; "
+            "--llc-budget N (or --llc-draws/--llc-chains) makes it cheaper")
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"

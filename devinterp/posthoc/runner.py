@@ -518,6 +518,7 @@ def run_job(job: Job, comm: Comm | None = None, *, log: Callable[[str], None] | 
             records = results.read()
             hashes = {a.name: config_hash(a.name, a.config()) for a in job.analyses}
             plan = make_plan(steps, list(hashes.items()), {r.key for r in records if r.ok}, force=job.force)
+            say(f"{store.root}: {plan.describe()}")  # before any one-time work (e.g. calibration)
             pending_names = {n for item in plan.pending for n in item.analyses}
             need_data = any(getattr(a, "needs_data", False) for a in job.analyses if a.name in pending_names)
             analyses = list(job.analyses)
@@ -580,7 +581,6 @@ def _run_rounds(job: Job, comm: Comm, store: SnapshotStore | None, setup: _Setup
         raise local_error
     assert store is not None
     info = store.run_info()
-    say(f"{store.root}: {plan.describe()}")
     hparams = info.get("hparams") or {}
 
     # ---- rank zero: outputs ---------------------------------------------------------------------
