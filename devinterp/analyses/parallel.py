@@ -307,20 +307,30 @@ def iter_chunks(run: RunFn, target: Any, the_plan: Plan, *, num_steps: int, chun
         run_kwargs: the other keyword arguments of ``run`` (``num_chains``, ``seed``, ...).
         shared_params: the run takes the lean path: the chains' parameters live in one
             ``(C, D)`` buffer made here (in shared memory for processes), each worker writing
-            its rows, so the final parameters come back without a copy or a transfer.
+            its rows, so the final parameters come back without a copy or a transfer; the
+            MALA checks share one ``(D,)`` buffer, one worker at a time (a lock), so the
+            workers together hold no more than one sequential run.
     """
-    work = None
+    work = check = None
     if shared_params and the_plan.backend != "inline":
         work = torch.empty(sum(len(g) for g in the_plan.groups), target.dim,
                            device=the_plan.devices[0])
+        if run_kwargs.get("acceptance_steps"):  # one MALA check buffer for all workers
+            check = torch.zeros(1, target.dim, device=the_plan.devices[0])
         if the_plan.backend == "process":
+            import multiprocessing as mp
+
             work.share_memory_()
+            if check is not None:
+                check = (check.share_memory_(), mp.get_context("fork").Lock())
+        elif check is not None:
+            check = (check, threading.Lock())
     if the_plan.backend == "inline":
         yield from _inline(run, target, the_plan, num_steps, chunk, run_kwargs)
     elif the_plan.backend == "thread":
-        yield from _threads(run, target, the_plan, num_steps, chunk, run_kwargs, work)
+        yield from _threads(run, target, the_plan, num_steps, chunk, run_kwargs, work, check)
     else:
-        yield from _processes(run, target, the_plan, num_steps, chunk, run_kwargs, work)
+        yield from _processes(run, target, the_plan, num_steps, chunk, run_kwargs, work, check)
 
 
 def _inline(run: RunFn, target: Any, the_plan: Plan, num_steps: int, chunk: int,
@@ -345,13 +355,15 @@ def _own_rows(work: Tensor, rows: slice) -> Tensor:
 
 
 def _threads(run: RunFn, target: Any, the_plan: Plan, num_steps: int, chunk: int,
-             run_kwargs: dict[str, Any], work: Tensor | None = None) -> Iterator[ChainChunk]:
+             run_kwargs: dict[str, Any], work: Tensor | None = None,
+             check: tuple[Tensor, Any] | None = None) -> Iterator[ChainChunk]:
     inbox: queue.Queue = queue.Queue()
     stop = threading.Event()
     replicas = [target.replica_for(dev) for dev in the_plan.devices]
     if work is not None and all(d == work.device for d in the_plan.devices):
         for g, rep in enumerate(replicas):
             rep.external_work = _own_rows(work, _rows(the_plan, g))
+            rep.lean_check = check
     else:
         work = None
 
@@ -425,13 +437,14 @@ def _from_numpy(item: tuple) -> ChainChunk:
 
 def _child(run: RunFn, target: Any, ids: Sequence[int], threads: int | None, num_steps: int,
            chunk: int, run_kwargs: dict[str, Any], conn: Any,
-           work: Tensor | None = None) -> None:
+           work: Tensor | None = None, check: tuple[Tensor, Any] | None = None) -> None:
     try:
         if threads is not None:
             torch.set_num_threads(threads)
         if work is not None:
             target.release_buffers()
             target.external_work = work  # this group's rows of the shared buffer
+            target.lean_check = check  # the MALA check buffer shared by all workers
 
         def send(c: ChainChunk) -> None:
             if work is not None:
@@ -453,8 +466,8 @@ def _child(run: RunFn, target: Any, ids: Sequence[int], threads: int | None, num
 
 
 def _processes(run: RunFn, target: Any, the_plan: Plan, num_steps: int, chunk: int,
-               run_kwargs: dict[str, Any], work: Tensor | None = None
-               ) -> Iterator[ChainChunk]:
+               run_kwargs: dict[str, Any], work: Tensor | None = None,
+               check: tuple[Tensor, Any] | None = None) -> Iterator[ChainChunk]:
     import multiprocessing as mp
     from multiprocessing.connection import wait
 
@@ -467,7 +480,7 @@ def _processes(run: RunFn, target: Any, the_plan: Plan, num_steps: int, chunk: i
                                args=(run, target, ids, the_plan.threads, num_steps, chunk,
                                      run_kwargs, send,
                                      None if work is None
-                                     else _own_rows(work, _rows(the_plan, g))))
+                                     else _own_rows(work, _rows(the_plan, g)), check))
             proc.start()
             send.close()
             procs.append(proc)
