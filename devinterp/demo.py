@@ -86,7 +86,7 @@ class DemoConfig:
     llc_calibrate_at: int = 500
     llc_calibration_steps: int = 200
     llc_calibration_budget: int = 8000
-    llc_min_acceptance: float = 0.75
+    llc_min_acceptance: float = 0.6
     llc_min_length: int = 50
     llc_chains: int = 2
     llc_draws: int = 100

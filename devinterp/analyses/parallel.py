@@ -312,7 +312,9 @@ def iter_chunks(run: RunFn, target: Any, the_plan: Plan, *, num_steps: int, chun
             workers together hold no more than one sequential run.
     """
     work = check = None
-    if shared_params and the_plan.backend != "inline":
+    # one buffer for every chain when the workers share a device (several devices: each
+    # replica keeps its own rows on its device and the merge gathers them)
+    if shared_params and the_plan.backend != "inline" and len(set(the_plan.devices)) == 1:
         work = torch.empty(sum(len(g) for g in the_plan.groups), target.dim,
                            device=the_plan.devices[0])
         if run_kwargs.get("acceptance_steps"):  # one MALA check buffer for all workers
@@ -369,8 +371,9 @@ def _threads(run: RunFn, target: Any, the_plan: Plan, num_steps: int, chunk: int
 
     def body(g: int) -> None:
         try:
-            if the_plan.devices[g].type == "cuda":
-                torch.cuda.set_device(the_plan.devices[g])
+            dev = the_plan.devices[g]
+            if dev.type == "cuda" and dev.index is not None:  # "cuda": the current device
+                torch.cuda.set_device(dev)
             _run_group(run, replicas[g], the_plan.groups[g], num_steps, chunk,
                        dict(run_kwargs, restore_rng=False), lambda c: inbox.put((g, c)),
                        stop.is_set)
