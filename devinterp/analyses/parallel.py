@@ -160,7 +160,7 @@ def _devices(devices: Any, default: torch.device) -> tuple[torch.device, ...] | 
 
 
 def plan(target: Any, *, num_chains: int, estimated_seconds: float | Callable[[], float],
-         compiled: bool,
+         compiled: bool, lean: bool = False,
          workers: int | str = "auto", devices: Sequence[Any] | None = None,
          backend: str | None = None) -> Plan:
     """Decide how to run ``num_chains`` chains. The results never depend on the decision.
@@ -173,8 +173,14 @@ def plan(target: Any, *, num_chains: int, estimated_seconds: float | Callable[[]
         compiled: whether the run uses the compiled SGLD step (then it stays in one thread:
             compiled code is specialised on the number of chains and compiling in every worker
             would cost more than it saves).
+        lean: whether the run takes the lean path (models of ``LEAN_MIN_DIM`` coordinates or
+            more): ``"auto"`` then keeps the chains in this thread, one after the other, each
+            gradient on all the intra-op threads (a gradient of that size is matrix work enough
+            for every core), so that the extra memory stays within (chains + 2) × the
+            parameters: every extra worker adds its own activations and temporaries (~0.7–0.9×
+            the parameters of a 10M-parameter transformer, ``benchmarks/llc_memory.py``).
         workers: ``"auto"``: on CPU, ``min(C, core_budget())`` workers when the run is
-            estimated at ``MIN_PARALLEL_SECONDS`` or more, else 1; on one GPU, 1 (the chains
+            estimated at ``MIN_PARALLEL_SECONDS`` or more and not ``lean``, else 1; on one GPU, 1 (the chains
             are batched); with ``devices``, one per device. An int forces that many (1: sequential).
         devices: several devices to spread the chains over (one group each, threads).
         backend: ``"process"`` or ``"thread"``; None: threads.
@@ -194,7 +200,7 @@ def plan(target: Any, *, num_chains: int, estimated_seconds: float | Callable[[]
     if device != target.device:  # one other device: the chains run there, on a replica
         return Plan(split(num_chains, 1), (device,), "thread", None)
     if workers == "auto":
-        if device.type != "cpu" or compiled or num_chains < 2 or core_budget() < 2:
+        if device.type != "cpu" or compiled or lean or num_chains < 2 or core_budget() < 2:
             count = 1
         elif (estimated_seconds() if callable(estimated_seconds)
               else estimated_seconds) < MIN_PARALLEL_SECONDS:
@@ -340,6 +346,27 @@ def _inline(run: RunFn, target: Any, the_plan: Plan, num_steps: int, chunk: int,
     yield from group_chunks(run, target, the_plan.groups[0], num_steps, chunk, run_kwargs)
 
 
+def _return_free_memory() -> None:
+    """Give the C heap's free pages back to the system before the workers start (glibc's
+    ``malloc_trim``; a no-op elsewhere). Memory this thread freed (the evaluation of L(w*),
+    earlier runs) stays mapped in its heap otherwise, where worker threads (their own malloc
+    arenas) and forked workers (their own copies) cannot reuse it, so every worker would add
+    its whole working memory on top of it."""
+    global _MALLOC_TRIM
+    if _MALLOC_TRIM is None:
+        try:
+            import ctypes
+
+            _MALLOC_TRIM = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _MALLOC_TRIM = False
+    if _MALLOC_TRIM:
+        _MALLOC_TRIM(0)
+
+
+_MALLOC_TRIM: Any = None
+
+
 def _rows(the_plan: Plan, g: int) -> slice:
     start = sum(len(x) for x in the_plan.groups[:g])
     return slice(start, start + len(the_plan.groups[g]))
@@ -388,6 +415,8 @@ def _threads(run: RunFn, target: Any, the_plan: Plan, num_steps: int, chunk: int
                 if d.type == "cuda"]
     threads = [threading.Thread(target=body, args=(g,), daemon=True,
                                 name=f"devinterp-chains-{g}") for g in range(the_plan.workers)]
+    if any(d.type == "cpu" for d in the_plan.devices):
+        _return_free_memory()
     try:
         for t in threads:
             t.start()
@@ -476,6 +505,7 @@ def _processes(run: RunFn, target: Any, the_plan: Plan, num_steps: int, chunk: i
 
     ctx = mp.get_context("fork")
     procs, conns = [], []
+    _return_free_memory()
     try:
         for g, ids in enumerate(the_plan.groups):
             recv, send = ctx.Pipe(duplex=False)
