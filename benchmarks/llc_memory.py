@@ -12,10 +12,13 @@ looser figure ("after a step") subtracts the memory after one forward + backward
 model had also run and its gradients were freed (the allocator keeps some of what a step
 needs); the goal is checked against the strict "after build" figure.
 
-Memory is the proportional set size (PSS, from ``/proc/<pid>/smaps_rollup``) of the process
-plus that of its children, sampled every 20 ms by a monitor thread: for one process PSS is its
-RSS less the shared libraries' pages it shares with others; memory shared between a parent and
-its forked chain workers (the model, the data, the chains' shared buffer) is counted once.
+Memory is the proportional set size (PSS, from ``/proc/<pid>/smaps_rollup``) of the process's
+anonymous and shared memory (``Pss_Anon + Pss_Shmem``: the heap and ``share_memory_`` buffers)
+plus that of its children, sampled every 20 ms by a monitor thread: memory shared between a
+parent and its forked chain workers (the model, the data, the chains' shared buffer) is counted
+once. File-backed pages (the code of libtorch and the other libraries) are left out: they are
+not the estimate's data, and their PSS changes whenever other processes that map the same
+libraries start or stop (±10 MB on the shared machine, ~0.3× the parameters here).
 Each configuration runs in a fresh process: ``lean-auto``, what ``estimate_llc`` does by
 default at this size (``workers="auto"``: the lean path, chains one after the other on all the
 intra-op threads, each parameter tensor moved in place as its gradient lands), ``lean-sequential``
@@ -53,14 +56,17 @@ CONFIGS = {
 
 
 def pss_bytes(pid: int) -> int:
+    """Anonymous + shared-memory PSS of ``pid`` (bytes): what it allocated, without the
+    pages of shared libraries (their PSS moves as other processes start and stop)."""
+    total = 0
     try:
         with open(f"/proc/{pid}/smaps_rollup") as f:
             for line in f:
-                if line.startswith("Pss:"):
-                    return int(line.split()[1]) * 1024
+                if line.startswith(("Pss_Anon:", "Pss_Shmem:")):
+                    total += int(line.split()[1]) * 1024
     except OSError:
         pass
-    return 0
+    return total
 
 
 def children(pid: int) -> list[int]:
@@ -106,8 +112,9 @@ def worker(name: str, chains: int, draws: int, batch: int) -> None:
 
     from devinterp.analyses import estimate_llc, sampling
 
-    torch.set_num_threads(1)
     cfg = CONFIGS[name]
+    # the defaults get every core (the "auto" rule then sees them); the others one thread each
+    torch.set_num_threads(len(os.sched_getaffinity(0)) if cfg["workers"] == "auto" else 1)
     if not cfg["lean"]:
         sampling.LEAN_MIN_DIM = 1 << 40
     model, x, y, per_sample = build("tf10m", seed=0)
