@@ -617,12 +617,18 @@ class SamplingTarget:
         m = None if self.mask is None else self.mask[s.offset:s.offset + s.numel]
         with torch.no_grad():
             ps = param.view(-1)  # in place on the parameter: its version counter sees it
-            gs = grad.reshape(-1)
-            _masked_drift(ps, gs, self._anchor_parts[i], m, ctx.nbeta, ctx.localization)
-            xi = torch.randn(ps.shape, generator=ctx.gen, device=ps.device, dtype=ps.dtype)
+            gs = grad.reshape(-1)  # ours (the gradient is freed): the only temporary
+            # ∇U = nβ·g + γ·(w − w*), masked, without a (w − w*) temporary
+            gs.mul_(ctx.nbeta).add_(ps, alpha=ctx.localization).sub_(
+                self._anchor_parts[i], alpha=ctx.localization)
+            if m is not None:
+                gs.mul_(m)
+            ps.add_(gs, alpha=-ctx.step_size / 2)
+            xi = torch.randn(ps.shape, generator=ctx.gen, device=ps.device, dtype=ps.dtype,
+                             out=gs)  # the noise reuses the drift's memory
             if m is not None:
                 xi.mul_(m)
-            ps.add_(gs, alpha=-ctx.step_size / 2).add_(xi, alpha=math.sqrt(ctx.step_size))
+            ps.add_(xi, alpha=math.sqrt(ctx.step_size))
 
     def _check_buffer(self) -> tuple[Tensor, Any]:
         """The ``(D,)`` buffer of the MALA checks and the lock that guards it."""
