@@ -142,16 +142,6 @@ def test_plan_rule(monkeypatch):
     long = parallel.plan(target, num_chains=4, estimated_seconds=100.0, compiled=False)
     assert long.workers == 4 and long.threads == 1
     assert parallel.plan(target, num_chains=4, estimated_seconds=100.0, compiled=True).workers == 1
-    # the lean path (large models) stays in one thread unless workers are asked for: every
-    # worker would add its activations to the (chains + 2) × parameters of memory
-    lean = parallel.plan(target, num_chains=4, estimated_seconds=100.0, compiled=False, lean=True)
-    assert lean.workers == 1 and lean.backend == "inline" and lean.threads is None
-    assert parallel.plan(target, num_chains=4, estimated_seconds=100.0, compiled=False,
-                         lean=True, workers=2).workers == 2
-    monkeypatch.setattr(sampling, "LEAN_MIN_DIM", 0)
-    assert sampling.plan_chains(target, num_chains=4, num_steps=10**6, compile=False).workers == 1
-    monkeypatch.setattr(sampling, "LEAN_MIN_DIM", 1 << 20)
-    assert sampling.plan_chains(target, num_chains=4, num_steps=10**6, compile=False).workers == 4
     forced = parallel.plan(target, num_chains=3, estimated_seconds=0.0, compiled=False,
                            workers=8, backend="thread")
     assert forced.groups == ((0,), (1,), (2,)) and forced.backend == "thread"

@@ -160,7 +160,7 @@ def _devices(devices: Any, default: torch.device) -> tuple[torch.device, ...] | 
 
 
 def plan(target: Any, *, num_chains: int, estimated_seconds: float | Callable[[], float],
-         compiled: bool, lean: bool = False,
+         compiled: bool,
          workers: int | str = "auto", devices: Sequence[Any] | None = None,
          backend: str | None = None) -> Plan:
     """Decide how to run ``num_chains`` chains. The results never depend on the decision.
@@ -173,14 +173,11 @@ def plan(target: Any, *, num_chains: int, estimated_seconds: float | Callable[[]
         compiled: whether the run uses the compiled SGLD step (then it stays in one thread:
             compiled code is specialised on the number of chains and compiling in every worker
             would cost more than it saves).
-        lean: whether the run takes the lean path (models of ``LEAN_MIN_DIM`` coordinates or
-            more): ``"auto"`` then keeps the chains in this thread, one after the other, each
-            gradient on all the intra-op threads (a gradient of that size is matrix work enough
-            for every core), so that the extra memory stays within (chains + 2) × the
-            parameters: every extra worker adds its own activations and temporaries (~0.7–0.9×
-            the parameters of a 10M-parameter transformer, ``benchmarks/llc_memory.py``).
         workers: ``"auto"``: on CPU, ``min(C, core_budget())`` workers when the run is
-            estimated at ``MIN_PARALLEL_SECONDS`` or more and not ``lean``, else 1; on one GPU, 1 (the chains
+            estimated at ``MIN_PARALLEL_SECONDS`` or more, else 1 (on the lean path every
+            extra worker adds its own activations and temporaries to the memory: ~1× the
+            parameters of a 10M-parameter transformer, ``benchmarks/llc_memory.py``; pass
+            ``workers=1`` where memory binds); on one GPU, 1 (the chains
             are batched); with ``devices``, one per device. An int forces that many (1: sequential).
         devices: several devices to spread the chains over (one group each, threads).
         backend: ``"process"`` or ``"thread"``; None: threads.
@@ -200,7 +197,7 @@ def plan(target: Any, *, num_chains: int, estimated_seconds: float | Callable[[]
     if device != target.device:  # one other device: the chains run there, on a replica
         return Plan(split(num_chains, 1), (device,), "thread", None)
     if workers == "auto":
-        if device.type != "cpu" or compiled or lean or num_chains < 2 or core_budget() < 2:
+        if device.type != "cpu" or compiled or num_chains < 2 or core_budget() < 2:
             count = 1
         elif (estimated_seconds() if callable(estimated_seconds)
               else estimated_seconds) < MIN_PARALLEL_SECONDS:

@@ -1375,11 +1375,8 @@ def plan_chains(target: SamplingTarget, *, num_chains: int, num_steps: int, samp
     def seconds() -> float:  # measured only when the rule needs it
         return num_steps * num_chains * target.gradient_seconds()
 
-    lean = (not sampler_kwargs and not compiled and sampler == "sgld"
-            and target.dim >= LEAN_MIN_DIM and {s.dtype for s in target.slots} == {torch.float32}
-            and (target.mode == "loop" or (target.mode == "auto" and target.device.type == "cpu")))
     return _parallel.plan(target, num_chains=num_chains, estimated_seconds=seconds,
-                          compiled=compiled, lean=lean, workers=workers, devices=devices, backend=backend)
+                          compiled=compiled, workers=workers, devices=devices, backend=backend)
 
 
 def _validate_hyper(*, num_chains: int, num_steps: int, step_size: float, localization: float,
