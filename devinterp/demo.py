@@ -67,6 +67,17 @@ class DemoConfig:
         llc_calibration_budget: The ``budget`` the calibration plans within (its pilots get
             40%: the whole grid of 6 pilots of ``llc_calibration_steps``); the estimates keep
             the default budget (they cost far less: 2 chains × at most 200 steps).
+        llc_min_acceptance: The calibration's ``min_acceptance``. 0.6, not 0.75: the pilots'
+            acceptance (checked from a quarter of each pilot on) reads lower than the
+            estimates' (after burn-in; 0.642 against 0.76–0.84 at ε = 1.08e-3 in ``--quick``),
+            and 0.75 let the calibration pick ε = 1.35e-4, at which the localization pulls the
+            chains in over ~1/(εγ/2) ≈ 150 steps, more than the demo's chains: every estimate
+            then carried R-hat/trend warnings and read ~35% low.
+        llc_acceptance_checks: MALA acceptance checks per estimate (``num_acceptance_checks``;
+            one extra evaluation per chain each). The default (``num_draws // 30``: 2–3)
+            makes a mean of 4–6 values, each exactly 1 more than half the time, so a mean of
+            1.000 — a warning and a recalibration — came by chance in 4 of the default run's
+            33 estimates.
         llc_chains, llc_draws, llc_burnin: SGLD chains and their (maximal) lengths.
         llc_step_size, llc_localization, llc_batch_size: SGLD ε (without calibration), γ and the
             minibatch size.
@@ -86,7 +97,8 @@ class DemoConfig:
     llc_calibrate_at: int = 500
     llc_calibration_steps: int = 200
     llc_calibration_budget: int = 8000
-    llc_min_acceptance: float = 0.75
+    llc_min_acceptance: float = 0.6
+    llc_acceptance_checks: int = 16
     llc_min_length: int = 50
     llc_chains: int = 2
     llc_draws: int = 100
@@ -119,7 +131,7 @@ def demo_config(*, quick: bool = False) -> DemoConfig:
         return DemoConfig()
     return DemoConfig(steps=600, circuit_points=40, circuit_every=10, llc_points=8, llc_start=10,
                       llc_samples=256, llc_calibrate_at=300, llc_calibration_steps=100, llc_min_length=40,
-                      llc_draws=60, llc_burnin=60, llc_step_size=3e-4,
+                      llc_draws=80, llc_burnin=60, llc_step_size=3e-4,
                       snapshot_points=20, loss_points=150, check_every=100)
 
 
@@ -456,7 +468,8 @@ def _run(out, *, quick: bool, seed: int, cfg: DemoConfig, progress: bool,
                         for h1 in range(recipe.n_heads) for l2 in range(l1 + 1, recipe.n_layers)
                         for h2 in range(recipe.n_heads)]
     llc_common = dict(num_chains=cfg.llc_chains, localization=cfg.llc_localization,
-                      batch_size=cfg.llc_batch_size, seed=seed)
+                      batch_size=cfg.llc_batch_size, seed=seed,
+                      num_acceptance_checks=cfg.llc_acceptance_checks)
     if cfg.llc_calibrate:  # once, after the head formed; chain lengths bounded by the budget
         llc_settings = dict(calibrate=True, calibrate_at=cfg.llc_calibrate_at, recalibrate=True,
                             calibrate_kwargs=dict(

@@ -263,3 +263,20 @@ def test_demo_store_analyses_without_model_data_or_loss_flags(demo, tmp_path):
     last = sorted(json.loads(line)["step"] for line in (snapshots / "index.jsonl").read_text().splitlines()
                   if json.loads(line).get("kind") == "snapshot")[-2:]
     assert {("llc", s) for s in last} | {("circuits", s) for s in last} <= done
+
+
+def test_llc_estimates_pass_their_own_diagnostics(demo):
+    """Every LLC estimate of the run (the calibration reused across all snapshots, step 0
+    included) passes the estimator's own checks: no text under ``llc/warnings`` (R-hat,
+    MALA acceptance, trend, ESS, draws below L(w*)), and the logged R-hat and acceptance
+    within the bounds those warnings use."""
+    from devinterp.analyses.llc import ACCEPTANCE_BAND, ESS_WARN, RHAT_WARN
+
+    warned = read_text(demo["logdir"], "llc/warnings")
+    assert not warned, "\n".join(f"step {s}: {t}" for s, t in warned)
+    scalars = demo["scalars"]
+    steps, rhat = scalars["llc/rhat"]
+    assert len(steps) >= 8 and np.all(rhat <= RHAT_WARN), dict(zip(steps, rhat, strict=True))
+    acc = scalars["llc/acceptance"][1]
+    assert np.all((ACCEPTANCE_BAND[0] <= acc) & (acc <= ACCEPTANCE_BAND[1])), acc
+    assert np.all(scalars["llc/ess"][1] >= ESS_WARN)

@@ -276,3 +276,51 @@ def test_a_model_changed_after_preparation_is_refused():
         model[0].weight.add_(1.0)  # e.g. training went on
     with pytest.raises(InvalidInputError, match="prepare the target again"):
         sample_chains(target, num_chains=2, num_steps=3, step_size=1e-4)
+
+
+def test_lean_moves_follow_the_sgld_drift(lean):
+    """One lean step is ``w* − ε/2·∇U(w*) + √ε·ξ``: two step sizes with the same noise give
+    ∇U per coordinate, compared with the batched path's gradient, including tied weights (one
+    move with the gradient of both uses), a parameter the loss never reaches (no gradient:
+    only noise) and masked entries (never move)."""
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(5, 5)
+            self.b = nn.Linear(5, 5)
+            self.b.weight = self.a.weight
+            self.unused = nn.Parameter(torch.randn(7))
+
+        def forward(self, x):
+            return self.b(torch.tanh(self.a(x)))
+
+    torch.manual_seed(3)
+    model = Tied()
+    x, y = torch.randn(64, 5), torch.randn(64, 5)
+    mask = {"a.bias": torch.tensor([True, False, True, True, False])}
+    for params in (None, {**{k: torch.ones_like(p, dtype=torch.bool)
+                             for k, p in model.named_parameters()}, **mask}):
+        target = prepare_target(model, (x, y), _loss, vectorize=False, params=params)
+        eps, gamma, nbeta = (1e-3, 4e-3), 3.0, 20.0
+        moved = []
+        for e in eps:
+            gen = run_chains(target, num_chains=2, num_steps=1, step_size=e, localization=gamma,
+                             nbeta=nbeta, seed=4)
+            _, state, info = next(gen)
+            assert info.sampler_info is None  # the lean path ran
+            moved.append(state.params.clone() - target.anchor)
+            gen.close()
+        r1, r2 = (e ** 0.5 for e in eps)
+        drift = 2 * (r2 * moved[0] - r1 * moved[1]) / (r1 * r2 * (r2 - r1))
+        noise = (moved[0] + eps[0] / 2 * drift) / r1
+        target.release_buffers()
+        grads, _ = target.grad_and_loss(target.anchor.expand(2, -1).clone(), target.leaves, True)
+        expected = nbeta * grads * (1 if target.mask is None else target.mask)
+        torch.testing.assert_close(drift, expected, rtol=1e-2, atol=2e-2)
+        assert expected.abs().max() > 1  # a gradient worth checking
+        unused = [s for s in target.slots if s.name == "unused"][0]
+        assert (drift[:, unused.offset:unused.offset + unused.numel].abs() < 2e-2).all()
+        live = noise if target.mask is None else noise[:, target.mask > 0]
+        assert 0.7 < float(live.std()) < 1.3 and not torch.equal(live[0], live[1])
+        if target.mask is not None:
+            assert (moved[0][:, target.mask == 0] == 0).all()

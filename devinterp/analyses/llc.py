@@ -167,10 +167,12 @@ class LLCResult:
         }
 
 
-def _acceptance_steps(num_burnin: int, num_draws: int, checks: int) -> list[int]:
+def _acceptance_steps(num_burnin: int, num_draws: int, checks: int | None) -> list[int]:
+    if checks is None:  # the default: at most ~3% extra gradient evaluations
+        checks = min(32, max(1, num_draws // 30))
     if checks <= 0:
         return []
-    checks = min(checks, max(1, num_draws // 30))  # at most ~3% extra gradient evaluations
+    checks = min(checks, num_draws)
     return sorted({num_burnin + int(i) for i in np.linspace(0, num_draws - 1, checks)})
 
 
@@ -185,7 +187,7 @@ def estimate_llc(model: nn.Module | SamplingTarget, data: Any = None, loss_fn: L
                  batch_size: int | None = None, sampler: str = "sgld",
                  sampler_kwargs: Mapping[str, Any] | None = None, params: ParamSelection = None,
                  seed: int = 0, device: str | torch.device | None = None,
-                 vectorize: bool | str = "auto", num_acceptance_checks: int = 32,
+                 vectorize: bool | str = "auto", num_acceptance_checks: int | None = None,
                  check_every: int = 100, calibration: Calibration | None = None,
                  compile: bool | str = "auto", expected_calls: int = 1,
                  budget: int | None = DEFAULT_BUDGET, progress: bool | None = None,
@@ -231,8 +233,10 @@ def estimate_llc(model: nn.Module | SamplingTarget, data: Any = None, loss_fn: L
         vectorize: ``True``: all chains in one ``torch.func.vmap`` call per step; ``False``: a
             model copy per chain; ``"auto"``: the loop on CPU, else time both on a few steps (cached per structure).
         num_acceptance_checks: post-burn-in steps (evenly spread) at which the MALA acceptance
-            is estimated, each costing one extra gradient evaluation (capped at
-            ``num_draws // 30``); 0 disables.
+            is estimated, each costing one extra gradient evaluation per chain (at most
+            ``num_draws``); 0 disables. None (default): ``num_draws // 30`` (at least 1, at
+            most 32), ~3% extra. Few checks make a noisy acceptance (each check's value is
+            often exactly 1): ask for more (e.g. 16) where the acceptance warnings matter.
         check_every: check for divergence every this many steps (and at the end).
         calibration: a :class:`~devinterp.analyses.calibration.Calibration` to reuse (e.g. the
             ``result.calibration`` of an earlier snapshot of the same run); its values apply
@@ -375,12 +379,13 @@ def _init_loss_cost(target: SamplingTarget) -> int:
 
 def _fit_budget(wanted: tuple[int, int, int], available: float, *, num_chains: int | None,
                 num_burnin: int | None, num_draws: int | None,
-                num_checks: int) -> tuple[int, int, int]:
+                num_checks: int | None) -> tuple[int, int, int]:
     """Fit the lengths not given explicitly into ``available`` model evaluations."""
     c, b, d = wanted
     if not math.isfinite(available) or None not in (num_chains, num_burnin, num_draws):
         return c, b, d
-    frac = 1 / 30 if num_checks > 0 else 0.0  # checks are capped at num_draws // 30
+    frac = (1 / 30 if num_checks is None  # the default: num_draws // 30 checks
+            else 0.0 if num_checks <= 0 else min(1.0, num_checks / max(d, 1)))
     fc, fb, fd = fit_lengths(c, b, d, available, min_chains=min(2, c) if num_chains is None else c,
                              check_fraction=frac)
     # explicit values win over the budget

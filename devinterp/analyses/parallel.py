@@ -174,7 +174,10 @@ def plan(target: Any, *, num_chains: int, estimated_seconds: float | Callable[[]
             compiled code is specialised on the number of chains and compiling in every worker
             would cost more than it saves).
         workers: ``"auto"``: on CPU, ``min(C, core_budget())`` workers when the run is
-            estimated at ``MIN_PARALLEL_SECONDS`` or more, else 1; on one GPU, 1 (the chains
+            estimated at ``MIN_PARALLEL_SECONDS`` or more, else 1 (on the lean path every
+            extra worker adds its own activations and temporaries to the memory: ~1× the
+            parameters of a 10M-parameter transformer, ``benchmarks/llc_memory.py``; pass
+            ``workers=1`` where memory binds); on one GPU, 1 (the chains
             are batched); with ``devices``, one per device. An int forces that many (1: sequential).
         devices: several devices to spread the chains over (one group each, threads).
         backend: ``"process"`` or ``"thread"``; None: threads.
@@ -307,25 +310,58 @@ def iter_chunks(run: RunFn, target: Any, the_plan: Plan, *, num_steps: int, chun
         run_kwargs: the other keyword arguments of ``run`` (``num_chains``, ``seed``, ...).
         shared_params: the run takes the lean path: the chains' parameters live in one
             ``(C, D)`` buffer made here (in shared memory for processes), each worker writing
-            its rows, so the final parameters come back without a copy or a transfer.
+            its rows, so the final parameters come back without a copy or a transfer; the
+            MALA checks share one ``(D,)`` buffer, one worker at a time (a lock), so the
+            workers together hold no more than one sequential run.
     """
-    work = None
-    if shared_params and the_plan.backend != "inline":
+    work = check = None
+    # one buffer for every chain when the workers share a device (several devices: each
+    # replica keeps its own rows on its device and the merge gathers them)
+    if shared_params and the_plan.backend != "inline" and len(set(the_plan.devices)) == 1:
         work = torch.empty(sum(len(g) for g in the_plan.groups), target.dim,
                            device=the_plan.devices[0])
+        if run_kwargs.get("acceptance_steps"):  # one MALA check buffer for all workers
+            check = torch.zeros(1, target.dim, device=the_plan.devices[0])
         if the_plan.backend == "process":
+            import multiprocessing as mp
+
             work.share_memory_()
+            if check is not None:
+                check = (check.share_memory_(), mp.get_context("fork").Lock())
+        elif check is not None:
+            check = (check, threading.Lock())
     if the_plan.backend == "inline":
         yield from _inline(run, target, the_plan, num_steps, chunk, run_kwargs)
     elif the_plan.backend == "thread":
-        yield from _threads(run, target, the_plan, num_steps, chunk, run_kwargs, work)
+        yield from _threads(run, target, the_plan, num_steps, chunk, run_kwargs, work, check)
     else:
-        yield from _processes(run, target, the_plan, num_steps, chunk, run_kwargs, work)
+        yield from _processes(run, target, the_plan, num_steps, chunk, run_kwargs, work, check)
 
 
 def _inline(run: RunFn, target: Any, the_plan: Plan, num_steps: int, chunk: int,
             run_kwargs: dict[str, Any]) -> Iterator[ChainChunk]:
     yield from group_chunks(run, target, the_plan.groups[0], num_steps, chunk, run_kwargs)
+
+
+def _return_free_memory() -> None:
+    """Give the C heap's free pages back to the system before the workers start (glibc's
+    ``malloc_trim``; a no-op elsewhere). Memory this thread freed (the evaluation of L(w*),
+    earlier runs) stays mapped in its heap otherwise, where worker threads (their own malloc
+    arenas) and forked workers (their own copies) cannot reuse it, so every worker would add
+    its whole working memory on top of it."""
+    global _MALLOC_TRIM
+    if _MALLOC_TRIM is None:
+        try:
+            import ctypes
+
+            _MALLOC_TRIM = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _MALLOC_TRIM = False
+    if _MALLOC_TRIM:
+        _MALLOC_TRIM(0)
+
+
+_MALLOC_TRIM: Any = None
 
 
 def _rows(the_plan: Plan, g: int) -> slice:
@@ -345,20 +381,23 @@ def _own_rows(work: Tensor, rows: slice) -> Tensor:
 
 
 def _threads(run: RunFn, target: Any, the_plan: Plan, num_steps: int, chunk: int,
-             run_kwargs: dict[str, Any], work: Tensor | None = None) -> Iterator[ChainChunk]:
+             run_kwargs: dict[str, Any], work: Tensor | None = None,
+             check: tuple[Tensor, Any] | None = None) -> Iterator[ChainChunk]:
     inbox: queue.Queue = queue.Queue()
     stop = threading.Event()
     replicas = [target.replica_for(dev) for dev in the_plan.devices]
     if work is not None and all(d == work.device for d in the_plan.devices):
         for g, rep in enumerate(replicas):
             rep.external_work = _own_rows(work, _rows(the_plan, g))
+            rep.lean_check = check
     else:
         work = None
 
     def body(g: int) -> None:
         try:
-            if the_plan.devices[g].type == "cuda":
-                torch.cuda.set_device(the_plan.devices[g])
+            dev = the_plan.devices[g]
+            if dev.type == "cuda" and dev.index is not None:  # "cuda": the current device
+                torch.cuda.set_device(dev)
             _run_group(run, replicas[g], the_plan.groups[g], num_steps, chunk,
                        dict(run_kwargs, restore_rng=False), lambda c: inbox.put((g, c)),
                        stop.is_set)
@@ -373,6 +412,8 @@ def _threads(run: RunFn, target: Any, the_plan: Plan, num_steps: int, chunk: int
                 if d.type == "cuda"]
     threads = [threading.Thread(target=body, args=(g,), daemon=True,
                                 name=f"devinterp-chains-{g}") for g in range(the_plan.workers)]
+    if any(d.type == "cpu" for d in the_plan.devices):
+        _return_free_memory()
     try:
         for t in threads:
             t.start()
@@ -425,13 +466,14 @@ def _from_numpy(item: tuple) -> ChainChunk:
 
 def _child(run: RunFn, target: Any, ids: Sequence[int], threads: int | None, num_steps: int,
            chunk: int, run_kwargs: dict[str, Any], conn: Any,
-           work: Tensor | None = None) -> None:
+           work: Tensor | None = None, check: tuple[Tensor, Any] | None = None) -> None:
     try:
         if threads is not None:
             torch.set_num_threads(threads)
         if work is not None:
             target.release_buffers()
             target.external_work = work  # this group's rows of the shared buffer
+            target.lean_check = check  # the MALA check buffer shared by all workers
 
         def send(c: ChainChunk) -> None:
             if work is not None:
@@ -453,13 +495,14 @@ def _child(run: RunFn, target: Any, ids: Sequence[int], threads: int | None, num
 
 
 def _processes(run: RunFn, target: Any, the_plan: Plan, num_steps: int, chunk: int,
-               run_kwargs: dict[str, Any], work: Tensor | None = None
-               ) -> Iterator[ChainChunk]:
+               run_kwargs: dict[str, Any], work: Tensor | None = None,
+               check: tuple[Tensor, Any] | None = None) -> Iterator[ChainChunk]:
     import multiprocessing as mp
     from multiprocessing.connection import wait
 
     ctx = mp.get_context("fork")
     procs, conns = [], []
+    _return_free_memory()
     try:
         for g, ids in enumerate(the_plan.groups):
             recv, send = ctx.Pipe(duplex=False)
@@ -467,7 +510,7 @@ def _processes(run: RunFn, target: Any, the_plan: Plan, num_steps: int, chunk: i
                                args=(run, target, ids, the_plan.threads, num_steps, chunk,
                                      run_kwargs, send,
                                      None if work is None
-                                     else _own_rows(work, _rows(the_plan, g))))
+                                     else _own_rows(work, _rows(the_plan, g)), check))
             proc.start()
             send.close()
             procs.append(proc)

@@ -18,10 +18,12 @@ and a handful of tensor operations on a ``(chains, D)`` buffer.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import fnmatch
 import math
 import time
+import weakref
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -51,9 +53,12 @@ EXPLODE_FACTOR = 1e3
 #: ``(model structure, data shapes, chains, device) -> "vmap" | "loop"`` decided by a probe.
 _MODE_CACHE: dict[tuple, str] = {}
 #: From this many sampled coordinates on, SGLD in loop mode runs *lean*: each chain's forward,
-#: backward and update in turn, in place, with one gradient buffer shared by all chains, so the
-#: extra memory is (chains + 2) × D (the chains, w*, one gradient) instead of several (C, D)
-#: temporaries per step. Below it the chains share one backward pass (less autograd overhead).
+#: backward and update in turn, in place, each parameter tensor updated as soon as its gradient
+#: has been accumulated (a post-accumulate-grad hook) and its gradient freed, so no ``(D,)``
+#: gradient buffer exists; the MALA acceptance checks use one ``(D,)`` buffer shared by all
+#: chains (and by all workers of a parallel run). The extra memory is the chains (C × D) plus
+#: at most one D, instead of several (C, D) temporaries per step. Below it the chains share
+#: one backward pass (less autograd overhead).
 LEAN_MIN_DIM = 1 << 20
 
 
@@ -311,6 +316,11 @@ class SamplingTarget:
         #: rows of a buffer owned by the caller (parallel runs) that the lean path uses as its
         #: chains' parameters, so that the merged result needs no copy
         self.external_work: Tensor | None = None
+        #: ``(buffer (1, D), lock)`` shared by the workers of a parallel lean run for the MALA
+        #: checks (one check at a time), or None: the target's own buffer, no lock
+        self.lean_check: tuple[Tensor, Any] | None = None
+        self._lean_params: list[list[tuple[int, nn.Parameter]]] = []
+        self._lean_ctx: _LeanMove | None = None
         self.mode = mode
         self.init_loss, self.batch_loss_std = self._loss_at_anchor()
 
@@ -403,8 +413,10 @@ class SamplingTarget:
     def _ensure_copies(self, chains: int, *, lean: bool = False) -> None:
         """Per-chain model copies whose sampled parameters are views of rows of ``_work``.
 
-        Gradients land in ``_gbuf``: one row per chain, or (``lean``) one row shared by all
-        chains, which then run their backward passes one after the other.
+        Batched path: gradients land in ``_gbuf``, one row per chain, and one backward pass
+        serves all chains. ``lean``: each parameter is a tensor of its own on its row of
+        ``_work`` (its own autograd version counter) with a hook that moves it as soon as its
+        gradient has been accumulated (:meth:`lean_step`); no gradient buffer is made here.
         """
         dtypes = {s.dtype for s in self.slots}
         if len(dtypes) != 1:
@@ -419,12 +431,14 @@ class SamplingTarget:
             return
         # free the old buffers first: their memory counts while the new ones are allocated
         self._work = self._gbuf = None
-        self._copies = []
+        self._copies, self._lean_params = [], []
         self._lean_buffers = lean
         self._work = (external if external is not None
                       else torch.empty(chains, self.dim, dtype=dtype, device=self.device))
-        self._gbuf = torch.zeros(1 if lean else chains, self.dim, dtype=dtype, device=self.device)
+        if not lean:
+            self._gbuf = torch.zeros(chains, self.dim, dtype=dtype, device=self.device)
         sampled = {s.name: s for s in self.slots}
+        index = {s.name: i for i, s in enumerate(self.slots)}
         # tied weights: every name under which a sampled parameter appears maps to its slot
         canonical = {id(p): name for name, p in self.model.named_parameters()}
         aliases = {name: canonical[id(p)]
@@ -444,12 +458,17 @@ class SamplingTarget:
                     continue
                 if base not in views:
                     s = sampled[base]
-                    view = self._work[c, s.offset:s.offset + s.numel].view(s.shape)
-                    new = nn.Parameter(view, requires_grad=True)
-                    row = 0 if lean else c
-                    new.grad = self._gbuf[row, s.offset:s.offset + s.numel].view(s.shape)
+                    if lean:
+                        new = nn.Parameter(_own_view(self._work, c, s), requires_grad=True)
+                        new.register_post_accumulate_grad_hook(_LeanHook(self, index[base]))
+                    else:
+                        view = self._work[c, s.offset:s.offset + s.numel].view(s.shape)
+                        new = nn.Parameter(view, requires_grad=True)
+                        new.grad = self._gbuf[c, s.offset:s.offset + s.numel].view(s.shape)
                     views[base] = new
                 setattr(owner, pname.rpartition(".")[2], views[base])
+            if lean:
+                self._lean_params.append(sorted((index[b], v) for b, v in views.items()))
             self._copies.append(replica.to(self.device))  # the rest: constants, buffers
 
     def _grad_loop(self, flat: Tensor, batch: list[Tensor], shared: bool) -> tuple[Tensor, Tensor]:
@@ -513,6 +532,7 @@ class SamplingTarget:
         other = copy.copy(self)
         other._copies, other._work, other._gbuf, other._lean_buffers = [], None, None, False
         other._vmapped, other._batch_cache = {}, None
+        other._lean_params, other._lean_ctx, other.lean_check = [], None, None
         if device != self.device or self.mode == "vmap":
             # functional_call swaps the module's parameters while it runs: one module per thread
             other.model = copy.deepcopy(self.model).to(device)
@@ -530,7 +550,7 @@ class SamplingTarget:
     def release_buffers(self) -> None:
         """Forget the per-chain buffers and model copies (the next run makes new ones)."""
         self._copies, self._work, self._gbuf, self._lean_buffers = [], None, None, False
-        self._batch_cache = None
+        self._batch_cache, self._lean_params = None, []
 
     def uses_lean(self, sampler: str, compiled: bool = False) -> bool:
         """Whether a run of ``sampler`` on this target takes the lean loop path."""
@@ -550,66 +570,136 @@ class SamplingTarget:
                   ) -> tuple[Tensor, Tensor | None]:
         """One SGLD step of every chain, chain after chain, in place (the lean path).
 
-        The chains' parameters are the rows of ``_work`` (also the replicas' parameters); one
-        gradient buffer serves all chains. Noise is drawn per parameter tensor from each chain's
-        generator. With ``check``, the MALA acceptance of the move is computed without another
-        ``(D,)`` buffer: the gradient buffer holds ``(w − w')·2/(ε·nβ)`` and the backward pass at
-        ``w'`` accumulates ``∇L(w')`` into it (see :mod:`devinterp.sgmcmc.mala`).
+        The chains' parameters are the rows of ``_work`` (also the replicas' parameters).
+        Each parameter tensor moves as soon as autograd has accumulated its gradient (a
+        post-accumulate-grad hook; parameters the loss does not reach move after the backward
+        pass, in parameter order), and its gradient is freed at once: no ``(D,)`` gradient
+        buffer. Noise is drawn per parameter tensor from each chain's generator, in the order
+        the tensors move. With ``check``, the MALA acceptance of the move is computed in one
+        ``(D,)`` buffer (shared by the workers of a parallel run, under their lock): it holds
+        the gradient, then ``(w − w')·2/(ε·nβ)``, onto which the backward pass at ``w'``
+        accumulates ``∇L(w')`` (see :mod:`devinterp.sgmcmc.mala`).
 
         Returns:
             The minibatch losses before the step ``(C,)`` and the acceptance ``(C,)`` or None.
         """
         self._ensure_copies(chains, lean=True)
-        work, g = self._work, self._gbuf[0]
         losses = torch.empty(chains, device=self.device)
         acc = torch.empty(chains, device=self.device) if check else None
-        sq, half = math.sqrt(step_size), step_size / 2
-        check = check and step_size > 0
-        parts = [(slice(s.offset, s.offset + s.numel), a,
-                  None if self.mask is None else self.mask[s.offset:s.offset + s.numel])
-                 for s, a in zip(self.slots, self._anchor_parts, strict=True)]
         for c, chain_batch in enumerate(self._chain_batches(batch, shared, chains)):
-            with torch.no_grad():
-                g.zero_()
+            if acc is None:
+                losses[c] = self._lean_chain(c, chain_batch, batch, shared, noise_gens[c],
+                                             step_size, localization, nbeta)
+            else:
+                losses[c], acc[c] = self._lean_chain_checked(
+                    c, chain_batch, batch, shared, noise_gens[c], step_size, localization, nbeta)
+        return losses, acc
+
+    def _lean_chain(self, c: int, chain_batch: Any, batch: list[Tensor], shared: bool,
+                    gen: torch.Generator, step_size: float, localization: float,
+                    nbeta: float) -> Tensor:
+        """Chain ``c``'s step without a check: the hooks move each tensor in the backward pass."""
+        ctx = _LeanMove(gen, step_size, localization, nbeta, set())
+        self._lean_ctx = ctx
+        try:
             loss = self._chain_loss(c, chain_batch, batch, shared)
             loss.backward()
-            p = work[c]
-            zero = torch.zeros((), device=self.device)
-            dist_old, q_fwd = zero.clone(), zero.clone()
-            with torch.no_grad():
-                for sl, a, m in parts:
-                    ps, gs = p[sl], g[sl]
-                    diff = _masked_drift(ps, gs, a, m, nbeta, localization)  # gs := ∇U (masked)
-                    xi = torch.randn(ps.shape, generator=noise_gens[c], device=ps.device,
-                                     dtype=ps.dtype)
-                    if m is not None:
-                        xi.mul_(m)
-                    ps.add_(gs, alpha=-half).add_(xi, alpha=sq)
-                    if check:
-                        dist_old += diff.pow(2).sum()
-                        q_fwd += xi.pow(2).sum()
-                        gs.mul_(half).sub_(xi, alpha=sq).mul_(2 / (step_size * nbeta))
-                losses[c] = loss.detach().float()
-            if acc is None:
-                continue
-            if not check:  # ε = 0: nothing moved
-                acc[c] = 1.0
-                continue
-            loss_new = self._chain_loss(c, chain_batch, batch, shared)
-            loss_new.backward()  # accumulates ∇L(w') onto (w − w')·2/(ε·nβ)
-            with torch.no_grad():
-                dist_new, q_bwd = zero.clone(), zero.clone()
-                for sl, a, m in parts:
-                    ps, gs = p[sl], g[sl]
-                    diff = _masked_drift(ps, gs, a, m, nbeta, localization)
-                    gs.mul_(half)  # w − w' + ε/2·∇U(w')
-                    dist_new += diff.pow(2).sum()
-                    q_bwd += gs.pow(2).sum()
-                log_ratio = (nbeta * (loss.detach().float() - loss_new.detach().float())
-                             + localization / 2 * (dist_old - dist_new)
-                             - q_bwd / (2 * step_size) + q_fwd / 2)
-                acc[c] = torch.exp(torch.clamp(log_ratio, max=0.0).nan_to_num(nan=-math.inf))
-        return losses, acc
+        finally:
+            self._lean_ctx = None
+        for i, param in self._lean_params[c]:  # tensors the loss does not reach: no gradient
+            if i not in ctx.reached:
+                self._lean_move(param, i, torch.zeros_like(param), ctx)
+        return loss.detach().float()
+
+    def _lean_move(self, param: Tensor, i: int, grad: Tensor, ctx: _LeanMove) -> None:
+        """``w := w − ε/2·∇U(w) + √ε·ξ`` for slot ``i`` of one chain (``grad``: ∇L there)."""
+        s = self.slots[i]
+        m = None if self.mask is None else self.mask[s.offset:s.offset + s.numel]
+        with torch.no_grad():
+            ps = param.view(-1)  # in place on the parameter: its version counter sees it
+            gs = grad.reshape(-1)  # ours (the gradient is freed): the only temporary
+            # ∇U = nβ·g + γ·(w − w*), masked, without a (w − w*) temporary
+            gs.mul_(ctx.nbeta).add_(ps, alpha=ctx.localization).sub_(
+                self._anchor_parts[i], alpha=ctx.localization)
+            if m is not None:
+                gs.mul_(m)
+            ps.add_(gs, alpha=-ctx.step_size / 2)
+            xi = torch.randn(ps.shape, generator=ctx.gen, device=ps.device, dtype=ps.dtype,
+                             out=gs)  # the noise reuses the drift's memory
+            if m is not None:
+                xi.mul_(m)
+            ps.add_(xi, alpha=math.sqrt(ctx.step_size))
+
+    def _check_buffer(self) -> tuple[Tensor, Any]:
+        """The ``(D,)`` buffer of the MALA checks and the lock that guards it."""
+        if self.lean_check is not None:
+            buf, lock = self.lean_check
+            return buf[0], lock
+        if self._gbuf is None:
+            self._gbuf = torch.zeros(1, self.dim, device=self.device)
+        return self._gbuf[0], contextlib.nullcontext()
+
+    def _lean_chain_checked(self, c: int, chain_batch: Any, batch: list[Tensor], shared: bool,
+                            gen: torch.Generator, step_size: float, localization: float,
+                            nbeta: float) -> tuple[Tensor, Tensor]:
+        """Chain ``c``'s step and the MALA acceptance of its move, in the check buffer."""
+        g, lock = self._check_buffer()
+        sq, half = math.sqrt(step_size), step_size / 2
+        check = step_size > 0
+        params = self._lean_params[c]
+        p = self._work[c]
+        with lock:
+            for i, param in params:  # the gradients accumulate into the buffer (hooks idle)
+                s = self.slots[i]
+                param.grad = g[s.offset:s.offset + s.numel].view(s.shape)
+            try:
+                with torch.no_grad():
+                    g.zero_()
+                loss = self._chain_loss(c, chain_batch, batch, shared)
+                loss.backward()
+                zero = torch.zeros((), device=self.device)
+                dist_old, q_fwd = zero.clone(), zero.clone()
+                with torch.no_grad():
+                    for i, _ in params:
+                        s = self.slots[i]
+                        sl = slice(s.offset, s.offset + s.numel)
+                        m = None if self.mask is None else self.mask[sl]
+                        ps, gs = p[sl], g[sl]
+                        diff = _masked_drift(ps, gs, self._anchor_parts[i], m, nbeta,
+                                             localization)  # gs := ∇U (masked)
+                        xi = torch.randn(ps.shape, generator=gen, device=ps.device,
+                                         dtype=ps.dtype)
+                        if m is not None:
+                            xi.mul_(m)
+                        ps.add_(gs, alpha=-half).add_(xi, alpha=sq)
+                        if check:
+                            dist_old += diff.pow(2).sum()
+                            q_fwd += xi.pow(2).sum()
+                            gs.mul_(half).sub_(xi, alpha=sq).mul_(2 / (step_size * nbeta))
+                if not check:  # ε = 0: nothing moved
+                    return loss.detach().float(), torch.ones((), device=self.device)
+                loss_new = self._chain_loss(c, chain_batch, batch, shared)
+                loss_new.backward()  # accumulates ∇L(w') onto (w − w')·2/(ε·nβ)
+                with torch.no_grad():
+                    dist_new, q_bwd = zero.clone(), zero.clone()
+                    for i, _ in params:
+                        s = self.slots[i]
+                        sl = slice(s.offset, s.offset + s.numel)
+                        m = None if self.mask is None else self.mask[sl]
+                        ps, gs = p[sl], g[sl]
+                        diff = _masked_drift(ps, gs, self._anchor_parts[i], m, nbeta,
+                                             localization)
+                        gs.mul_(half)  # w − w' + ε/2·∇U(w')
+                        dist_new += diff.pow(2).sum()
+                        q_bwd += gs.pow(2).sum()
+                    log_ratio = (nbeta * (loss.detach().float() - loss_new.detach().float())
+                                 + localization / 2 * (dist_old - dist_new)
+                                 - q_bwd / (2 * step_size) + q_fwd / 2)
+                    acc = torch.exp(torch.clamp(log_ratio, max=0.0).nan_to_num(nan=-math.inf))
+                return loss.detach().float(), acc
+            finally:
+                for _, param in params:
+                    param.grad = None
 
     def grad_and_loss(self, flat: Tensor, batch: list[Tensor], shared: bool = False
                       ) -> tuple[Tensor, Tensor]:
@@ -1102,6 +1192,47 @@ def _masked_drift(ps: Tensor, gs: Tensor, anchor: Tensor, mask: Tensor | None, n
         gs.mul_(mask)
     gs.add_(diff, alpha=localization)
     return diff
+
+
+class _LeanMove(NamedTuple):
+    """What the lean path's hooks need for one chain's step."""
+
+    gen: torch.Generator
+    step_size: float
+    localization: float
+    nbeta: float
+    reached: set[int]
+
+
+class _LeanHook:
+    """Post-accumulate-grad hook of a lean-path parameter: move it with its gradient, free it.
+
+    Holds its target weakly (the target holds the model copies that hold the hooks). Idle
+    outside :meth:`SamplingTarget._lean_chain` (MALA checks accumulate into their buffer).
+    """
+
+    def __init__(self, target: SamplingTarget, slot: int):
+        self.target = weakref.ref(target)
+        self.slot = slot
+
+    def __call__(self, param: Tensor) -> None:
+        target = self.target()
+        ctx = None if target is None else target._lean_ctx
+        if ctx is None:
+            return
+        grad, param.grad = param.grad, None
+        ctx.reached.add(self.slot)
+        target._lean_move(param, self.slot, grad, ctx)
+
+
+def _own_view(work: Tensor, row: int, s: _Slot) -> Tensor:
+    """Slot ``s`` of ``work[row]`` shaped as the parameter, as a tensor with its own autograd
+    version counter (a view shares its base's: moving one parameter in the backward pass would
+    then invalidate the saved values of every other)."""
+    out = torch.empty(0, dtype=work.dtype, device=work.device)
+    out.set_(work.untyped_storage(), work.storage_offset() + row * work.stride(0) + s.offset,
+             (s.numel,), (1,))
+    return out.view(s.shape)
 
 
 def _first_bad(trace: Tensor, threshold: float) -> tuple[int, int] | None:
