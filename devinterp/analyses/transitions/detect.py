@@ -445,20 +445,19 @@ def _detect(series: Series, *, baseline_degree, window, window_widths, min_windo
         if not x[lo] + _COMPLETE * w <= c <= x[hi - 1] - _COMPLETE * w:  # not inside its own window
             excluded.append((cand.c, cand.w, _gap_at(x, cand.c)))
             continue
-        amp, dev, fitted = _evidence(x[lo:hi], y[lo:hi], sigma[lo:hi], c, w, baseline_degree, huber_k)
-        noise_c = float(np.interp(c, x, sigma))
-        mag = abs(amp) / noise_c
-        gap = _gap_at(x, c)
-        clash = any(abs(c - c_k) <= _COMPLETE * (w + w_k) + 2.0 * gap_k for c_k, w_k, gap_k in excluded)
-        half = 0.5 * _SPAN_10_90 * w
-        # the fitted curve's move between the samples bracketing [c - half, c + half]
-        i = max(int(np.searchsorted(x, c - half, "right")) - 1, lo) - lo
-        j = min(int(np.searchsorted(x, c + half, "left")), hi - 1) - lo
-        move = abs(float(fitted[j] - fitted[i]))
-        small = abs(amp) < float(np.interp(c, x, min_amp)) or move < min_move
-        if dev < pen or mag < min_magnitude or clash or small:
-            excluded.append((cand.c, cand.w, gap))
+        # the refined (c, w); else the grid's, when the fitted curve itself moves by the minimum
+        # change across it (the refinement can slide to a narrower, smaller local fit)
+        tries = [(c, w, 0.0)] + ([(cand.c, cand.w, min_move)] if (c, w) != (cand.c, cand.w) else [])
+        for c, w, need_move in tries:
+            fit = _judge(x, y, sigma, min_amp, lo, hi, c, w, baseline_degree, huber_k)
+            clash = any(abs(c - c_k) <= _COMPLETE * (w + w_k) + 2.0 * gap_k for c_k, w_k, gap_k in excluded)
+            if (fit.dev >= pen and fit.mag >= min_magnitude and not clash and fit.plain
+                    and abs(fit.move) >= need_move):
+                break
+        else:
+            excluded.append((cand.c, cand.w, _gap_at(x, cand.c)))
             continue
+        amp, dev, mag, noise_c, half, gap = fit.amp, fit.dev, fit.mag, fit.noise, fit.half, fit.gap
         found.append(Transition(
             step=series.to_step(c), start=series.to_step(c - half), end=series.to_step(c + half),
             direction="rise" if amp > 0 else "fall",
@@ -472,6 +471,37 @@ def _detect(series: Series, *, baseline_degree, window, window_widths, min_windo
         y = y - amp * (expit((x - c) / w) - 0.5)
         excluded.append((c, w, gap))
     return sorted(found, key=lambda t: t.step)
+
+
+@dataclass(frozen=True)
+class _Fit:
+    amp: float
+    dev: float
+    mag: float
+    noise: float
+    half: float
+    gap: float
+    plain: bool  # large enough (min_change, stated stderr) and the curve moves the sigmoid's way
+    move: float  # the fitted curve's move between the samples bracketing the 10-90% span
+
+
+def _judge(x, y, sigma, min_amp, lo, hi, c, w, degree, k) -> _Fit:
+    """Evidence and size of the sigmoid ``(c, w)`` on the window ``[lo, hi)``.
+
+    ``plain`` requires ``|A|`` at least the minimum change at ``c`` and the fitted curve (baseline
+    plus sigmoid) to move in the sigmoid's direction between the samples bracketing its 10-90%
+    span: a "fall" that the fitted curve in fact climbs through is a baseline artefact (e.g. a
+    steep polynomial matching a change that the window cuts off at its edge), not a transition.
+    Drift opposing a real transition can make the move small, so its size is not required.
+    """
+    amp, dev, fitted = _evidence(x[lo:hi], y[lo:hi], sigma[lo:hi], c, w, degree, k)
+    noise_c = float(np.interp(c, x, sigma))
+    half = 0.5 * _SPAN_10_90 * w
+    i = max(int(np.searchsorted(x, c - half, "right")) - 1, lo) - lo
+    j = min(int(np.searchsorted(x, c + half, "left")), hi - 1) - lo
+    move = float(fitted[j] - fitted[i])
+    plain = abs(amp) >= float(np.interp(c, x, min_amp)) and move * amp > 0
+    return _Fit(amp, dev, abs(amp) / noise_c, noise_c, half, _gap_at(x, c), plain, move)
 
 
 def _gap_at(x: np.ndarray, c: float) -> float:
