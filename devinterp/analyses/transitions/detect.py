@@ -42,6 +42,7 @@ MAX_WIDTH = 0.4  # widest sigmoid scanned (log-step units); slower changes are d
 WINDOW_WIDTHS = 6.0  # fitting window half-width >= this many sigmoid widths
 MIN_CHANGE = 0.1  # smallest |amplitude| reported, as a fraction of the curve's range
 _DRIFT_WIDTH = 2.0  # a refined width above max_width (up to this factor) marks drift
+_MOVE_SLACK = 4.0  # noise sd by which the move may fall short of the minimum change
 _COMPLETE = 2.5  # the window must hold c +- 2.5 w (8%..92% of the change): no edge extrapolation
 
 
@@ -492,7 +493,8 @@ def _judge(x, y, sigma, min_amp, lo, hi, c, w, degree, k) -> _Fit:
     plus sigmoid) to move in the sigmoid's direction between the samples bracketing its 10-90%
     span: a "fall" that the fitted curve in fact climbs through is a baseline artefact (e.g. a
     steep polynomial matching a change that the window cuts off at its edge), not a transition.
-    Drift opposing a real transition can make the move small, so its size is not required.
+    The move may fall short of the minimum change by at most ``_MOVE_SLACK`` noise sd (drift
+    opposing a real, noisy transition makes it small; a smooth curve's bend has no such excuse).
     """
     amp, dev, fitted = _evidence(x[lo:hi], y[lo:hi], sigma[lo:hi], c, w, degree, k)
     noise_c = float(np.interp(c, x, sigma))
@@ -500,7 +502,12 @@ def _judge(x, y, sigma, min_amp, lo, hi, c, w, degree, k) -> _Fit:
     i = max(int(np.searchsorted(x, c - half, "right")) - 1, lo) - lo
     j = min(int(np.searchsorted(x, c + half, "left")), hi - 1) - lo
     move = float(fitted[j] - fitted[i])
-    plain = abs(amp) >= float(np.interp(c, x, min_amp)) and move * amp > 0
+    # the curve must move the sigmoid's way, and not by confidently less than the minimum change:
+    # drift opposing a noisy transition can shrink its move, but on an almost noiseless curve a
+    # sigmoid whose fitted move is small is a bend of the baseline, not a transition
+    shortfall = float(np.interp(c, x, min_amp)) - move * np.sign(amp)
+    plain = (abs(amp) >= float(np.interp(c, x, min_amp)) and move * amp > 0
+             and shortfall <= _MOVE_SLACK * noise_c)
     return _Fit(amp, dev, abs(amp) / noise_c, noise_c, half, _gap_at(x, c), plain, move)
 
 
