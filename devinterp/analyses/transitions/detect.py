@@ -42,7 +42,7 @@ MAX_WIDTH = 0.4  # widest sigmoid scanned (log-step units); slower changes are d
 WINDOW_WIDTHS = 6.0  # fitting window half-width >= this many sigmoid widths
 MIN_CHANGE = 0.1  # smallest |amplitude| reported, as a fraction of the curve's range
 _DRIFT_WIDTH = 2.0  # a refined width above max_width (up to this factor) marks drift
-_MOVE_SLACK = 4.0  # noise sd by which the move may fall short of the minimum change
+_MOVE_SLACK = 6.0  # noise sd by which the move may fall short of the minimum change
 _COMPLETE = 2.5  # the window must hold c +- 2.5 w (8%..92% of the change): no edge extrapolation
 
 
