@@ -15,8 +15,9 @@ back into curves. The tags:
 ``ov_copying/L{l}H{h}``   copying score of the head's OV circuit (eigenvalues)
 ``qk_previous_token/L{l}H{h}``  previous-token attention of the positional QK circuit
 ``transitions/flag``      1 at each flagged transition step
-``transitions/marker/<metric>``  a spike at each flag of ``<metric>``, from the curve's minimum
-                          to its maximum (so it is visible on the curve's own chart)
+``transitions/marker/<metric>``  the curve's first value at each of its steps, with a spike across
+                          its range at each flag of ``<metric>`` (drawn on the curve's own chart;
+                          written in step order once the run ends, so lines do not zig-zag)
 ``transitions`` (text)    one line per flagged transition, with its evidence
 ========================  =========================================================
 
@@ -99,13 +100,61 @@ class HeadRuns:
 
 
 def marker_points(step: float, values: Sequence[float]) -> list[tuple[int, float]]:
-    """A visible marker for a flag at ``step`` on a curve with ``values``: a spike from the
-    curve's minimum (one step before and after) to its maximum (at the step)."""
+    """A visible marker for a flag at ``step`` on a curve with ``values`` (its points so far, in
+    step order): a spike from the curve's first value (one step before and after ``step``) to the
+    value farthest from it (at ``step``), i.e. across the curve's whole range so far.
+
+    The base is the same for every marker of a curve (its first value does not change as the curve
+    grows), so the line between two markers runs flat along it, even when a later flag is at an
+    earlier step: no zig-zag. The spike points up on a rising curve (scores, LLC) and down on a
+    falling one (loss).
+    """
     v = np.asarray(values, dtype=float)
     v = v[np.isfinite(v)]
-    lo, hi = (float(v.min()), float(v.max())) if v.size else (0.0, 1.0)
+    base, top = (float(v[0]), float(v[np.argmax(np.abs(v - v[0]))])) if v.size else (0.0, 1.0)
+    if top == base:
+        top = base + (abs(base) or 1.0)
     s = int(round(float(step)))
-    return [(max(s - 1, 0), lo), (s, hi), (s + 1, lo)]
+    return [(max(s - 1, 0), base), (s, top), (s + 1, base)]
+
+
+def marker_series(steps: Sequence[float], values: Sequence[float],
+                  flagged: Sequence[float]) -> list[tuple[int, float]]:
+    """A curve's whole marker series, in step order: the curve's first value at each of its steps
+    and the value farthest from it at each flagged step and the steps either side (a spike across
+    the range).
+
+    Written once, densely and in step order, this draws a flat line with one vertical spike per
+    flag, also under TensorBoard's smoothing (sparse or out-of-order points are joined by
+    diagonal lines, which smoothing bends further).
+    """
+    s = np.asarray(steps, dtype=float)
+    v = np.asarray(values, dtype=float)
+    ok = np.isfinite(v) & np.isfinite(s)
+    s, v = s[ok], v[ok]
+    if not v.size:
+        return []
+    order = np.argsort(s, kind="stable")
+    s, v = s[order], v[order]
+    base = float(v[0])
+    top = float(v[np.argmax(np.abs(v - base))])
+    if top == base:
+        top = base + (abs(base) or 1.0)
+    points = {int(round(x)): base for x in s.tolist()}
+    for f in flagged:  # three steps wide, so the spike survives TensorBoard's smoothing
+        c = int(round(float(f)))
+        for k in (c - 1, c, c + 1):
+            if k >= 0:
+                points[k] = top
+    return sorted(points.items())
+
+
+def log_markers(writer, metric: str, steps: Sequence[float], values: Sequence[float],
+                flagged: Sequence[float]) -> None:
+    """Write ``metric``'s :func:`marker_series` under ``transitions/marker/<metric>`` (once, after
+    its last flag: at the end of training, or post hoc)."""
+    for s, v in marker_series(steps, values, flagged):
+        writer.add_scalar(MARKER_PREFIX + metric, v, s)
 
 
 def log_flag(writer, transition, values: Sequence[float]) -> None:

@@ -152,8 +152,9 @@ def test_tensorboard_markers_and_per_head_runs(demo):
         assert s in steps.tolist()
         i = steps.tolist().index(s)
         lo, hi = curve[np.isfinite(curve)].min(), curve[np.isfinite(curve)].max()
-        # a spike from the curve's minimum to its maximum (so far, when flagged online)
-        assert lo - 1e-6 <= values[i - 1] < values[i] <= hi + 1e-6
+        # flat at the curve's first value, with a spike across its range at each flag
+        assert values[0] == pytest.approx(curve[0]) and values[i] != values[0]
+        assert lo - 1e-6 <= values[i] <= hi + 1e-6 and abs(values[i] - curve[0]) > 0.5 * (hi - lo)
         assert values[i + 1] == values[i - 1]
     runs = sorted(p.name for p in (demo["logdir"] / "heads").iterdir())
     assert [r for r in runs if "-to-" not in r] == HEADS          # one run per head

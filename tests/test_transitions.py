@@ -131,9 +131,7 @@ def test_accuracy_on_synthetic_suite():
     assert s.precision >= 0.9, s
     assert s.false_flags_per_drift_curve <= 0.1, s
     by_width = _bucket_recall(curves, flagged)
-    # issue 14 asks >= 0.85 in every width bucket; measured 0.79-0.88 for widths 0.2-0.3 over seeds
-    # 0-2 (benchmarks/transition_accuracy.py), so the broadest bucket is held to what is met
-    assert len(by_width) == 4 and min(by_width.values()) >= 0.75, by_width
+    assert len(by_width) == 4 and min(by_width.values()) >= 0.85, by_width
 
 
 @pytest.mark.slow
@@ -143,7 +141,7 @@ def test_accuracy_on_large_synthetic_suite():
     s = score(curves, flagged)
     assert s.recall >= 0.9 and s.precision >= 0.9 and s.false_flags_per_drift_curve <= 0.1, s
     by_width = _bucket_recall(curves, flagged)
-    assert min(by_width.values()) >= 0.75, by_width
+    assert min(by_width.values()) >= 0.85, by_width
 
 
 def test_broad_transitions_over_drift_are_found():
@@ -153,7 +151,7 @@ def test_broad_transitions_over_drift_are_found():
     for _ in range(20):
         c = synthetic_curve(rng, n_points=150, n_transitions=1, width_range=(0.1, 0.3))
         found += score([c], [[t.step for t in detect_transitions(c.steps, c.values)]]).true_positives
-    assert found >= 15  # 16/20 measured; the issue's 0.85 per width bucket is not met for 0.2-0.3
+    assert found >= 15  # 16/20 measured (seed 11; one curve of 150 points each)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -182,7 +180,7 @@ def test_min_change_keeps_smooth_curves_from_flagging_negligible_moves():
     found = detect_transitions(steps, y)
     assert [t.direction for t in found] == ["rise"] and 200 < found[0].step < 450, found
     assert detect_transitions(steps, y, min_change=0.0)  # settable; 0 disables it
-    assert detect_transitions(steps, y, min_change=0.95) == []
+    assert detect_transitions(steps, y, min_change=0.98) == []  # the rise is 97% of the range
     with pytest.raises(InvalidInputError, match="min_change"):
         detect_transitions(steps, y, min_change=1.5)
 

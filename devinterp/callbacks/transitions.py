@@ -10,8 +10,9 @@ A thin adapter over :func:`devinterp.analyses.detect_transitions`:
   points is analysed; a transition not seen before (same metric and direction, overlapping ``[start, end]`` or a
   step within ``match_tolerance`` in log step) is flagged once: a text line under the TensorBoard tag
   ``transitions``, a point ``transitions/flag = 1`` at the transition's step (no zeros in
-  between) and a marker ``transitions/marker/<metric>``: a spike over the curve's range at the
-  step, drawn on the curve's own chart (see :mod:`devinterp.tensorboard`).
+  between); at the end of training each flagged curve gets its marker series
+  ``transitions/marker/<metric>``: flat, with a spike across the curve's range at each flag, drawn
+  on the curve's own chart (see :mod:`devinterp.tensorboard`).
 
 The flagging logic (when a transition has settled, whether it was flagged before) is
 :class:`devinterp.analyses.transitions.TransitionTracker`, which replays a recorded run exactly.
@@ -31,7 +32,7 @@ from devinterp.callbacks import _logging
 from devinterp.callbacks._trainer import resolve_schedule
 from devinterp.errors import InvalidInputError
 from devinterp.schedules import Schedule, log_spaced
-from devinterp.tensorboard import FLAG_TAG, TEXT_TAG, log_flag
+from devinterp.tensorboard import FLAG_TAG, TEXT_TAG, log_markers
 
 __all__ = ["FLAG_TAG", "TEXT_TAG", "TransitionCallback"]
 
@@ -122,6 +123,21 @@ class TransitionCallback(pl.Callback):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.check(trainer, final=True)
+        self.write_markers(trainer)
+
+    def write_markers(self, trainer: pl.Trainer) -> None:
+        """Write each flagged curve's marker series (:func:`devinterp.tensorboard.log_markers`),
+        in step order over the whole curve, so that TensorBoard draws a flat line with a spike at
+        each flag (markers written one flag at a time, out of step order, draw zig-zags)."""
+        writer = _logging.tensorboard_writer(trainer)
+        if writer is None:
+            return
+        history = _logging.metric_history(trainer)
+        for name in self.metrics:
+            flagged = [t.step for t in self.transitions if t.metric == name]
+            series = history.get(name, [])
+            if flagged and series:
+                log_markers(writer, name, [s for s, _ in series], [v for _, v in series], flagged)
 
     # --- logic (all of it in the tracker) ---------------------------------------------------
     def check(self, trainer: pl.Trainer, *, final: bool = False) -> list[Transition]:
@@ -142,9 +158,6 @@ class TransitionCallback(pl.Callback):
         step = int(round(t.step))
         _logging.log_text(trainer, TEXT_TAG, t.describe(), step=step)
         _logging.log_scalars(trainer, {FLAG_TAG: 1.0}, step=step)
-        writer = _logging.tensorboard_writer(trainer)
-        if writer is not None:  # a spike over the curve's range so far, on the curve's own chart
-            log_flag(writer, t, [v for _, v in _logging.metric_history(trainer).get(t.metric, [])])
 
     # --- resume -----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

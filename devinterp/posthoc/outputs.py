@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from devinterp.report import transition_record
-from devinterp.tensorboard import HEADS_DIR, HeadRuns, llc_band, log_flag, write_layout
+from devinterp.tensorboard import HEADS_DIR, HeadRuns, llc_band, log_markers, write_layout
 
 __all__ = [
     "Curves",
@@ -185,6 +185,7 @@ class TensorBoardOut:
         self.writer = SummaryWriter(str(self.logdir), filename_suffix=suffix)
         self.heads = HeadRuns(self.logdir, filename_suffix=suffix)  # one run per head
         self._curves: dict[str, list[float]] = {}
+        self._curve_steps: dict[str, list[int]] = {}
         write_layout(self.writer)
 
     def scalars(self, step: int, values: Mapping[str, float]) -> None:
@@ -193,6 +194,7 @@ class TensorBoardOut:
         for tag, v in sorted(values.items()):
             self.writer.add_scalar(tag, float(v), int(step))
             self._curves.setdefault(tag, []).append(float(v))
+            self._curve_steps.setdefault(tag, []).append(int(step))
         self.heads.add(values, int(step))
 
     def curves(self, curves: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> None:
@@ -201,15 +203,19 @@ class TensorBoardOut:
                 self.writer.add_scalar(tag, float(v), int(s))
                 self.heads.add({tag: float(v)}, int(s))
             self._curves[tag] = [float(v) for v in values.tolist()]
+            self._curve_steps[tag] = [int(s) for s in steps.tolist()]
 
     def transitions(self, transitions: Sequence) -> None:
+        flagged: dict[str, list[float]] = {}
         for t in transitions:
             step = int(round(float(t.step)))
             self.writer.add_scalar(FLAG_TAG, 1.0, step)
             self.writer.add_text(TEXT_TAG, _describe(t), step)
             metric = getattr(t, "metric", None)
-            if metric in self._curves:  # a spike over the curve's range, on its own chart
-                log_flag(self.writer, t, self._curves[metric])
+            if metric in self._curves:
+                flagged.setdefault(metric, []).append(float(t.step))
+        for metric, steps in flagged.items():  # flat, a spike across the range at each flag
+            log_markers(self.writer, metric, self._curve_steps[metric], self._curves[metric], steps)
 
     def flush(self) -> None:
         self.writer.flush()

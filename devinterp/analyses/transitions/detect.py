@@ -42,6 +42,7 @@ MAX_WIDTH = 0.4  # widest sigmoid scanned (log-step units); slower changes are d
 WINDOW_WIDTHS = 6.0  # fitting window half-width >= this many sigmoid widths
 MIN_CHANGE = 0.1  # smallest |amplitude| reported, as a fraction of the curve's range
 _DRIFT_WIDTH = 2.0  # a refined width above max_width (up to this factor) marks drift
+_MOVE_SLACK = 6.0  # noise sd by which the move may fall short of the minimum change
 _COMPLETE = 2.5  # the window must hold c +- 2.5 w (8%..92% of the change): no edge extrapolation
 
 
@@ -445,20 +446,19 @@ def _detect(series: Series, *, baseline_degree, window, window_widths, min_windo
         if not x[lo] + _COMPLETE * w <= c <= x[hi - 1] - _COMPLETE * w:  # not inside its own window
             excluded.append((cand.c, cand.w, _gap_at(x, cand.c)))
             continue
-        amp, dev, fitted = _evidence(x[lo:hi], y[lo:hi], sigma[lo:hi], c, w, baseline_degree, huber_k)
-        noise_c = float(np.interp(c, x, sigma))
-        mag = abs(amp) / noise_c
-        gap = _gap_at(x, c)
-        clash = any(abs(c - c_k) <= _COMPLETE * (w + w_k) + 2.0 * gap_k for c_k, w_k, gap_k in excluded)
-        half = 0.5 * _SPAN_10_90 * w
-        # the fitted curve's move between the samples bracketing [c - half, c + half]
-        i = max(int(np.searchsorted(x, c - half, "right")) - 1, lo) - lo
-        j = min(int(np.searchsorted(x, c + half, "left")), hi - 1) - lo
-        move = abs(float(fitted[j] - fitted[i]))
-        small = abs(amp) < float(np.interp(c, x, min_amp)) or move < min_move
-        if dev < pen or mag < min_magnitude or clash or small:
-            excluded.append((cand.c, cand.w, gap))
+        # the refined (c, w); else the grid's, when the fitted curve itself moves by the minimum
+        # change across it (the refinement can slide to a narrower, smaller local fit)
+        tries = [(c, w, 0.0)] + ([(cand.c, cand.w, min_move)] if (c, w) != (cand.c, cand.w) else [])
+        for c, w, need_move in tries:
+            fit = _judge(x, y, sigma, min_amp, lo, hi, c, w, baseline_degree, huber_k)
+            clash = any(abs(c - c_k) <= _COMPLETE * (w + w_k) + 2.0 * gap_k for c_k, w_k, gap_k in excluded)
+            if (fit.dev >= pen and fit.mag >= min_magnitude and not clash and fit.plain
+                    and abs(fit.move) >= need_move):
+                break
+        else:
+            excluded.append((cand.c, cand.w, _gap_at(x, cand.c)))
             continue
+        amp, dev, mag, noise_c, half, gap = fit.amp, fit.dev, fit.mag, fit.noise, fit.half, fit.gap
         found.append(Transition(
             step=series.to_step(c), start=series.to_step(c - half), end=series.to_step(c + half),
             direction="rise" if amp > 0 else "fall",
@@ -472,6 +472,43 @@ def _detect(series: Series, *, baseline_degree, window, window_widths, min_windo
         y = y - amp * (expit((x - c) / w) - 0.5)
         excluded.append((c, w, gap))
     return sorted(found, key=lambda t: t.step)
+
+
+@dataclass(frozen=True)
+class _Fit:
+    amp: float
+    dev: float
+    mag: float
+    noise: float
+    half: float
+    gap: float
+    plain: bool  # large enough (min_change, stated stderr) and the curve moves the sigmoid's way
+    move: float  # the fitted curve's move between the samples bracketing the 10-90% span
+
+
+def _judge(x, y, sigma, min_amp, lo, hi, c, w, degree, k) -> _Fit:
+    """Evidence and size of the sigmoid ``(c, w)`` on the window ``[lo, hi)``.
+
+    ``plain`` requires ``|A|`` at least the minimum change at ``c`` and the fitted curve (baseline
+    plus sigmoid) to move in the sigmoid's direction between the samples bracketing its 10-90%
+    span: a "fall" that the fitted curve in fact climbs through is a baseline artefact (e.g. a
+    steep polynomial matching a change that the window cuts off at its edge), not a transition.
+    The move may fall short of the minimum change by at most ``_MOVE_SLACK`` noise sd (drift
+    opposing a real, noisy transition makes it small; a smooth curve's bend has no such excuse).
+    """
+    amp, dev, fitted = _evidence(x[lo:hi], y[lo:hi], sigma[lo:hi], c, w, degree, k)
+    noise_c = float(np.interp(c, x, sigma))
+    half = 0.5 * _SPAN_10_90 * w
+    i = max(int(np.searchsorted(x, c - half, "right")) - 1, lo) - lo
+    j = min(int(np.searchsorted(x, c + half, "left")), hi - 1) - lo
+    move = float(fitted[j] - fitted[i])
+    # the curve must move the sigmoid's way, and not by confidently less than the minimum change:
+    # drift opposing a noisy transition can shrink its move, but on an almost noiseless curve a
+    # sigmoid whose fitted move is small is a bend of the baseline, not a transition
+    shortfall = float(np.interp(c, x, min_amp)) - move * np.sign(amp)
+    plain = (abs(amp) >= float(np.interp(c, x, min_amp)) and move * amp > 0
+             and shortfall <= _MOVE_SLACK * noise_c)
+    return _Fit(amp, dev, abs(amp) / noise_c, noise_c, half, _gap_at(x, c), plain, move)
 
 
 def _gap_at(x: np.ndarray, c: float) -> float:

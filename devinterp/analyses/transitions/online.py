@@ -138,7 +138,8 @@ def relative_move(steps, values, t: Transition) -> float:
     """How far a curve moves across a flag, as a fraction of its range (:func:`curve_range`).
 
     The move is the difference between the curve's values at the samples bracketing the flag's
-    ``[start, end]`` (the last sample at or before ``start`` and the first at or after ``end``).
+    ``[start, end]`` (the last sample at or before ``start`` and the first at or after ``end``; for
+    a step sharper than the sampling, at a sample, the samples either side of it).
     """
     s = np.asarray(steps, dtype=float)
     v = np.asarray(values, dtype=float)
@@ -146,5 +147,7 @@ def relative_move(steps, values, t: Transition) -> float:
     s, v = s[order], v[order]
     i = max(int(np.searchsorted(s, t.start, "right")) - 1, 0)
     j = min(int(np.searchsorted(s, t.end, "left")), s.size - 1)
+    if j <= i:  # a step sharper than the sampling, at a sample: the samples either side of it
+        i, j = max(i - 1, 0), min(i + 1, s.size - 1)
     span = curve_range(v)
     return float(abs(v[j] - v[i]) / span) if span > 0 else 0.0
