@@ -226,7 +226,7 @@ class LLCAnalysis:
         if self.calibrate_kwargs:
             parts.append("calibrate(" + ", ".join(f"{k}={v}" for k, v in sorted(self.calibrate_kwargs.items())) + ")")
         src = (f"from {self.settings_source} (command-line --llc-* options win)" if self.settings_source
-               else "command-line options and estimate_llc's defaults")
+               else "from the command line, the rest estimate_llc's and calibrate's defaults")
         return f"LLC settings {src}: " + ", ".join(parts)
 
     def _given(self) -> dict[str, Any]:
