@@ -81,7 +81,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                      "and reuse the calibration for every snapshot; explicit --llc-* values win over it")
     llc.add_argument("--llc-localization", type=float, default=None, help="gamma (default: calibration's, else 1)")
     llc.add_argument("--llc-nbeta", type=float, default=None, help="n*beta (default n/log n)")
-    llc.add_argument("--llc-batch-size", type=int, default=None)
+    llc.add_argument("--llc-batch-size", type=int, default=None,
+                     help="SGLD minibatch (default: the module's setting, else a DataLoader's, else 64; "
+                     "a value >= n is full batch)")
     llc.add_argument("--llc-budget", type=int, default=None,
                      help="model evaluations (forward+backward passes of one chain on one minibatch) per "
                      "estimate; the calibration plans within it too (default 5000, the calibration's "

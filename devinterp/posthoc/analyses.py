@@ -128,6 +128,12 @@ class LLCAnalysis:
     ``min_acceptance``, ``budget``; those given here win key by key). This happens in
     :meth:`prepare`, which says on stderr where each setting came from; the results key keeps the
     configuration given here (pass ``--force`` after changing a module's settings).
+
+    **Minibatch.** Without a ``batch_size`` from either, and unless the data is a DataLoader
+    (whose batch size is kept), the chains use minibatches of ``default_batch_size`` (64; None:
+    ``estimate_llc``'s full batch up to 512). A snapshot's cost is the budget's model
+    evaluations × the batch: a post-hoc run evaluates many snapshots, so it takes minibatches
+    as devinterp (timaeus) users do, and as the demo does online.
     """
 
     num_chains: int | None = None
@@ -144,6 +150,7 @@ class LLCAnalysis:
     calibration: Any = field(default=None, compare=False, repr=False)
     calibrate_kwargs: Mapping[str, Any] | None = None
     module_settings: bool = True
+    default_batch_size: int | None = 64
     settings_source: str | None = field(default=None, compare=False)
 
     needs_data = True
@@ -166,6 +173,8 @@ class LLCAnalysis:
             raise InvalidInputError(f"vectorize must be True, False or 'auto', got {self.vectorize!r}")
         if self.calibrate_kwargs is not None:
             _check_calibrate_kwargs(self.calibrate_kwargs, "calibrate_kwargs")
+        if self.default_batch_size is not None:
+            _positive_int("default_batch_size", self.default_batch_size)
 
     def config(self) -> dict[str, Any]:
         d = asdict(self)
@@ -240,8 +249,14 @@ class LLCAnalysis:
 
         if self.settings_source is None and self.calibration is None:
             filled = self.with_module_settings(model)
+            note = ""
+            if (filled.batch_size is None and filled.default_batch_size is not None
+                    and not isinstance(context.data, torch.utils.data.DataLoader)):
+                filled = replace(filled, batch_size=filled.default_batch_size)
+                note = (f"; minibatch {filled.default_batch_size} is the post-hoc default "
+                        "(--llc-batch-size N; N >= the data size: full batch)")
             if context.progress is not False:
-                print(f"devinterp analyze: {filled.describe_settings()}", file=sys.stderr, flush=True)
+                print(f"devinterp analyze: {filled.describe_settings()}{note}", file=sys.stderr, flush=True)
             return replace(filled, settings_source=filled.settings_source or "")._calibrated(model, context)
         return self._calibrated(model, context)
 
