@@ -14,6 +14,7 @@ then writes the summary figure and JSON (:mod:`devinterp.report`) and the Tensor
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import time
@@ -35,7 +36,8 @@ from devinterp.errors import InvalidInputError
 from devinterp.models import AttentionOnlyTransformer, InductionRecipe, induction_recipe
 from devinterp.schedules import every, log_spaced
 
-__all__ = ["DemoConfig", "DemoResult", "InductionLM", "SyntheticBatches", "demo_config", "half_crossing",
+__all__ = ["DemoConfig", "DemoResult", "InductionLM", "SyntheticBatches", "demo_config", "demo_llc_settings",
+           "half_crossing",
            "prepare_output", "run_demo", "token_loss"]
 
 #: Marks a directory as the output of ``devinterp demo`` (so a re-run may replace it).
@@ -121,6 +123,26 @@ class DemoConfig:
         return out
 
 
+def demo_llc_settings(cfg: DemoConfig | None = None) -> dict[str, Any]:
+    """The demo's LLC settings as ``devinterp analyze`` takes them (``devinterp_llc_settings``).
+
+    The keyword arguments of ``estimate_llc`` (chains, minibatch, localization, and the chain
+    lengths the demo's calibration may choose at most) and, under ``calibrate_kwargs``, those of
+    ``calibrate`` (pilot length, length bounds, acceptance, grid top and the calibration budget),
+    read from ``cfg`` (default: the default demo's).
+    """
+    cfg = cfg or DemoConfig()
+    return dict(
+        num_chains=cfg.llc_chains, num_draws=cfg.llc_draws, num_burnin=cfg.llc_burnin,
+        localization=cfg.llc_localization, batch_size=cfg.llc_batch_size,
+        calibrate_kwargs=dict(
+            num_steps=cfg.llc_calibration_steps, min_burnin=cfg.llc_min_length,
+            max_burnin=cfg.llc_burnin, min_draws=cfg.llc_min_length, max_draws=cfg.llc_draws,
+            target_ess=2 * cfg.llc_min_length, min_acceptance=cfg.llc_min_acceptance,
+            grid_top=2.0, budget=cfg.llc_calibration_budget),
+    )
+
+
 def demo_config(*, quick: bool = False) -> DemoConfig:
     """The default demo (≈5 min on 2 CPU cores) or the quick one used by the tests (≈1 min).
 
@@ -165,17 +187,23 @@ class InductionLM(pl.LightningModule):
 
     Its hyper-parameters (the recipe as a dict, the seed and the LLC sample size) are saved, so
     ``devinterp analyze`` rebuilds it from the store's ``run.json``; :meth:`devinterp_data` gives
-    the LLC data the demo measured on, which ``devinterp analyze`` uses when no ``--data`` is given.
+    the LLC data the demo measured on, which ``devinterp analyze`` uses when no ``--data`` is given,
+    and :meth:`devinterp_llc_settings` the demo's LLC settings (``llc``, recorded in the
+    hyper-parameters; the default demo's when the run recorded none), which it uses as defaults.
     """
 
     def __init__(self, recipe: InductionRecipe | Mapping[str, Any] | None = None, seed: int = 0,
-                 llc_samples: int = 512):
+                 llc_samples: int = 512, llc: Mapping[str, Any] | None = None):
         super().__init__()
         if recipe is None:
             recipe = induction_recipe()
         elif isinstance(recipe, Mapping):  # from run.json: JSON turned tuples into lists
             recipe = InductionRecipe(**{k: tuple(v) if isinstance(v, list) else v for k, v in recipe.items()})
-        self.save_hyperparameters({"recipe": recipe.to_dict(), "seed": seed, "llc_samples": llc_samples})
+        hp = {"recipe": recipe.to_dict(), "seed": seed, "llc_samples": llc_samples}
+        if llc is not None:
+            hp["llc"] = dict(llc)
+        self.save_hyperparameters(hp)
+        self.llc = dict(llc) if llc is not None else None
         self.recipe = recipe
         self.seed = seed
         self.llc_samples = llc_samples
@@ -185,6 +213,10 @@ class InductionLM(pl.LightningModule):
         """The fixed LLC data set: ``llc_samples`` sequences of the recipe's data (seeded)."""
         data = self.recipe.build_data(self.seed)
         return data.sample(self.llc_samples, generator=torch.Generator().manual_seed(self.seed + 3))
+
+    def devinterp_llc_settings(self) -> dict[str, Any]:
+        """The demo's LLC settings (see :func:`demo_llc_settings`): ``devinterp analyze``'s defaults."""
+        return copy.deepcopy(self.llc) if self.llc is not None else demo_llc_settings()
 
     def forward(self, tokens: Tensor) -> Tensor:
         return self.model(tokens)
@@ -459,7 +491,7 @@ def _run(out, *, quick: bool, seed: int, cfg: DemoConfig, progress: bool,
 
     train_data = recipe.build_data(seed)
     loader = DataLoader(SyntheticBatches(train_data, recipe.batch_size, seed + 1), batch_size=None)
-    module = InductionLM(recipe, seed, llc_samples=cfg.llc_samples)
+    module = InductionLM(recipe, seed, llc_samples=cfg.llc_samples, llc=demo_llc_settings(cfg))
     llc_tokens = module.devinterp_data()
 
     heads = [f"L{layer}H{head}" for layer in range(recipe.n_layers) for head in range(recipe.n_heads)]

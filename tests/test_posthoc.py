@@ -406,3 +406,88 @@ def test_llc_auto_step_size_calibrates_once_and_reuses(store_copy):
     second = {r.step: r.scalars["llc/mean"]
               for r in ResultsFile(store_copy / "analysis" / "results.jsonl").read()[2:]}
     assert second == first
+
+
+def _induction_store(root: Path, llc: dict | None) -> Path:
+    """A small demo-like store: InductionLM (tiny recipe) trained a few steps, three snapshots."""
+    from devinterp.demo import InductionLM, token_loss
+    from devinterp.models import induction_recipe
+
+    recipe = induction_recipe(vocab_size=16, n_ctx=16, d_model=16, n_heads=2, n_layers=2, batch_size=16,
+                              span_min=4, span_max=8)
+    module = InductionLM(recipe, seed=0, llc_samples=64, llc=llc)
+    store = SnapshotStore(root, mode="a")
+    store.write_run(model_class=InductionLM, hparams=dict(module.hparams))
+    data = recipe.build_data(0)
+    opt = recipe.build_optimizer(module.model)
+    gen = torch.Generator().manual_seed(1)
+    for step in range(31):
+        if step in (0, 15, 30):
+            store.save(step, module.state_dict())
+        loss = token_loss(module.model, data.sample(16, generator=gen))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return root
+
+
+def test_analyze_llc_takes_the_modules_settings_and_flags_win(tmp_path, capsys):
+    """`devinterp analyze --llc` on a demo-like store uses InductionLM.devinterp_llc_settings()."""
+    from devinterp.cli import main
+
+    settings = dict(num_chains=2, num_draws=20, num_burnin=20, localization=50.0, batch_size=8,
+                    calibrate_kwargs=dict(num_steps=60, max_burnin=20, max_draws=20, min_burnin=10,
+                                          min_draws=10, target_ess=20, min_acceptance=0.7, grid_top=2.0,
+                                          budget=2000))
+    root = _induction_store(tmp_path / "s", settings)
+    assert json.loads((root / "run.json").read_text())["hparams"]["llc"]["batch_size"] == 8
+    out = tmp_path / "a"
+    rc = main(["analyze", str(root), "--llc", "--circuits", "--transitions", "--steps", "last:2",
+               "--num-sequences", "4", "--no-tensorboard", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert "LLC settings from InductionLM.devinterp_llc_settings()" in err
+    recs = [r for r in ResultsFile(out / "results.jsonl").read() if r.analysis == "llc"]
+    assert {r.step for r in recs} == {15, 30}
+    for r in recs:
+        assert math.isfinite(r.scalars["llc/mean"]) and math.isfinite(r.scalars["llc/stderr"])
+        params = r.meta["params"]
+        assert (params["batch_size"], params["num_chains"], params["localization"]) == (8, 2, 50.0)
+        assert params["calibrate_kwargs"]["num_steps"] == 60
+    cal = json.loads(next(out.glob("calibration-*.json")).read_text())
+    assert cal["batch_size"] == 8 and cal["localization"] == 50.0 and cal["budget"] == 2000
+    assert cal["cost"] <= 0.6 * 2000
+    # an explicit flag wins over the module's setting; the rest still comes from the module
+    rc = main(["analyze", str(root), "--llc", "--steps", "last:1", "--llc-chains", "1", "--llc-budget", "1200",
+               "--no-tensorboard", "--no-progress", "--out", str(tmp_path / "b")])
+    assert rc == 0
+    (rec,) = [r for r in ResultsFile(tmp_path / "b" / "results.jsonl").read() if r.analysis == "llc"]
+    assert rec.meta["params"]["num_chains"] == 1 and rec.meta["params"]["batch_size"] == 8
+    assert rec.meta["params"]["calibrate_kwargs"]["budget"] == 1200
+    assert json.loads(next((tmp_path / "b").glob("calibration-*.json")).read_text())["budget"] == 1200
+
+
+def test_module_llc_settings_are_checked_and_can_be_ignored():
+    from devinterp.demo import InductionLM, demo_config, demo_llc_settings
+    from devinterp.errors import FactoryError
+    from devinterp.posthoc import LLCAnalysis
+
+    quick = demo_llc_settings(demo_config(quick=True))
+    assert quick["batch_size"] == demo_config(quick=True).llc_batch_size
+    module = InductionLM(llc=quick)
+    filled = LLCAnalysis(num_draws=7).with_module_settings(module)
+    assert filled.num_draws == 7 and filled.num_chains == quick["num_chains"]
+    assert filled.calibrate_kwargs["num_steps"] == quick["calibrate_kwargs"]["num_steps"]
+    assert LLCAnalysis(module_settings=False).with_module_settings(module).batch_size is None
+    assert InductionLM().devinterp_llc_settings() == demo_llc_settings()  # a run that recorded none
+    # the results key of an analysis without the new options is what it was before them
+    assert "module_settings" not in LLCAnalysis().config() and "calibrate_kwargs" not in LLCAnalysis().config()
+
+    class Bad(torch.nn.Module):
+        def devinterp_llc_settings(self):
+            return {"num_chainz": 2}
+
+    with pytest.raises(FactoryError, match="num_chainz"):
+        LLCAnalysis().with_module_settings(Bad())
+    with pytest.raises(Exception, match="unknown calibrate"):
+        LLCAnalysis(calibrate_kwargs={"grid_tpo": 1.0})

@@ -761,42 +761,52 @@ def calibrate(model: nn.Module | SamplingTarget, data: Any = None, loss_fn: Loss
     ok = chosen is not None
     if chosen is None:
         live = [r for r in table if not r.diverged]
-        if not live:
-            if not table:
-                raise InvalidInputError(
-                    f"the budget ({budget} model evaluations) does not cover a single pilot of "
-                    f"{num_pilot_chains} chains × {num_steps} steps: raise budget= or lower "
-                    "num_steps")
+        if not table:
+            raise InvalidInputError(
+                f"the budget ({budget} model evaluations) does not cover a single pilot of "
+                f"{num_pilot_chains} chains × {num_steps} steps: raise budget= or lower "
+                "num_steps")
+        if not live and not exhausted:
             raise InvalidInputError(
                 "every pilot step size diverged (largest curvature estimate "
                 f"{mu:.3g}); pass smaller step_sizes=[...] to calibrate, or check the loss")
-        # the most conservative: the highest acceptance among the largest γ tried
-        g_max = max(r.localization for r in live)
-        cands = [r for r in live if r.localization == g_max]
-        # pilots too short to see a plateau (the budget): the largest ε meeting every other
-        # criterion; else the highest acceptance (among those that reached a plateau, if any)
-        unsettled = [r for r in cands if not r.plateau and _failures(
-            replace(r, plateau=True), min_acceptance=min_acceptance, max_below=max_below,
-            drift_tol=drift_tol) == []]
-        if unsettled:
-            chosen = max(unsettled, key=lambda r: r.step_size)
-        else:
-            chosen = max(cands, key=lambda r: (r.plateau, np.nan_to_num(r.acceptance, nan=0.0),
-                                               -r.step_size))
         spent = (f"the calibration's share of the budget ({int(limit):,} model evaluations) "
                  "ran out; " if exhausted else "")
+        chosen, how = _fallback(table, min_acceptance=min_acceptance, max_below=max_below,
+                                drift_tol=drift_tol)
+        if chosen is None:  # every pilot failed badly: below the grid, never one of them
+            eps, why = _below_grid(table, min_acceptance=min_acceptance)
+            g = min(table, key=lambda r: r.step_size).localization
+            rescue_limit = math.inf if budget is None else RESCUE_SHARE * budget
+            how = f"every pilot failed badly ({why}): "
+            if meter.used + pilot_cost <= rescue_limit:  # one pilot there, from the estimate's share
+                row, losses = _pilot(target, step_size=eps, localization=g, nbeta=nbeta,
+                                     num_chains=num_pilot_chains, num_steps=num_steps,
+                                     sampler=sampler, seed=seed, sampler_kwargs=sampler_kwargs,
+                                     compile=compile, expected_calls=expected_calls,
+                                     on_progress=meter.add)
+                table.append(row)
+                traces[(eps, g)] = losses
+                bad = _badly_failed(row, min_acceptance=min_acceptance)
+                if bad is None:
+                    chosen = row
+                    how += (f"a pilot below the grid at ε={eps:.3g} (acceptance "
+                            f"{row.acceptance:.3f}) is the step size used")
+                else:
+                    eps2, why2 = _below_grid([row], min_acceptance=min_acceptance)
+                    chosen = _untested_row(eps2, g)
+                    how += (f"a pilot below the grid at ε={eps:.3g} failed too ({bad}); "
+                            f"chose ε={eps2:.3g} ({why2}), untested by a pilot")
+            else:
+                chosen = _untested_row(eps, g)
+                how += f"chose ε={eps:.3g} below the grid, untested by a pilot (no budget left for one)"
         warnings.append(
-            f"no step size met every criterion ({spent}{reason}); using the most conservative "
-            f"one, step_size={chosen.step_size:.3g}, localization={g_max:g}. The estimate may "
-            "be unreliable: check that w* is a trained minimum, or pass step_sizes=[...] with "
-            "smaller values and a larger num_steps" + (", or a larger budget=" if exhausted
-                                                        else ""))
+            f"no step size met every criterion ({spent}{reason}); {how}; using "
+            f"step_size={chosen.step_size:.3g}, localization={chosen.localization:g}. The estimate "
+            "may be unreliable: check that w* is a trained minimum, or pass step_sizes=[...] with "
+            "smaller values and a larger num_steps" + (", or a larger budget=" if exhausted else ""))
         reason = (f"fallback: no step size met every criterion ({spent}{reason}); chose ε="
-                  f"{chosen.step_size:.3g}, " + (
-                      "the largest that met every criterion but the plateau (the pilots were "
-                      "too short to see one)" if unsettled else
-                      "with the highest acceptance" + (" among those that reached a plateau"
-                                                       if chosen.plateau else "")))
+                  f"{chosen.step_size:.3g}: {how}")
     gamma = chosen.localization
     num_burnin, num_draws, ess_aim, extra = _lengths(
         chosen, [r for r in table if r.localization == gamma], traces, num_steps=num_steps,
@@ -832,6 +842,81 @@ def calibrate(model: nn.Module | SamplingTarget, data: Any = None, loss_fn: Loss
               f"), {'ok' if ok else 'FALLBACK (ok: false)'}: " + reason.split(";")[0]
               + f"; {cal.cost:,} model evaluations")
     return cal
+
+
+#: A fallback never uses a step size whose pilot's acceptance was below this share of
+#: ``min_acceptance`` (nor one that diverged or gave λ̂ ≤ 0): those fail badly.
+FALLBACK_ACCEPTANCE_SHARE = 0.5
+#: The share of the whole budget that the calibration may reach with one pilot below the grid
+#: when every pilot failed badly (it comes out of the estimate's share).
+RESCUE_SHARE = 0.6
+
+
+def _badly_failed(row: PilotRow, *, min_acceptance: float) -> str | None:
+    """Why a pilot's step size must never be used, even by a fallback (None: it may be)."""
+    if row.diverged:
+        return f"ε={row.step_size:.3g} diverged at step {row.diverged_step}"
+    if not (row.acceptance >= FALLBACK_ACCEPTANCE_SHARE * min_acceptance):
+        return (f"ε={row.step_size:.3g} acceptance {row.acceptance:.3f} < "
+                f"{FALLBACK_ACCEPTANCE_SHARE * min_acceptance:.3g}")
+    if not (math.isfinite(row.llc) and row.llc > 0):
+        return f"ε={row.step_size:.3g} λ̂ = {row.llc:.3g}"
+    return None
+
+
+def _fallback(table: list[PilotRow], *, min_acceptance: float, max_below: float,
+              drift_tol: float) -> tuple[PilotRow | None, str]:
+    """The step size to use when no pilot met every criterion, and why (None: every pilot failed badly).
+
+    Only pilots that did not fail badly (:func:`_badly_failed`) are candidates, among the largest
+    γ tried: the largest ε that met every criterion but the plateau (pilots too short to see one),
+    else the highest acceptance (those that reached a plateau first), then the smaller ε.
+    """
+    sound = [r for r in table if _badly_failed(r, min_acceptance=min_acceptance) is None]
+    if not sound:
+        return None, "every pilot failed badly"
+    g_max = max(r.localization for r in sound)
+    cands = [r for r in sound if r.localization == g_max]
+    unsettled = [r for r in cands if not r.plateau and _failures(
+        replace(r, plateau=True), min_acceptance=min_acceptance, max_below=max_below,
+        drift_tol=drift_tol) == []]
+    if unsettled:
+        return (max(unsettled, key=lambda r: r.step_size),
+                "the largest that met every criterion but the plateau (the pilots were too short "
+                "to see one)")
+    chosen = max(cands, key=lambda r: (r.plateau, r.acceptance, -r.step_size))
+    return chosen, ("the highest acceptance" + (" among those that reached a plateau" if chosen.plateau
+                                                else "") + " among the pilots that did not fail badly")
+
+
+def _below_grid(table: list[PilotRow], *, min_acceptance: float) -> tuple[float, str]:
+    """A step size below every pilot's, when all failed badly, and how it was found.
+
+    MALA's log-acceptance of a smooth target falls like ε³, so from the smallest pilot's
+    acceptance ``a`` the step size scales by ``(log min_acceptance / log a)^(1/3)``, between 1/16
+    and 1/2 (1/4 after a divergence, 1/16 when nothing was accepted).
+    """
+    smallest = min(table, key=lambda r: r.step_size)
+    a = smallest.acceptance
+    if smallest.diverged:
+        factor, how = 0.25, f"ε={smallest.step_size:.3g} diverged: /4"
+    elif math.isfinite(a) and 0 < a < min_acceptance:
+        factor = (math.log(min_acceptance) / math.log(a)) ** (1 / 3)
+        how = (f"acceptance {a:.3g} at ε={smallest.step_size:.3g}, log-acceptance ∝ ε³ "
+               f"for {min_acceptance}")
+    else:
+        factor, how = 1 / 16, f"ε={smallest.step_size:.3g} accepted nothing: /16"
+    factor = min(max(factor, 1 / 16), 0.5)
+    return smallest.step_size * factor, how
+
+
+def _untested_row(step_size: float, localization: float) -> PilotRow:
+    """The stand-in row of a step size below the grid that no pilot tried (all statistics NaN)."""
+    nan = float("nan")
+    return PilotRow(step_size=float(step_size), localization=float(localization), llc=nan,
+                    stderr=nan, burnin=0, plateau=False, acceptance=nan, frac_below=nan,
+                    drift=nan, drift_stderr=nan, tau_int=nan, diverged=False, diverged_step=-1,
+                    seconds=0.0)
 
 
 def _choose(rows: list[PilotRow], *, min_acceptance: float, max_below: float,

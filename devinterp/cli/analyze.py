@@ -20,6 +20,9 @@ Factories (package.module:name or path/to/file.py:name):
            Default: the run's datamodule, else model.devinterp_data(), else model.train_dataloader().
   --loss   fn(model, batch) -> scalar mean loss. Default: model.devinterp_loss(batch), else the
            loss of model.training_step(batch, 0), else (a HuggingFace LM) next-token cross-entropy.
+LLC settings: the --llc-* options; what they leave unset comes from model.devinterp_llc_settings()
+  when the module defines it (the demo's InductionLM: its own chains, minibatch, localization and
+  calibration settings), else from estimate_llc / calibrate's defaults. The first lines say which.
 
 PATH: a snapshot store, a folder of Lightning .ckpt files, or a folder of HuggingFace checkpoints
 (checkpoint-<step>/ as the HF Trainer writes them, step<step>/ or step-<step>/ save_pretrained folders).
@@ -78,10 +81,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                      "and reuse the calibration for every snapshot; explicit --llc-* values win over it")
     llc.add_argument("--llc-localization", type=float, default=None, help="gamma (default: calibration's, else 1)")
     llc.add_argument("--llc-nbeta", type=float, default=None, help="n*beta (default n/log n)")
-    llc.add_argument("--llc-batch-size", type=int, default=None)
-    llc.add_argument("--llc-budget", type=int, default=5000,
+    llc.add_argument("--llc-batch-size", type=int, default=None,
+                     help="SGLD minibatch (default: the module's setting, else a DataLoader's, else 64; "
+                     "a value >= n is full batch)")
+    llc.add_argument("--llc-budget", type=int, default=None,
                      help="model evaluations (forward+backward passes of one chain on one minibatch) per "
-                     "estimate; the calibration plans within it too (default 5000; 0: no limit)")
+                     "estimate; the calibration plans within it too (default 5000, the calibration's "
+                     "from the module's settings if any; 0: no limit)")
+    llc.add_argument("--llc-ignore-module-settings", action="store_true",
+                     help="do not take defaults from the model's devinterp_llc_settings() (the demo's "
+                     "InductionLM gives the demo's: 2 chains, minibatch 16, localization 100...)")
     llc.add_argument("--llc-sampler", default="sgld", help="sgld, rmsprop_sgld or sgnht")
     llc.add_argument("--llc-vectorize", default="false", choices=("false", "true", "auto"),
                      help="chains as model copies (false, default: reproducible), one vmap (true), or timed (auto)")
@@ -107,6 +116,7 @@ def _step_size(value: str):
 
 def build_job(args: argparse.Namespace):
     """The :class:`~devinterp.posthoc.runner.Job` an ``analyze`` command line describes."""
+    from devinterp.analyses.budget import DEFAULT_BUDGET
     from devinterp.factories import call_with_hparams, import_object
     from devinterp.posthoc.analyses import CircuitAnalysis, LLCAnalysis
     from devinterp.posthoc.runner import Job
@@ -120,7 +130,10 @@ def build_job(args: argparse.Namespace):
             num_chains=args.llc_chains, num_draws=args.llc_draws, num_burnin=args.llc_burnin,
             step_size=_step_size(args.llc_step_size), localization=args.llc_localization,
             nbeta=args.llc_nbeta, batch_size=args.llc_batch_size, sampler=args.llc_sampler,
-            budget=args.llc_budget or None,
+            budget=DEFAULT_BUDGET if args.llc_budget is None else (args.llc_budget or None),
+            # an explicit --llc-budget also bounds the calibration (over a module's own setting)
+            calibrate_kwargs=None if args.llc_budget is None else {"budget": args.llc_budget or None},
+            module_settings=not args.llc_ignore_module_settings,
             vectorize={"false": False, "true": True, "auto": "auto"}[args.llc_vectorize]))
     if do_circuits:
         analyses.append(CircuitAnalysis(vocab_size=args.vocab_size, seq_len=args.seq_len,

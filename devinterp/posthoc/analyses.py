@@ -119,6 +119,21 @@ class LLCAnalysis:
     reused by later runs with the same configuration. Each snapshot's chains are seeded with
     ``context.step_seed``. ``vectorize=False`` (per-chain model copies) by default, so no
     timing-based choice can change the numbers between processes.
+
+    **The module's own settings.** When the rebuilt model defines ``devinterp_llc_settings()``
+    (as ``devinterp.demo.InductionLM`` does) and ``module_settings`` is True, its dict fills what
+    is not given here: the fields ``num_chains``, ``num_draws``, ``num_burnin``, ``localization``,
+    ``nbeta``, ``batch_size`` and ``calibrate_kwargs`` (keyword arguments of
+    :func:`~devinterp.analyses.calibrate`, e.g. ``num_steps``, ``max_draws``,
+    ``min_acceptance``, ``budget``; those given here win key by key). This happens in
+    :meth:`prepare`, which says on stderr where each setting came from; the results key keeps the
+    configuration given here (pass ``--force`` after changing a module's settings).
+
+    **Minibatch.** Without a ``batch_size`` from either, and unless the data is a DataLoader
+    (whose batch size is kept), the chains use minibatches of ``default_batch_size`` (64; None:
+    ``estimate_llc``'s full batch up to 512). A snapshot's cost is the budget's model
+    evaluations × the batch: a post-hoc run evaluates many snapshots, so it takes minibatches
+    as devinterp (timaeus) users do, and as the demo does online.
     """
 
     num_chains: int | None = None
@@ -133,6 +148,10 @@ class LLCAnalysis:
     budget: int | None = 5000
     name: str = "llc"
     calibration: Any = field(default=None, compare=False, repr=False)
+    calibrate_kwargs: Mapping[str, Any] | None = None
+    module_settings: bool = True
+    default_batch_size: int | None = 64
+    settings_source: str | None = field(default=None, compare=False)
 
     needs_data = True
 
@@ -152,19 +171,96 @@ class LLCAnalysis:
             raise InvalidInputError(f"nbeta must be a positive number or None, got {self.nbeta!r}")
         if self.vectorize not in (True, False, "auto"):
             raise InvalidInputError(f"vectorize must be True, False or 'auto', got {self.vectorize!r}")
+        if self.calibrate_kwargs is not None:
+            _check_calibrate_kwargs(self.calibrate_kwargs, "calibrate_kwargs")
+        if self.default_batch_size is not None:
+            _positive_int("default_batch_size", self.default_batch_size)
 
     def config(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("calibration")
         d.pop("name")
+        d.pop("settings_source")
+        # the defaults of later fields stay out: results keyed before they existed stay valid
+        if d["calibrate_kwargs"] is None:
+            d.pop("calibrate_kwargs")
+        else:
+            d["calibrate_kwargs"] = dict(sorted(d["calibrate_kwargs"].items()))
+        if d["module_settings"]:
+            d.pop("module_settings")
         return d
+
+    def with_module_settings(self, model: nn.Module) -> LLCAnalysis:
+        """Fill what is not given from ``model.devinterp_llc_settings()`` (if it defines one).
+
+        Raises:
+            FactoryError: The hook fails or returns something else than a dict of known settings.
+        """
+        from devinterp.errors import FactoryError
+
+        hook = getattr(model, "devinterp_llc_settings", None)
+        if not self.module_settings or not callable(hook) or self.settings_source is not None:
+            return self
+        label = f"{type(model).__name__}.devinterp_llc_settings()"
+        try:
+            settings = hook()
+        except Exception as exc:
+            raise FactoryError(f"{label} failed ({type(exc).__name__}: {exc}); pass the --llc-* options "
+                               f"and --llc-ignore-module-settings") from exc
+        if not isinstance(settings, Mapping):
+            raise FactoryError(f"{label} returned {type(settings).__name__}, not a dict of LLC settings")
+        unknown = sorted(set(settings) - set(_MODULE_KEYS) - {"calibrate_kwargs"})
+        if unknown:
+            raise FactoryError(f"{label} returned unknown settings {unknown}; known: "
+                               f"{sorted(_MODULE_KEYS) + ['calibrate_kwargs']}")
+        updates: dict[str, Any] = {k: settings[k] for k in _MODULE_KEYS
+                                   if k in settings and getattr(self, k) is None}
+        cal_kw = settings.get("calibrate_kwargs") or {}
+        if not isinstance(cal_kw, Mapping):
+            raise FactoryError(f"{label}: calibrate_kwargs must be a dict, got {type(cal_kw).__name__}")
+        merged = {**cal_kw, **(self.calibrate_kwargs or {})}
+        if merged:
+            updates["calibrate_kwargs"] = merged
+        try:
+            return replace(self, **updates, settings_source=label)
+        except InvalidInputError as exc:
+            raise FactoryError(f"{label}: {exc}") from exc
+
+    def describe_settings(self) -> str:
+        """One line: the settings in use and where they came from."""
+        keys = ("num_chains", "num_draws", "num_burnin", "localization", "nbeta", "batch_size")
+        parts = [f"{k}={getattr(self, k)}" for k in keys if getattr(self, k) is not None]
+        parts.append(f"step_size={self.step_size}")
+        parts.append(f"budget={self.budget}")
+        if self.calibrate_kwargs:
+            parts.append("calibrate(" + ", ".join(f"{k}={v}" for k, v in sorted(self.calibrate_kwargs.items())) + ")")
+        src = (f"from {self.settings_source} (command-line --llc-* options win)" if self.settings_source
+               else "from the command line, the rest estimate_llc's and calibrate's defaults")
+        return f"LLC settings {src}: " + ", ".join(parts)
 
     def _given(self) -> dict[str, Any]:
         keys = ("num_chains", "num_draws", "num_burnin", "localization", "nbeta", "batch_size")
         return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
 
     def prepare(self, model: nn.Module, context: AnalysisContext) -> LLCAnalysis:
-        """With ``step_size="auto"``: load or compute the calibration (on the given snapshot)."""
+        """The module's settings (:meth:`with_module_settings`), then with ``step_size="auto"``
+        the calibration: loaded, or computed on the given snapshot."""
+        import sys
+
+        if self.settings_source is None and self.calibration is None:
+            filled = self.with_module_settings(model)
+            note = ""
+            if (filled.batch_size is None and filled.default_batch_size is not None
+                    and not isinstance(context.data, torch.utils.data.DataLoader)):
+                filled = replace(filled, batch_size=filled.default_batch_size)
+                note = (f"; minibatch {filled.default_batch_size} is the post-hoc default "
+                        "(--llc-batch-size N; N >= the data size: full batch)")
+            if context.progress is not False:
+                print(f"devinterp analyze: {filled.describe_settings()}{note}", file=sys.stderr, flush=True)
+            return replace(filled, settings_source=filled.settings_source or "")._calibrated(model, context)
+        return self._calibrated(model, context)
+
+    def _calibrated(self, model: nn.Module, context: AnalysisContext) -> LLCAnalysis:
         if self.step_size != "auto" or self.calibration is not None:
             return self
         import sys
@@ -188,8 +284,10 @@ class LLCAnalysis:
             kwargs = {k: v for k, v in self._given().items() if k in ("localization", "nbeta", "batch_size")}
             if self.num_chains is not None:
                 kwargs["num_chains"] = self.num_chains
+            kwargs["budget"] = self.budget
+            kwargs.update(self.calibrate_kwargs or {})
             cal = calibrate(model, context.data, context.loss_fn, sampler=self.sampler, seed=context.step_seed,
-                            device=context.device, vectorize=self.vectorize, budget=self.budget,
+                            device=context.device, vectorize=self.vectorize,
                             progress=context.progress, **kwargs)
             if context.progress is not False:
                 print(f"devinterp analyze: calibrated in {time.perf_counter() - t0:.0f} s: "
@@ -229,6 +327,27 @@ class LLCAnalysis:
             result = estimate_llc(model, context.data, context.loss_fn, **kwargs)
         context.notes.extend(result.warnings)
         return _finite_scalars(result.scalars())
+
+
+#: Settings a module's ``devinterp_llc_settings()`` may give besides ``calibrate_kwargs``.
+_MODULE_KEYS = ("num_chains", "num_draws", "num_burnin", "localization", "nbeta", "batch_size")
+#: ``calibrate`` arguments that ``LLCAnalysis`` sets itself (not through ``calibrate_kwargs``).
+_OWN_CALIBRATE_ARGS = ("model", "data", "loss_fn", "sampler", "seed", "device", "vectorize", "progress",
+                       "localization", "nbeta", "batch_size", "num_chains", "params", "_meter")
+
+
+def _check_calibrate_kwargs(kwargs: Any, what: str) -> None:
+    import inspect
+
+    from devinterp.analyses.calibration import calibrate
+
+    if not isinstance(kwargs, Mapping):
+        raise InvalidInputError(f"{what} must be a dict of calibrate() options, got {type(kwargs).__name__}")
+    known = set(inspect.signature(calibrate).parameters) - set(_OWN_CALIBRATE_ARGS)
+    unknown = sorted(set(kwargs) - known)
+    if unknown:
+        raise InvalidInputError(f"{what}: unknown calibrate() options {unknown} (known: {sorted(known)}; "
+                                f"chains, γ, nβ and the minibatch are LLCAnalysis fields)")
 
 
 _VOCAB_KEYS = ("vocab_size", "d_vocab", "n_vocab", "vocab")
