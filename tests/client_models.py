@@ -250,3 +250,90 @@ def trained_induction(*, seed: int = 0, steps: int = INDUCTION_STEPS, family: st
         _TRAINED[key] = {k: v.detach().clone() for k, v in model.state_dict().items()}
     model.load_state_dict(_TRAINED[key])
     return model.eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# HF models that grow an induction circuit within a few hundred CPU steps (issue 12)
+# ---------------------------------------------------------------------------------------------
+
+def copy_batch(vocab: int, n_ctx: int, batch: int, *, generator: torch.Generator,
+               period: tuple[int, int] = (4, 16), random_start: bool = False):
+    """Uniform random tokens whose first ``k`` tokens repeat (``k`` uniform in ``period``).
+
+    Returns ``(tokens, copied)``: ``copied[b, t]`` is True where token ``t`` repeats the one ``k``
+    places before it, the only positions a model can predict (bigram statistics are useless on
+    uniform tokens, so in-context copying is the only way to lower the loss there). With
+    ``random_start`` the repetition starts after a random-length prefix of fresh tokens, so the
+    copies sit at no fixed absolute position (a model with learned positions cannot locate them
+    by position alone).
+    """
+    k = torch.randint(period[0], period[1] + 1, (batch,), generator=generator)
+    fresh = torch.randint(0, vocab, (batch, n_ctx), generator=generator)
+    pos = torch.arange(n_ctx)[None, :]
+    if random_start:
+        start = (torch.rand(batch, generator=generator) * (n_ctx - 2 * k + 1)).long()[:, None]
+    else:
+        start = torch.zeros(batch, 1, dtype=torch.long)
+    source = torch.where(pos < start, pos, start + (pos - start).clamp(min=0) % k[:, None])
+    return torch.gather(fresh, 1, source), pos >= start + k[:, None]
+
+
+def copy_loss(model, tokens: torch.Tensor, copied: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy on the copied positions only."""
+    out = model(tokens)
+    logits = out if isinstance(out, torch.Tensor) else out.logits
+    losses = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten(),
+                                               reduction="none")
+    weight = copied[:, 1:].flatten().float()
+    return (losses * weight).sum() / weight.sum()
+
+
+# family -> (model overrides, lr, warm-up steps, random_start, steps); every recipe: 2 layers,
+# 4 heads, d_model 64, vocab 64, HF's own init, AdamW betas (0.9, 0.98), batch 32, n_ctx 32.
+COPY_RECIPES = {
+    "neox": (dict(rotary_pct=1.0), 3e-3, 50, True, 500),
+    "llama": ({}, 3e-3, 50, True, 500),
+    "gpt2": ({}, 3e-3, 50, True, 500),   # does NOT grow one (see trained_copying)
+}
+COPY_VOCAB, COPY_CTX = 64, 32
+
+
+def trained_copying(family: str, *, seed: int = 0, steps: int | None = None):
+    """HF ``family`` (``neox``, ``llama`` with GQA, ``gpt2``) trained on :func:`copy_batch`.
+
+    Tiny HF GPT-NeoX and Llama grow a genuine induction circuit here: on held-out repeated
+    random tokens (period 12, and 17, neither a fixed offset of the training data) the max
+    layer-1 induction score and the layer-0 previous-token score, seeds 0 / 1 / 2, measured with
+    /tmp/h17/ex.py on 2 loaded cores:
+
+    - NeoX (full rotary, lr 1e-2, copies from position 0): 300 steps -> 0.90 / 0.92 / 0.90
+      induction, 0.99 / 0.97 / 0.97 previous-token (the circuit appears between steps 150 and 200);
+    - Llama (GQA, lr 3e-3 with 50 warm-up steps, random start): 500 steps -> 0.86 / 0.78 / 0.72
+      induction (at 600 for seed 0: 0.85), 0.78 / 0.41 / 0.42 previous-token (appears ~350-400).
+
+    HF GPT-2 (learned absolute positions) does not: on copies from position 0 it drives the
+    loss to 0.3 with a positional shortcut (layer 0 attends to about half the query's position;
+    induction 0.05), and with random starts it stays at induction <= 0.06, previous-token <= 0.14
+    through 600 steps for lr 1e-3..1e-2, init 0.02 / 0.125, sinusoidal position init.
+    Trained once per session and setting (cached); each call returns a fresh model.
+    """
+    build = {"gpt2": tiny_gpt2, "neox": tiny_neox, "llama": tiny_llama}[family]
+    overrides, lr, warmup, random_start, default_steps = COPY_RECIPES[family]
+    steps = default_steps if steps is None else steps
+    model = build(d_model=64, vocab=COPY_VOCAB, seed=seed, **overrides)
+    key = (f"{family}-copying", seed, steps)
+    if key not in _TRAINED:
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
+        gen = torch.Generator().manual_seed(seed + 1)
+        model.train()
+        for _ in range(steps):
+            loss = copy_loss(model, *copy_batch(COPY_VOCAB, COPY_CTX, 32, generator=gen,
+                                                random_start=random_start))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+        _TRAINED[key] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(_TRAINED[key])
+    return model.eval()
