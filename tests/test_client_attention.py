@@ -4,7 +4,10 @@ For every family (HF GPT-2 sdpa and eager, HF Llama with grouped-query attention
 TransformerLens TransformerBridge, hand-written ``softmax(q @ k.T)``) our per-head induction and
 previous-token scores must agree within 0.02 with the same scores computed here, independently,
 from the patterns the library itself reports (``output_attentions=True``, ``run_with_cache``,
-the model's own record), and ablating a head must change the output.
+the model's own record), and ablating a head must change the output. HF GPT-NeoX (through HF
+and through a TransformerBridge), HF Llama and the hand-written model are first trained until they grow
+an induction circuit, which the tests assert from the library's own patterns, and ablating their
+induction heads must hurt copying; HF GPT-2 grows none in a few hundred steps (docs/your_model.md).
 """
 
 from __future__ import annotations
