@@ -250,3 +250,118 @@ def trained_induction(*, seed: int = 0, steps: int = INDUCTION_STEPS, family: st
         _TRAINED[key] = {k: v.detach().clone() for k, v in model.state_dict().items()}
     model.load_state_dict(_TRAINED[key])
     return model.eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# HF models that grow an induction circuit within a few hundred CPU steps (issue 12)
+# ---------------------------------------------------------------------------------------------
+
+def copy_batch(vocab: int, n_ctx: int, batch: int, *, generator: torch.Generator,
+               period: tuple[int, int] = (4, 16), random_start: bool = False):
+    """Uniform random tokens whose first ``k`` tokens repeat (``k`` uniform in ``period``).
+
+    Returns ``(tokens, copied)``: ``copied[b, t]`` is True where token ``t`` repeats the one ``k``
+    places before it, the only positions a model can predict (bigram statistics are useless on
+    uniform tokens, so in-context copying is the only way to lower the loss there). With
+    ``random_start`` the repetition starts after a random-length prefix of fresh tokens, so the
+    copies sit at no fixed absolute position (a model with learned positions cannot locate them
+    by position alone).
+    """
+    k = torch.randint(period[0], period[1] + 1, (batch,), generator=generator)
+    fresh = torch.randint(0, vocab, (batch, n_ctx), generator=generator)
+    pos = torch.arange(n_ctx)[None, :]
+    if random_start:
+        start = (torch.rand(batch, generator=generator) * (n_ctx - 2 * k + 1)).long()[:, None]
+    else:
+        start = torch.zeros(batch, 1, dtype=torch.long)
+    source = torch.where(pos < start, pos, start + (pos - start).clamp(min=0) % k[:, None])
+    return torch.gather(fresh, 1, source), pos >= start + k[:, None]
+
+
+def copy_loss(model, tokens: torch.Tensor, copied: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy on the copied positions only."""
+    out = model(tokens)
+    logits = out if isinstance(out, torch.Tensor) else out.logits
+    losses = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten(),
+                                               reduction="none")
+    weight = copied[:, 1:].flatten().float()
+    return (losses * weight).sum() / weight.sum()
+
+
+# family -> (model overrides, lr, warm-up steps, random_start, steps); every recipe: 2 layers,
+# 4 heads, d_model 64, vocab 64, HF's own init, AdamW betas (0.9, 0.98), batch 32, n_ctx 32.
+COPY_RECIPES = {
+    "neox": (dict(rotary_pct=1.0), 3e-3, 50, True, 500),
+    "llama": ({}, 3e-3, 50, True, 500),
+    "gpt2": ({}, 3e-3, 50, True, 500),   # does NOT grow one (see trained_copying)
+}
+COPY_VOCAB, COPY_CTX = 64, 32
+
+
+def trained_copying(family: str, *, seed: int = 0, steps: int | None = None):
+    """HF ``family`` (``neox``, ``llama`` with GQA, ``gpt2``) trained on :func:`copy_batch`.
+
+    Tiny HF GPT-NeoX (full rotary) and Llama grow a genuine induction circuit on this recipe
+    (random start, lr 3e-3, 50 warm-up steps, 500 steps): on held-out repeated random tokens of
+    period 12 and 17 (neither a fixed offset of the training data), seeds 0 / 1 / 2
+    (``python tests/client_models.py neox 0,1,2``):
+
+    - NeoX: max layer-1 induction 0.92 / 0.92 / 0.93 (period 17: 0.88 / 0.88 / 0.90), max
+      layer-0 previous-token 0.97 / 0.98 / 0.94;
+    - Llama: 0.76 / 0.82 / 0.77 (period 17: 0.75 / 0.79 / 0.76), previous-token 0.51 / 0.44 /
+      0.47; all four layer-1 heads are induction heads (redundant).
+
+    NeoX at lr 1e-2 with copies from position 0 forms one by step 200 for some seeds but
+    collapses (induction 0.0) for others. HF GPT-2 (learned absolute positions) does not grow
+    one (see docs/your_model.md): from position 0 it learns a positional shortcut; with random
+    starts its induction and previous-token scores stay below 0.2 (it is kept here to show it).
+    Trained once per session and setting (cached); each call returns a fresh model.
+    """
+    build = {"gpt2": tiny_gpt2, "neox": tiny_neox, "llama": tiny_llama}[family]
+    overrides, lr, warmup, random_start, default_steps = COPY_RECIPES[family]
+    steps = default_steps if steps is None else steps
+    model = build(d_model=64, vocab=COPY_VOCAB, seed=seed, **overrides)
+    key = (f"{family}-copying", seed, steps)
+    if key not in _TRAINED:
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
+        gen = torch.Generator().manual_seed(seed + 1)
+        model.train()
+        for _ in range(steps):
+            loss = copy_loss(model, *copy_batch(COPY_VOCAB, COPY_CTX, 32, generator=gen,
+                                                random_start=random_start))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+        _TRAINED[key] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(_TRAINED[key])
+    return model.eval()
+
+
+def _formation_report(family: str, seeds: list[int], steps: int | None) -> None:
+    """Print what :func:`trained_copying` grows, per seed (the numbers in docs/your_model.md)."""
+    import time
+
+    from devinterp.analyses import induction_scores
+
+    torch.set_num_threads(1)
+    for seed in seeds:
+        start = time.perf_counter()
+        model = trained_copying(family, seed=seed, steps=steps)
+        seconds = time.perf_counter() - start
+        at12 = induction_scores(model, vocab_size=VOCAB, seq_len=24, num_sequences=16, copying=False)
+        at17 = induction_scores(model, vocab_size=COPY_VOCAB, seq_len=34, num_sequences=16,
+                                copying=False, seed=5)
+        print(f"{family} seed {seed}: trained {seconds:.1f}s; period 12: max layer-1 induction "
+              f"{at12.induction[1].max():.2f}, max layer-0 previous-token "
+              f"{at12.previous_token[0].max():.2f}; period 17: max layer-1 induction "
+              f"{at17.induction[1].max():.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    # OMP_NUM_THREADS=1 PYTHONPATH=. python tests/client_models.py neox 0,1,2 [steps]
+    import sys
+
+    _formation_report(sys.argv[1], [int(s) for s in sys.argv[2].split(",")],
+                      int(sys.argv[3]) if len(sys.argv) > 3 else None)
