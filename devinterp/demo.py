@@ -135,6 +135,7 @@ def demo_llc_settings(cfg: DemoConfig | None = None) -> dict[str, Any]:
     return dict(
         num_chains=cfg.llc_chains, num_draws=cfg.llc_draws, num_burnin=cfg.llc_burnin,
         localization=cfg.llc_localization, batch_size=cfg.llc_batch_size,
+        num_acceptance_checks=cfg.llc_acceptance_checks,
         calibrate_kwargs=dict(
             num_steps=cfg.llc_calibration_steps, min_burnin=cfg.llc_min_length,
             max_burnin=cfg.llc_burnin, min_draws=cfg.llc_min_length, max_draws=cfg.llc_draws,

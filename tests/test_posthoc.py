@@ -436,7 +436,7 @@ def test_analyze_llc_takes_the_modules_settings_and_flags_win(tmp_path, capsys):
     from devinterp.cli import main
 
     settings = dict(num_chains=2, num_draws=20, num_burnin=20, localization=50.0, batch_size=8,
-                    calibrate_kwargs=dict(num_steps=60, max_burnin=20, max_draws=20, min_burnin=10,
+                    num_acceptance_checks=5, calibrate_kwargs=dict(num_steps=60, max_burnin=20, max_draws=20, min_burnin=10,
                                           min_draws=10, target_ess=20, min_acceptance=0.7, grid_top=2.0,
                                           budget=2000))
     root = _induction_store(tmp_path / "s", settings)
@@ -453,6 +453,7 @@ def test_analyze_llc_takes_the_modules_settings_and_flags_win(tmp_path, capsys):
         assert math.isfinite(r.scalars["llc/mean"]) and math.isfinite(r.scalars["llc/stderr"])
         params = r.meta["params"]
         assert (params["batch_size"], params["num_chains"], params["localization"]) == (8, 2, 50.0)
+        assert params["num_acceptance_checks"] == 5
         assert params["calibrate_kwargs"]["num_steps"] == 60
     cal = json.loads(next(out.glob("calibration-*.json")).read_text())
     assert cal["batch_size"] == 8 and cal["localization"] == 50.0 and cal["budget"] == 2000
@@ -478,10 +479,11 @@ def test_module_llc_settings_are_checked_and_can_be_ignored():
     filled = LLCAnalysis(num_draws=7).with_module_settings(module)
     assert filled.num_draws == 7 and filled.num_chains == quick["num_chains"]
     assert filled.calibrate_kwargs["num_steps"] == quick["calibrate_kwargs"]["num_steps"]
+    assert filled.num_acceptance_checks == demo_config(quick=True).llc_acceptance_checks
     assert LLCAnalysis(module_settings=False).with_module_settings(module).batch_size is None
     assert InductionLM().devinterp_llc_settings() == demo_llc_settings()  # a run that recorded none
     # the results key of an analysis without the new options is what it was before them
-    assert "module_settings" not in LLCAnalysis().config() and "calibrate_kwargs" not in LLCAnalysis().config()
+    assert not {"module_settings", "calibrate_kwargs", "num_acceptance_checks"} & set(LLCAnalysis().config())
 
     class Bad(torch.nn.Module):
         def devinterp_llc_settings(self):

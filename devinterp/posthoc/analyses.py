@@ -152,11 +152,12 @@ class LLCAnalysis:
     module_settings: bool = True
     default_batch_size: int | None = 64
     settings_source: str | None = field(default=None, compare=False)
+    num_acceptance_checks: int | None = None
 
     needs_data = True
 
     def __post_init__(self):
-        for key in ("num_chains", "num_draws", "batch_size", "budget"):
+        for key in ("num_chains", "num_draws", "batch_size", "budget", "num_acceptance_checks"):
             if getattr(self, key) is not None:
                 _positive_int(key, getattr(self, key))
         if self.num_burnin is not None and (isinstance(self.num_burnin, bool) or not isinstance(self.num_burnin, int)
@@ -188,6 +189,8 @@ class LLCAnalysis:
             d["calibrate_kwargs"] = dict(sorted(d["calibrate_kwargs"].items()))
         if d["module_settings"]:
             d.pop("module_settings")
+        if d["num_acceptance_checks"] is None:
+            d.pop("num_acceptance_checks")
         return d
 
     def with_module_settings(self, model: nn.Module) -> LLCAnalysis:
@@ -228,7 +231,7 @@ class LLCAnalysis:
 
     def describe_settings(self) -> str:
         """One line: the settings in use and where they came from."""
-        keys = ("num_chains", "num_draws", "num_burnin", "localization", "nbeta", "batch_size")
+        keys = _MODULE_KEYS
         parts = [f"{k}={getattr(self, k)}" for k in keys if getattr(self, k) is not None]
         parts.append(f"step_size={self.step_size}")
         parts.append(f"budget={self.budget}")
@@ -239,8 +242,7 @@ class LLCAnalysis:
         return f"LLC settings {src}: " + ", ".join(parts)
 
     def _given(self) -> dict[str, Any]:
-        keys = ("num_chains", "num_draws", "num_burnin", "localization", "nbeta", "batch_size")
-        return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
+        return {k: getattr(self, k) for k in _MODULE_KEYS if getattr(self, k) is not None}
 
     def prepare(self, model: nn.Module, context: AnalysisContext) -> LLCAnalysis:
         """The module's settings (:meth:`with_module_settings`), then with ``step_size="auto"``
@@ -330,7 +332,8 @@ class LLCAnalysis:
 
 
 #: Settings a module's ``devinterp_llc_settings()`` may give besides ``calibrate_kwargs``.
-_MODULE_KEYS = ("num_chains", "num_draws", "num_burnin", "localization", "nbeta", "batch_size")
+_MODULE_KEYS = ("num_chains", "num_draws", "num_burnin", "localization", "nbeta", "batch_size",
+                "num_acceptance_checks")
 #: ``calibrate`` arguments that ``LLCAnalysis`` sets itself (not through ``calibrate_kwargs``).
 _OWN_CALIBRATE_ARGS = ("model", "data", "loss_fn", "sampler", "seed", "device", "vectorize", "progress",
                        "localization", "nbeta", "batch_size", "num_chains", "params", "_meter")
