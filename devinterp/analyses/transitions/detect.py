@@ -43,6 +43,7 @@ WINDOW_WIDTHS = 6.0  # fitting window half-width >= this many sigmoid widths
 MIN_CHANGE = 0.1  # smallest |amplitude| reported, as a fraction of the curve's range
 _DRIFT_WIDTH = 2.0  # a refined width above max_width (up to this factor) marks drift
 _MOVE_SLACK = 6.0  # noise sd by which the move may fall short of the minimum change
+_RAW_FRACTION = 0.25  # the data must move at least this fraction of the minimum change across a flag
 _COMPLETE = 2.5  # the window must hold c +- 2.5 w (8%..92% of the change): no edge extrapolation
 
 
@@ -394,6 +395,7 @@ def _detect(series: Series, *, baseline_degree, window, window_widths, min_windo
     series, _, scale = _standardize(series)
     x, n = series.x, series.n
     y = series.values.copy()
+    y0 = series.values.copy()  # the curve itself; y loses each transition once it is found
     sigma, _ = noise_scale(series, noise_floor=noise_floor)
     # the smallest |A| allowed, per point: a fraction of the range, and min_magnitude stated stderr
     min_move = min_change * curve_range(y, series.stderr)
@@ -450,7 +452,7 @@ def _detect(series: Series, *, baseline_degree, window, window_widths, min_windo
         # change across it (the refinement can slide to a narrower, smaller local fit)
         tries = [(c, w, 0.0)] + ([(cand.c, cand.w, min_move)] if (c, w) != (cand.c, cand.w) else [])
         for c, w, need_move in tries:
-            fit = _judge(x, y, sigma, min_amp, lo, hi, c, w, baseline_degree, huber_k)
+            fit = _judge(x, y, y0, sigma, min_amp, lo, hi, c, w, baseline_degree, huber_k)
             clash = any(abs(c - c_k) <= _COMPLETE * (w + w_k) + 2.0 * gap_k for c_k, w_k, gap_k in excluded)
             if (fit.dev >= pen and fit.mag >= min_magnitude and not clash and fit.plain
                     and abs(fit.move) >= need_move):
@@ -486,7 +488,7 @@ class _Fit:
     move: float  # the fitted curve's move between the samples bracketing the 10-90% span
 
 
-def _judge(x, y, sigma, min_amp, lo, hi, c, w, degree, k) -> _Fit:
+def _judge(x, y, y0, sigma, min_amp, lo, hi, c, w, degree, k) -> _Fit:
     """Evidence and size of the sigmoid ``(c, w)`` on the window ``[lo, hi)``.
 
     ``plain`` requires ``|A|`` at least the minimum change at ``c`` and the fitted curve (baseline
@@ -494,7 +496,9 @@ def _judge(x, y, sigma, min_amp, lo, hi, c, w, degree, k) -> _Fit:
     span: a "fall" that the fitted curve in fact climbs through is a baseline artefact (e.g. a
     steep polynomial matching a change that the window cuts off at its edge), not a transition.
     The move may fall short of the minimum change by at most ``_MOVE_SLACK`` noise sd (drift
-    opposing a real, noisy transition makes it small; a smooth curve's bend has no such excuse).
+    opposing a real, noisy transition makes it small; a smooth curve's bend has no such excuse),
+    and the data ``y0`` (the curve before earlier transitions were subtracted) must move its way
+    by at least ``_RAW_FRACTION`` of the minimum change between the same samples.
     """
     amp, dev, fitted = _evidence(x[lo:hi], y[lo:hi], sigma[lo:hi], c, w, degree, k)
     noise_c = float(np.interp(c, x, sigma))
@@ -506,8 +510,13 @@ def _judge(x, y, sigma, min_amp, lo, hi, c, w, degree, k) -> _Fit:
     # drift opposing a noisy transition can shrink its move, but on an almost noiseless curve a
     # sigmoid whose fitted move is small is a bend of the baseline, not a transition
     shortfall = float(np.interp(c, x, min_amp)) - move * np.sign(amp)
+    # the data themselves (before earlier transitions were subtracted) must move the sigmoid's way
+    # across its span by a fraction of the minimum change: a sigmoid fitted where the curve stands
+    # still (a flat plateau, the residue next to a large change) is a misfit, not a transition
+    raw = float(y0[lo + j] - y0[lo + i]) * np.sign(amp)
+    raw_ok = raw >= _RAW_FRACTION * float(np.interp(c, x, min_amp))
     plain = (abs(amp) >= float(np.interp(c, x, min_amp)) and move * amp > 0
-             and shortfall <= _MOVE_SLACK * noise_c)
+             and shortfall <= _MOVE_SLACK * noise_c and raw_ok)
     return _Fit(amp, dev, abs(amp) / noise_c, noise_c, half, _gap_at(x, c), plain, move)
 
 
