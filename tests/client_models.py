@@ -174,6 +174,27 @@ class HandWrittenLM(torch.nn.Module):
 _TRAINED: dict = {}
 
 
+def _trained_once(key, model, steps: int, setup):
+    """``model`` trained ``steps`` steps, once per session and setting ``key`` (cached weights).
+
+    ``setup()`` (called only when not cached) returns ``(optimizer, scheduler or None, loss_at)``,
+    ``loss_at(i)`` the loss of step ``i``. Returns ``model`` holding the weights, in eval mode.
+    """
+    if key not in _TRAINED:
+        opt, sched, loss_at = setup()
+        model.train()
+        for i in range(steps):
+            loss = loss_at(i)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if sched is not None:
+                sched.step()
+        _TRAINED[key] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(_TRAINED[key])
+    return model.eval()
+
+
 def trained(name: str, *, steps: int = 120, lr: float = 1e-2, seq_len: int = 24, batch: int = 16,
             seed: int = 0):
     """A tiny model of family ``name`` trained ``steps`` steps on repeated random tokens.
@@ -192,17 +213,13 @@ def trained(name: str, *, steps: int = 120, lr: float = 1e-2, seq_len: int = 24,
     builders = {"gpt2": tiny_gpt2, "neox": tiny_neox, "llama": tiny_llama,
                 "handwritten": lambda seed: HandWrittenLM(seed=seed)}
     key = (name, steps, lr, seq_len, batch, seed)
+
+    def setup():
+        return torch.optim.Adam(model.parameters(), lr=lr), None, \
+            lambda i: lm_loss(model, repeated_tokens(VOCAB, seq_len, batch, seed=10_000 + i))
+
     model = builders[name](seed=seed)
-    if key not in _TRAINED:
-        opt = torch.optim.Adam(model.parameters(), lr=lr)
-        for i in range(steps):
-            loss = lm_loss(model, repeated_tokens(VOCAB, seq_len, batch, seed=10_000 + i))
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        _TRAINED[key] = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    model.load_state_dict(_TRAINED[key])
-    return model.eval()
+    return _trained_once(key, model, steps, setup)
 
 
 INDUCTION_STEPS = 300
@@ -235,21 +252,14 @@ def trained_induction(*, seed: int = 0, steps: int = INDUCTION_STEPS, family: st
                               n_ctx=N_CTX, seed=seed, layer_norm=False, mlp=False,
                               init_std=recipe.d_model ** -0.5)
     key = (f"{family}-induction", seed, steps)
-    if key not in _TRAINED:
-        data = recipe.build_data(seed)
-        opt = recipe.build_optimizer(model)
+
+    def setup():
+        data, opt = recipe.build_data(seed), recipe.build_optimizer(model)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / recipe.warmup_steps))
         gen = torch.Generator().manual_seed(seed + 1)
-        model.train()
-        for _ in range(steps):
-            loss = lm_loss(model, data.sample(recipe.batch_size, generator=gen))
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-        _TRAINED[key] = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    model.load_state_dict(_TRAINED[key])
-    return model.eval()
+        return opt, sched, lambda _: lm_loss(model, data.sample(recipe.batch_size, generator=gen))
+
+    return _trained_once(key, model, steps, setup)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -322,21 +332,15 @@ def trained_copying(family: str, *, seed: int = 0, steps: int | None = None):
     steps = default_steps if steps is None else steps
     model = build(d_model=64, vocab=COPY_VOCAB, seed=seed, **overrides)
     key = (f"{family}-copying", seed, steps)
-    if key not in _TRAINED:
+
+    def setup():
         opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
         gen = torch.Generator().manual_seed(seed + 1)
-        model.train()
-        for _ in range(steps):
-            loss = copy_loss(model, *copy_batch(COPY_VOCAB, COPY_CTX, 32, generator=gen,
-                                                random_start=random_start))
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-        _TRAINED[key] = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    model.load_state_dict(_TRAINED[key])
-    return model.eval()
+        return opt, sched, lambda _: copy_loss(model, *copy_batch(COPY_VOCAB, COPY_CTX, 32, generator=gen,
+                                                                   random_start=random_start))
+
+    return _trained_once(key, model, steps, setup)
 
 
 def _formation_report(family: str, seeds: list[int], steps: int | None) -> None:
