@@ -639,6 +639,13 @@ class SamplingTarget:
             self._gbuf = torch.zeros(1, self.dim, device=self.device)
         return self._gbuf[0], contextlib.nullcontext()
 
+    def _lean_parts(self, params, p: Tensor, g: Tensor):
+        """Per parameter ``i`` of ``params``: ``(i, its slice of p, its slice of g, its mask slice)``."""
+        for i, _ in params:
+            s = self.slots[i]
+            sl = slice(s.offset, s.offset + s.numel)
+            yield i, p[sl], g[sl], None if self.mask is None else self.mask[sl]
+
     def _lean_chain_checked(self, c: int, chain_batch: Any, batch: list[Tensor], shared: bool,
                             gen: torch.Generator, step_size: float, localization: float,
                             nbeta: float) -> tuple[Tensor, Tensor]:
@@ -660,11 +667,7 @@ class SamplingTarget:
                 zero = torch.zeros((), device=self.device)
                 dist_old, q_fwd = zero.clone(), zero.clone()
                 with torch.no_grad():
-                    for i, _ in params:
-                        s = self.slots[i]
-                        sl = slice(s.offset, s.offset + s.numel)
-                        m = None if self.mask is None else self.mask[sl]
-                        ps, gs = p[sl], g[sl]
+                    for i, ps, gs, m in self._lean_parts(params, p, g):
                         diff = _masked_drift(ps, gs, self._anchor_parts[i], m, nbeta,
                                              localization)  # gs := ∇U (masked)
                         xi = torch.randn(ps.shape, generator=gen, device=ps.device,
@@ -682,11 +685,7 @@ class SamplingTarget:
                 loss_new.backward()  # accumulates ∇L(w') onto (w − w')·2/(ε·nβ)
                 with torch.no_grad():
                     dist_new, q_bwd = zero.clone(), zero.clone()
-                    for i, _ in params:
-                        s = self.slots[i]
-                        sl = slice(s.offset, s.offset + s.numel)
-                        m = None if self.mask is None else self.mask[sl]
-                        ps, gs = p[sl], g[sl]
+                    for i, ps, gs, m in self._lean_parts(params, p, g):
                         diff = _masked_drift(ps, gs, self._anchor_parts[i], m, nbeta,
                                              localization)
                         gs.mul_(half)  # w − w' + ε/2·∇U(w')
