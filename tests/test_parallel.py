@@ -110,19 +110,24 @@ def test_lean_step_acceptance_matches_the_mala_formula(lean):
     torch.testing.assert_close(info.loss, l_old)
 
 
+class _Tied(nn.Module):
+    """Two linear layers sharing one weight; ``unused``: plus a parameter the loss never reaches."""
+
+    def __init__(self, unused: bool = False):
+        super().__init__()
+        self.a = nn.Linear(5, 5)
+        self.b = nn.Linear(5, 5)
+        self.b.weight = self.a.weight
+        if unused:
+            self.unused = nn.Parameter(torch.randn(7))
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x)))
+
+
 def test_tied_weights_get_the_gradient_of_both_uses():
-    class Tied(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a = nn.Linear(5, 5)
-            self.b = nn.Linear(5, 5)
-            self.b.weight = self.a.weight
-
-        def forward(self, x):
-            return self.b(torch.tanh(self.a(x)))
-
     torch.manual_seed(0)
-    model = Tied()
+    model = _Tied()
     x, y = torch.randn(50, 5), torch.randn(50, 5)
     target = prepare_target(model, (x, y), _loss, vectorize=False)
     grads, loss = target.grad_and_loss(target.anchor.expand(2, -1), target.leaves, True)
@@ -283,19 +288,8 @@ def test_lean_moves_follow_the_sgld_drift(lean):
     ∇U per coordinate, compared with the batched path's gradient, including tied weights (one
     move with the gradient of both uses), a parameter the loss never reaches (no gradient:
     only noise) and masked entries (never move)."""
-    class Tied(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a = nn.Linear(5, 5)
-            self.b = nn.Linear(5, 5)
-            self.b.weight = self.a.weight
-            self.unused = nn.Parameter(torch.randn(7))
-
-        def forward(self, x):
-            return self.b(torch.tanh(self.a(x)))
-
     torch.manual_seed(3)
-    model = Tied()
+    model = _Tied(unused=True)
     x, y = torch.randn(64, 5), torch.randn(64, 5)
     mask = {"a.bias": torch.tensor([True, False, True, True, False])}
     for params in (None, {**{k: torch.ones_like(p, dtype=torch.bool)
