@@ -139,24 +139,38 @@ def _cross_squares(A: Tensor, B: Tensor) -> Tensor:
 
 
 #: Block edge of the Gram route: the ``d × d`` Gram matrices are formed ``block × block`` at a time
-#: (upper triangle only), so memory stays ``O(heads · block²)`` and the buffers stay in cache.
-_GRAM_BLOCK = 128
+#: (upper block triangle only), so memory stays ``O(heads · block²)`` (≈ 20 MB at 12 × 12) and the
+#: tiles stay in cache between forming them and taking their inner products. Smaller blocks waste
+#: less on the diagonal (``(m + 1) / 2m`` of the full square for ``m`` blocks, 56 % at 768 / 96)
+#: but multiply in smaller pieces.
+_GRAM_BLOCK = 96
+
+#: Later layers per inner-product multiply: a group of ``g`` reader layers is multiplied against
+#: every earlier layer of its last member (the few pairs with ``l1 ≥ l2`` inside a group are
+#: computed and dropped), so each product has ``g · kinds · heads`` columns instead of ``kinds · heads``.
+_GRAM_GROUP = 2
 
 
 def _gram_squares(A: Tensor, Bs: list[Tensor]) -> list[Tensor]:
-    """``‖A_i B_j‖² = ⟨A_iᵀ A_i, B_j B_jᵀ⟩_F`` for all pairs (layer-upper-triangular), every B at once."""
+    """``‖A_i B_j‖² = ⟨A_iᵀ A_i, B_j B_jᵀ⟩_F`` for all pairs (layer-upper-triangular), every B at once.
+
+    Entries with ``l1 ≥ l2`` are not meaningful (some are never computed, some are by-products).
+    """
     L, H, dh, d = A.shape
     n, k = (L - 1) * H, len(Bs)
     left = A[:-1].reshape(n, dh, d)
-    # later heads, grouped by layer then kind: rows (layer, kind, head), so one product per layer
+    # later heads, grouped by layer then kind: rows (layer, kind, head), so one product per layer group
     right = torch.stack([B[1:].transpose(-1, -2) for B in Bs], dim=1).reshape(n * k, -1, d)
     edges = list(range(0, d, _GRAM_BLOCK)) + [d]
-    w_max = max(b - a for a, b in zip(edges, edges[1:], strict=False))
+    blocks = list(zip(edges, edges[1:], strict=False))
+    w_max = max(b - a for a, b in blocks)
     buf_p = torch.empty(n * w_max * w_max, dtype=A.dtype)
     buf_q = torch.empty(n * k * w_max * w_max, dtype=A.dtype)
     acc = torch.zeros(n, n * k, dtype=A.dtype)
-    for i, (a0, a1) in enumerate(zip(edges, edges[1:], strict=False)):
-        for b0, b1 in list(zip(edges, edges[1:], strict=False))[i:]:
+    readers = list(range(1, L))                                  # later layer l2 = column group l2 - 1
+    groups = [readers[i:i + _GRAM_GROUP] for i in range(0, len(readers), _GRAM_GROUP)]
+    for i, (a0, a1) in enumerate(blocks):
+        for b0, b1 in blocks[i:]:
             w1, w2 = a1 - a0, b1 - b0
             P = buf_p[:n * w1 * w2].view(n, w1, w2)
             Q = buf_q[:n * k * w1 * w2].view(n * k, w1, w2)
@@ -164,8 +178,8 @@ def _gram_squares(A: Tensor, Bs: list[Tensor]) -> list[Tensor]:
             torch.bmm(right[:, :, a0:a1].transpose(1, 2), right[:, :, b0:b1], out=Q)
             Pv, Qv = P.view(n, -1), Q.view(n * k, -1)
             weight = 1.0 if a0 == b0 else 2.0     # an off-diagonal block stands for its mirror too
-            for r in range(L - 1):                # later layer r + 1 reads earlier layers 0..r
-                rows, cols = slice(0, (r + 1) * H), slice(r * k * H, (r + 1) * k * H)
+            for g in groups:                      # later layers g read earlier layers 0..g[-1]-1
+                rows, cols = slice(0, g[-1] * H), slice((g[0] - 1) * k * H, g[-1] * k * H)
                 acc[rows, cols].addmm_(Pv[rows], Qv[cols].T, alpha=weight)
     acc = acc.view(n, L - 1, k, H)
     return [acc[:, :, j].reshape(n, n) for j in range(k)]
@@ -260,7 +274,8 @@ def composition_baseline(model, kind: str = "K", *, num_samples: int = 256, seed
 
 def _bartlett(rng: np.random.Generator, n: int, m: int, p: int) -> np.ndarray:
     """``n`` upper-triangular ``R`` ``(p × p)`` with ``RᵀR ~ Wishart(I_p, m)`` (= ``WᵀW``, ``W`` ``m × p`` Gaussian)."""
-    R = np.triu(rng.standard_normal((n, p, p)), 1)
+    R = rng.standard_normal((n, p, p))
+    R *= np.triu(np.ones((p, p)), 1)                   # in place: the strictly upper triangle
     R[:, np.arange(p), np.arange(p)] = np.sqrt(rng.chisquare(m - np.arange(p), size=(n, p)))
     return R
 
@@ -279,15 +294,14 @@ def _baseline_samples(d: int, dh: int, n: int, seed: int, *, reduced: bool) -> n
         # Later head: B = X R_Yᵀ; in the frame [Q_O, Q_⊥], X = [G; H] with G (dh × dh) and H
         # ((d - dh) × dh) Gaussian and independent of Q_O. So A B = R_V R_Oᵀ G R_Yᵀ,
         # ‖A‖ = ‖R_V R_Oᵀ‖ and ‖B‖² = ‖G R_Yᵀ‖² + ‖S R_Yᵀ‖² with SᵀS = HᵀH (needs d - dh ≥ dh).
-        R_V, R_O, R_Y = (_bartlett(rng, n, d, dh) for _ in range(3))
-        S = _bartlett(rng, n, d - dh, dh)
-        G = rng.standard_normal((n, dh, dh))
-        left = R_V @ R_O.transpose(0, 2, 1)
-        GY, SY = G @ R_Y.transpose(0, 2, 1), S @ R_Y.transpose(0, 2, 1)
-        num = np.linalg.norm(left @ GY, axis=(1, 2))
-        den = np.linalg.norm(left, axis=(1, 2)) * np.sqrt(
-            np.square(GY).sum(axis=(1, 2)) + np.square(SY).sum(axis=(1, 2)))
-        return num / den
+        R_V, R_O, R_Y = (torch.from_numpy(_bartlett(rng, n, d, dh)) for _ in range(3))
+        S = torch.from_numpy(_bartlett(rng, n, d - dh, dh))
+        G = torch.from_numpy(rng.standard_normal((n, dh, dh)))
+        left = R_V @ R_O.mT                              # torch: batched BLAS on transposed views
+        GY, SY = G @ R_Y.mT, S @ R_Y.mT
+        num = torch.linalg.matrix_norm(left @ GY)
+        den = torch.linalg.matrix_norm(left) * (GY.square().sum((1, 2)) + SY.square().sum((1, 2))).sqrt()
+        return (num / den).numpy()
     W_V, W_O, X, Y = (torch.from_numpy(rng.standard_normal((n, *shape)))
                       for shape in ((d, dh), (dh, d), (d, dh), (d, dh)))
     with torch.no_grad():
@@ -331,25 +345,33 @@ def ov_copying_scores(model) -> np.ndarray:
     return score.numpy()
 
 
+def _tied(W_U: Tensor, W_E: Tensor) -> bool:
+    """Whether ``W_U = W_Eᵀ`` exactly: O(1) when ``W_U`` is a transposed view of ``W_E`` (as
+    :func:`~devinterp.analyses.head_access.head_weights` gives for tied models), else one comparison
+    (after a cheap look at one column, so an untied pair is rejected at once)."""
+    V, d = W_E.shape
+    if W_U.shape != (d, V) or W_U.dtype != W_E.dtype or W_U.device != W_E.device:
+        return False
+    if W_U.data_ptr() == W_E.data_ptr() and W_U.stride() == (W_E.stride(1), W_E.stride(0)):
+        return True
+    return bool(torch.equal(W_U[:, 0], W_E[0])) and bool(torch.equal(W_U, W_E.T))
+
+
 def _unembed_embed(W_U: Tensor, W_E: Tensor) -> Tensor:
     """``W_U W_E`` (``d × d``), the ``vocab · d²`` step of OV copying; half of it when tied.
 
-    With tied embeddings (``W_U = W_Eᵀ``, as GPT-2) the product is the Gram matrix ``W_Eᵀ W_E``:
-    only its upper block triangle is multiplied and mirrored.
+    With tied embeddings (``W_U = W_Eᵀ``, as GPT-2) the product is the Gram matrix ``W_Eᵀ W_E``,
+    a symmetric rank-k update: BLAS ``syrk`` computes one triangle (``vocab · d(d+1)/2``
+    multiply-adds, half of the product). Torch has no ``syrk``; NumPy's ``matmul`` calls it for
+    ``aᵀ @ a`` on one buffer, so a CPU ``W_E`` goes through NumPy without a copy.
     """
     W_E = W_E.to(W_U.dtype)
-    d = W_E.shape[1]
-    if d < 2 * _GRAM_BLOCK or W_U.shape != (d, W_E.shape[0]) or not torch.equal(W_U, W_E.T):
+    if not _tied(W_U, W_E):
         return W_U @ W_E
-    C = torch.empty(d, d, dtype=W_E.dtype)
-    edges = list(range(0, d, d // 4 + 1)) + [d]
-    blocks = list(zip(edges, edges[1:], strict=False))
-    for i, (a0, a1) in enumerate(blocks):
-        for b0, b1 in blocks[i:]:
-            C[a0:a1, b0:b1] = W_E[:, a0:a1].T @ W_E[:, b0:b1]
-            if b0 != a0:
-                C[b0:b1, a0:a1] = C[a0:a1, b0:b1].T
-    return C
+    if W_E.device.type == "cpu" and W_E.dtype in (torch.float32, torch.float64) and not W_E.requires_grad:
+        E = W_E.contiguous().numpy()
+        return torch.from_numpy(E.T @ E)                       # NumPy: syrk, both triangles filled
+    return W_E.T @ W_E
 
 
 #: Positions :func:`qk_previous_token_scores` uses by default (all of ``W_pos`` when it is shorter).

@@ -58,7 +58,8 @@ class HeadWeights:
         W_O: ``(layers, heads, d_head, d_model)``.
         b_Q, b_K, b_V: ``(layers, heads, d_head)`` or None. b_O: ``(layers, d_model)`` or None.
         W_E: ``(vocab, d_model)`` token embedding, or None if the model has none we can find.
-        W_U: ``(d_model, vocab)`` unembedding, or None.
+        W_U: ``(d_model, vocab)`` unembedding, or None; with tied embeddings the transposed view of
+            the ``W_E`` copy (one vocabulary-sized copy, and the tie is seen at no cost).
         W_pos: ``(n_ctx, d_model)`` learned absolute positions, or None (rotary, none, unknown).
         family: Which adapter read them (see the module docstring).
         kv_group: Query heads per key/value head (1 without grouped-query attention).
@@ -101,6 +102,18 @@ class HeadWeights:
 
 def _f(t: Tensor | None) -> Tensor | None:
     return None if t is None else t.detach().to(device="cpu", dtype=torch.float32).clone()
+
+
+def _embed_unembed(W_E: Tensor | None, W_U: Tensor | None) -> dict[str, Tensor | None]:
+    """``W_E``, ``W_U`` copies; with tied weights (``W_U`` a transposed view of ``W_E``'s storage,
+    as HF's ``lm_head`` tied to ``wte``) ``W_U`` is the transposed view of the one ``W_E`` copy:
+    the vocabulary-sized matrix is copied once and the tie stays visible (OV copying then takes
+    the half-cost ``W_Eᵀ W_E``)."""
+    E = _f(W_E)
+    if (W_E is not None and W_U is not None and W_U.shape == W_E.T.shape
+            and W_U.data_ptr() == W_E.data_ptr() and W_U.stride() == W_E.T.stride()):
+        return {"W_E": E, "W_U": E.T}
+    return {"W_E": E, "W_U": _f(W_U)}
 
 
 def _stack(ts: list[Tensor | None]) -> Tensor | None:
@@ -195,8 +208,8 @@ class _Ours(_Family):
             W_V=_stack([a.W_V for a in attns]), W_O=_stack([a.W_O for a in attns]),
             b_Q=_stack([a.b_Q for a in attns]), b_K=_stack([a.b_K for a in attns]),
             b_V=_stack([a.b_V for a in attns]), b_O=_stack([a.b_O for a in attns]),
-            W_E=_f(_tensor(model, ("embed.weight", "embed.W_E"))),
-            W_U=_f(W_U if isinstance(W_U, Tensor) else _tensor(model, ("unembed.W_U",))),
+            **_embed_unembed(_tensor(model, ("embed.weight", "embed.W_E")),
+                             W_U if isinstance(W_U, Tensor) else _tensor(model, ("unembed.W_U",))),
             W_pos=_f(_tensor(model, ("pos_embed", "pos_embed.W_pos"))),
             family="devinterp",
         )
@@ -244,8 +257,8 @@ class _GPT2(_Family):
             per["W_O"].append(blk.attn.c_proj.weight.reshape(H, dh, d))
             per["b_O"].append(blk.attn.c_proj.bias)
         wpe = getattr(body, "wpe", None)
-        return HeadWeights(**{k: _stack(v) for k, v in per.items()}, W_E=_f(body.wte.weight),
-                           W_U=_f(_lm_head(model)), W_pos=None if wpe is None else _f(wpe.weight),
+        return HeadWeights(**{k: _stack(v) for k, v in per.items()}, **_embed_unembed(body.wte.weight, _lm_head(model)),
+                           W_pos=None if wpe is None else _f(wpe.weight),
                            family="gpt2")
 
     @staticmethod
@@ -296,8 +309,8 @@ class _NeoX(_Family):
             dense = blk.attention.dense  # (d, d) Linear: y = z @ dense.weight.T
             per["W_O"].append(dense.weight.T.reshape(H, dh, d))
             per["b_O"].append(dense.bias)
-        return HeadWeights(**{k: _stack(v) for k, v in per.items()}, W_E=_f(body.embed_in.weight),
-                           W_U=_f(_lm_head(model)), W_pos=None, family="gpt_neox")
+        return HeadWeights(**{k: _stack(v) for k, v in per.items()}, **_embed_unembed(body.embed_in.weight, _lm_head(model)),
+                           W_pos=None, family="gpt_neox")
 
     @staticmethod
     def masks(model, layer, head):
@@ -353,8 +366,8 @@ class _Llama(_Family):
                 per[f"b_{k}"].append(b if n == H or b is None else _expand(b, g))
             per["W_O"].append(a.o_proj.weight.T.reshape(H, dh, d))
             per["b_O"].append(a.o_proj.bias)
-        return HeadWeights(**{k: _stack(v) for k, v in per.items()}, W_E=_f(body.embed_tokens.weight),
-                           W_U=_f(_lm_head(model)), W_pos=None, family="llama", kv_group=g)
+        return HeadWeights(**{k: _stack(v) for k, v in per.items()}, **_embed_unembed(body.embed_tokens.weight, _lm_head(model)),
+                           W_pos=None, family="llama", kv_group=g)
 
     @staticmethod
     def masks(model, layer, head):
@@ -400,7 +413,7 @@ class _Bridge(_Family):
             b_Q=_f(b["Q"]),
             b_K=_f(b["K"] if b["K"] is None or group == 1 else _expand(b["K"].transpose(0, 1), group).transpose(0, 1)),
             b_V=_f(b["V"] if b["V"] is None or group == 1 else _expand(b["V"].transpose(0, 1), group).transpose(0, 1)),
-            b_O=_f(b["O"]), W_E=_f(opt("W_E")), W_U=_f(opt("W_U")), W_pos=_f(opt("W_pos")),
+            b_O=_f(b["O"]), **_embed_unembed(opt("W_E"), opt("W_U")), W_pos=_f(opt("W_pos")),
             family="transformer_lens", kv_group=group,
         )
 
@@ -473,7 +486,7 @@ class _MHA(_Family):
         W_U = None
         if linears and linears[-1].in_features == E and W_E is not None and linears[-1].out_features == W_E.shape[0]:
             W_U = linears[-1].weight.T
-        return HeadWeights(**{k: _stack(v) for k, v in per.items()}, W_E=_f(W_E), W_U=_f(W_U),
+        return HeadWeights(**{k: _stack(v) for k, v in per.items()}, **_embed_unembed(W_E, W_U),
                            W_pos=None, family="mha")
 
     @staticmethod
