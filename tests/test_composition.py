@@ -157,13 +157,48 @@ def test_both_product_routes_equal_the_dense_definition(L, H, d, dh, seed):
 
 
 def test_tied_unembedding_is_the_embedding_gram_matrix():
-    from devinterp.analyses.composition import _unembed_embed
+    """Tied (a view of W_E, or an equal copy): the syrk Gram matrix; untied or off by one entry: W_U W_E."""
+    from devinterp.analyses.composition import _tied, _unembed_embed
 
     g = torch.Generator().manual_seed(8)
-    W_E = torch.randn(500, 300, generator=g, dtype=torch.float64)
-    np.testing.assert_allclose(_unembed_embed(W_E.T.clone(), W_E), W_E.T @ W_E, rtol=1e-12, atol=1e-9)
-    W_U = torch.randn(300, 500, generator=g, dtype=torch.float64)
-    np.testing.assert_allclose(_unembed_embed(W_U, W_E), W_U @ W_E, rtol=1e-12, atol=1e-9)
+    for dtype, tol in ((torch.float64, 1e-9), (torch.float32, 1e-3)):
+        W_E = torch.randn(500, 300, generator=g, dtype=dtype)
+        want = (W_E.T.double() @ W_E.double()).to(dtype)
+        for W_U in (W_E.T, W_E.T.clone(), W_E.T.contiguous()):
+            assert _tied(W_U, W_E)
+            got = _unembed_embed(W_U, W_E)
+            assert got.dtype == dtype and torch.equal(got, got.T)
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=tol)
+        near = W_E.T.clone()
+        near[7, 11] += 1.0                       # equal except one entry: not tied
+        assert not _tied(near, W_E)
+        np.testing.assert_allclose(_unembed_embed(near, W_E), near @ W_E, rtol=1e-5, atol=tol)
+        W_U = torch.randn(300, 500, generator=g, dtype=dtype)
+        assert not _tied(W_U, W_E)
+        np.testing.assert_allclose(_unembed_embed(W_U, W_E), W_U @ W_E, rtol=1e-5, atol=tol)
+
+
+@needs_hf
+def test_tied_hf_unembedding_is_a_view_of_the_one_embedding_copy():
+    """GPT-2 ties lm_head to wte: W_U comes back as W_E's transposed view (one copy, tie seen in O(1)),
+    a copy all the same (training the model on does not move it), and OV copying is unchanged."""
+    hf = tiny_gpt2(n_layers=2, seed=3)
+    hw = head_weights(hf)
+    assert hw.W_U.data_ptr() == hw.W_E.data_ptr() and torch.equal(hw.W_U, hw.W_E.T)
+    assert hw.W_E.data_ptr() != hf.transformer.wte.weight.data_ptr()
+    untied = HeadWeights(**{**hw.__dict__, "W_U": hw.W_U.clone()})
+    np.testing.assert_allclose(ov_copying_scores(hw), ov_copying_scores(untied), atol=1e-5)
+
+
+def test_later_heads_written_in_place_equal_the_factors():
+    """_rights writes every kind's R_Y Xᵀ into one (layer, kind, head) buffer: the same as _right."""
+    from devinterp.analyses.composition import _right, _rights
+
+    hw = _random_weights(3, 2, 20, 5, seed=9)
+    Bs, rows = _rights(hw, ("K", "V"), torch.float64)
+    for kind, B in zip("KV", Bs, strict=True):
+        torch.testing.assert_close(B, _right(hw, kind, torch.float64), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(rows.view(2, 2, 2, 5, 20)[:, 1], Bs[1][1:].mT)
 
 
 def test_scores_are_invariant_under_the_models_symmetries():

@@ -84,7 +84,29 @@ def _right(hw: HeadWeights, kind: str, dtype: torch.dtype) -> Tensor:
     return X.to(dtype) @ _r_factor(Y.to(dtype)).transpose(-1, -2)
 
 
-def _pair_scores(A: Tensor, Bs: list[Tensor], route: str | None = None) -> list[np.ndarray]:
+def _rights(hw: HeadWeights, kinds: tuple[str, ...], dtype: torch.dtype) -> tuple[list[Tensor], Tensor]:
+    """:func:`_right` of every kind, as views of one ``(L, kinds, H, d_head, d_model)`` buffer.
+
+    The Gram route reads the later heads as rows ``(layer, kind, head)`` of ``(d_head, d_model)``
+    factors; writing each ``R_Y Xᵀ`` straight into that layout spares a copy of all of them.
+
+    Returns:
+        ``([B per kind (L, H, d, dh) views], rows ((L - 1) · kinds · H, dh, d))``.
+    """
+    X = {"Q": hw.W_Q, "K": hw.W_K, "V": hw.W_V}
+    Y = {"Q": hw.W_K, "K": hw.W_Q, "V": hw.W_O.transpose(-1, -2)}
+    L, H, d, dh = hw.W_Q.shape
+    buf = torch.empty(L, len(kinds), H, dh, d, dtype=dtype)
+    for j, kind in enumerate(kinds):
+        R = _r_factor(Y[kind].to(dtype))                            # (L, H, dh, dh)
+        Xt = X[kind].to(dtype).transpose(-1, -2)                    # (L, H, dh, d)
+        for layer in range(L):
+            torch.bmm(R[layer], Xt[layer], out=buf[layer, j])        # R_Y Xᵀ = (X R_Yᵀ)ᵀ
+    return [buf[:, j].transpose(-1, -2) for j in range(len(kinds))], buf[1:].reshape(-1, dh, d)
+
+
+def _pair_scores(A: Tensor, Bs: list[Tensor], route: str | None = None,
+                 rows: Tensor | None = None) -> list[np.ndarray]:
     """``‖A[l1,h1] B[l2,h2]‖ / (‖A[l1,h1]‖ ‖B[l2,h2]‖)`` for l1 < l2 (NaN elsewhere), one array per B.
 
     ``A`` ``(L, H, dh, d)`` (earlier heads), each ``B`` ``(L, H, d, dh')`` (later heads). Two exact
@@ -94,6 +116,8 @@ def _pair_scores(A: Tensor, Bs: list[Tensor], route: str | None = None) -> list[
     - ``"gram"``: ``‖A_i B_j‖² = ⟨A_iᵀA_i, B_j B_jᵀ⟩`` (``d × d`` Gram matrices, symmetric, so only
       their upper block triangle): ``≈ d²/2`` per pair plus ``≈ d² · dh/2`` per head to form them —
       cheaper once ``d < 2 · dh · dh'`` (GPT-2 small: 768 < 8192).
+
+    ``rows``: the later heads already laid out as :func:`_rights` returns them (spares a copy).
     """
     L, H, dh, d = A.shape
     if L < 2:
@@ -105,7 +129,7 @@ def _pair_scores(A: Tensor, Bs: list[Tensor], route: str | None = None) -> list[
         route = "gram" if gram < cross else "cross"
     a_norm = torch.linalg.matrix_norm(A)                                    # (L, H)
     outs = []
-    sq = _gram_squares(A, Bs) if route == "gram" else [_cross_squares(A, B) for B in Bs]
+    sq = _gram_squares(A, Bs, rows) if route == "gram" else [_cross_squares(A, B) for B in Bs]
     for B, s2 in zip(Bs, sq, strict=True):
         den = a_norm[:-1].reshape(-1, 1) * torch.linalg.matrix_norm(B)[1:].reshape(1, -1)
         rel = s2 / den.square()                                             # (n, n): score²
@@ -151,7 +175,7 @@ _GRAM_BLOCK = 96
 _GRAM_GROUP = 2
 
 
-def _gram_squares(A: Tensor, Bs: list[Tensor]) -> list[Tensor]:
+def _gram_squares(A: Tensor, Bs: list[Tensor], rows: Tensor | None = None) -> list[Tensor]:
     """``‖A_i B_j‖² = ⟨A_iᵀ A_i, B_j B_jᵀ⟩_F`` for all pairs (layer-upper-triangular), every B at once.
 
     Entries with ``l1 ≥ l2`` are not meaningful (some are never computed, some are by-products).
@@ -160,7 +184,9 @@ def _gram_squares(A: Tensor, Bs: list[Tensor]) -> list[Tensor]:
     n, k = (L - 1) * H, len(Bs)
     left = A[:-1].reshape(n, dh, d)
     # later heads, grouped by layer then kind: rows (layer, kind, head), so one product per layer group
-    right = torch.stack([B[1:].transpose(-1, -2) for B in Bs], dim=1).reshape(n * k, -1, d)
+    # (``rows``: that layout already, from :func:`_rights`)
+    right = rows if rows is not None else torch.stack([B[1:].transpose(-1, -2) for B in Bs], dim=1).reshape(
+        n * k, -1, d)
     edges = list(range(0, d, _GRAM_BLOCK)) + [d]
     blocks = list(zip(edges, edges[1:], strict=False))
     w_max = max(b - a for a, b in blocks)
@@ -213,7 +239,8 @@ def composition_scores_by_kind(model, kinds: tuple[str, ...] = KINDS, *,
     kinds = tuple(_check_kind(k) for k in kinds)
     hw = head_weights(model)
     with torch.no_grad():
-        scores = _pair_scores(_left(hw, dtype), [_right(hw, k, dtype) for k in kinds])
+        Bs, rows = _rights(hw, kinds, dtype)
+        scores = _pair_scores(_left(hw, dtype), Bs, rows=rows)
     return dict(zip(kinds, scores, strict=True))
 
 
