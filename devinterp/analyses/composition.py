@@ -445,6 +445,15 @@ def qk_previous_token_scores(model, *, seq_len: int | None = None) -> np.ndarray
     return out
 
 
+@functools.lru_cache(maxsize=16)
+def _pair_tags(n_layers: int, n_heads: int) -> tuple[tuple[np.ndarray, ...], tuple[str, ...]]:
+    """Indices and ``L{l1}H{h1}->L{l2}H{h2}`` names of every ``l1 < l2`` pair (cached per shape: the
+    9,504 names per kind of a 12 × 12 model took longer to format than a kind's scores at d_model 192)."""
+    later = np.triu(np.ones((n_layers, n_layers), dtype=bool), 1)[:, None, :, None]
+    index = np.nonzero(np.broadcast_to(later, (n_layers, n_heads, n_layers, n_heads)))
+    return index, tuple(f"L{a}H{b}->L{c}H{d}" for a, b, c, d in zip(*index, strict=True))
+
+
 def weight_circuit_scalars(model, *, kinds: tuple[str, ...] = KINDS, copying: bool = True,
                            previous_token: bool = True) -> dict[str, float]:
     """Every weight-space circuit score as TensorBoard scalars.
@@ -458,10 +467,13 @@ def weight_circuit_scalars(model, *, kinds: tuple[str, ...] = KINDS, copying: bo
     hw = head_weights(model)
     labels = [[f"L{layer}H{h}" for h in range(hw.n_heads)] for layer in range(hw.n_layers)]
     out: dict[str, float] = {}
+    index, names = _pair_tags(hw.n_layers, hw.n_heads)
     for kind, scores in composition_scores_by_kind(hw, tuple(kinds)).items():
-        for l1, h1, l2, h2 in zip(*np.nonzero(np.isfinite(scores)), strict=True):
-            out[f"composition/{kind}/{labels[l1][h1]}->{labels[l2][h2]}"] = float(scores[l1, h1, l2, h2])
-        if np.isfinite(scores).any():
+        values = scores[index]                               # every l1 < l2 pair, in C order
+        finite = np.isfinite(values)
+        out.update((f"composition/{kind}/{name}", v) for name, v, ok
+                   in zip(names, values.tolist(), finite.tolist(), strict=True) if ok)
+        if finite.any():
             out[f"composition/{kind}/max"] = float(np.nanmax(scores))
             out[f"composition/{kind}/baseline"] = composition_baseline(hw, kind, num_samples=256, seed=0)
     if copying and hw.W_E is not None and hw.W_U is not None:
