@@ -4,8 +4,8 @@
 ``weight_circuit_scalars`` — Q-, K- and V-composition of every head pair (9,504 pairs per kind
 at 12 × 12), the random baseline per kind (its cache cleared before every run, so it is paid
 for), the OV copying score of every head and the positional QK previous-token score. Target:
-< 1 s of CPU time. Default shapes: GPT-2 small — d_model 768, d_head 64, vocab 50,257 with tied
-embeddings (``W_U = W_Eᵀ``), 1,024 positions; ``--untied`` draws ``W_U`` separately.
+< 1 s of CPU time. Default shapes: d_model 192, 384 and 768 (GPT-2 small: d_head 64), vocab 50,257
+with tied embeddings (``W_U = W_Eᵀ``), 1,024 positions; ``--untied`` draws ``W_U`` separately.
 
 Tied ``W_U`` is the transposed view of ``W_E``, as ``head_weights`` returns it for a tied model.
 Measured in the same run on the same weights (process CPU time, min of ``--repeats``):
