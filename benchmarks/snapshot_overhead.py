@@ -76,6 +76,7 @@ class TimedSnapshotCallback(SnapshotCallback):
 
     hook_seconds = 0.0
     hook_cpu = 0.0  # CPU time of the training thread inside the hooks (waits excluded)
+    end_seconds = 0.0  # of hook_seconds: on_train_end (waiting for the last writes)
 
     def _timed(self, hook, *args, **kwargs):
         t0, c0 = time.perf_counter(), time.thread_time()
@@ -92,11 +93,15 @@ class TimedSnapshotCallback(SnapshotCallback):
         return self._timed(super().on_train_batch_end, *args, **kwargs)
 
     def on_train_end(self, *args, **kwargs):  # includes waiting for the last background writes
-        return self._timed(super().on_train_end, *args, **kwargs)
+        t0 = time.perf_counter()
+        try:
+            return self._timed(super().on_train_end, *args, **kwargs)
+        finally:
+            self.end_seconds += time.perf_counter() - t0
 
 
 def run_once(steps: int, snapshots: int, with_callback: bool, background: bool, workdir: Path,
-             batch: int) -> tuple[float, int, tuple[float, float]]:
+             batch: int) -> tuple[float, int, tuple[float, float, float]]:
     pl.seed_everything(0, verbose=False)
     data = torch.utils.data.TensorDataset(torch.randn(batch * 64, 128))
     dl = torch.utils.data.DataLoader(data, batch_size=batch, shuffle=True)
@@ -113,7 +118,8 @@ def run_once(steps: int, snapshots: int, with_callback: bool, background: bool, 
     trainer.fit(model, dl)
     elapsed = time.perf_counter() - t0
     n = len(SnapshotStore(workdir / "snapshots")) if with_callback else 0
-    hooks = (callbacks[0].hook_seconds, callbacks[0].hook_cpu) if with_callback else (0.0, 0.0)
+    hooks = ((callbacks[0].hook_seconds, callbacks[0].hook_cpu, callbacks[0].end_seconds)
+             if with_callback else (0.0, 0.0, 0.0))
     return elapsed, n, hooks
 
 
@@ -166,7 +172,8 @@ def worker(flag: bool, args: argparse.Namespace) -> None:
                                args.batch)
         cpu, main = cpu_seconds() - cpu0, time.thread_time() - main0
     print("RESULT " + json.dumps({"wall": t, "cpu": cpu, "main_cpu": main, "snapshots": n,
-                                  "hooks": hooks[0], "hooks_cpu": hooks[1], "parts": PARTS}))
+                                  "hooks": hooks[0], "hooks_cpu": hooks[1], "end_wait": hooks[2],
+                                  "parts": PARTS}))
 
 
 def spawn(flag: bool, argv: list[str]) -> dict:
@@ -203,7 +210,9 @@ def main(argv: list[str] | None = None) -> int:
             out = spawn(flag, passthrough)
             runs[flag].append(out)
             label = f"with    ({out['snapshots']} snapshots)" if flag else "without"
-            extra = f"  hooks {out['hooks']:.2f} s ({out['hooks_cpu']:.2f} cpu-s)" if flag else ""
+            extra = (f"  hooks {out['hooks']:.2f} s ({out['hooks_cpu']:.2f} cpu-s; "
+                     f"{out['end_wait']:.2f} s of it at the end, waiting for the writer)"
+                     if flag else "")
             extra += f"  training-thread cpu {out['main_cpu']:.2f} s"
             if flag:
                 extra += "  (" + ", ".join(f"{k} {v:.2f}" for k, v in out["parts"].items()) + " cpu-s)"
