@@ -19,6 +19,14 @@ parent and its forked chain workers (the model, the data, the chains' shared buf
 once. File-backed pages (the code of libtorch and the other libraries) are left out: they are
 not the estimate's data, and their PSS changes whenever other processes that map the same
 libraries start or stop (±10 MB on the shared machine, ~0.3× the parameters here).
+Each lean configuration's extra is printed as chains (C×) + the MALA check buffer (1×, the
+benchmark asks for one check) + the rest: the working memory of the workers' forward/backward
+passes (activations, gradients in flight, autograd state) and what the allocator keeps, with
+glibc's heap (``mallinfo2``: in use / free) at the peak for the in-process configurations, and
+the run's CPU time (system part) and minor page faults. glibc tunables in the environment
+(``MALLOC_MMAP_THRESHOLD_=131072`` fixes the mmap threshold: blocks of 128 KiB and more are
+mapped and returned when freed) are passed to the configurations and printed.
+
 Each configuration runs in a fresh process: ``lean-sequential`` (``workers=1``: the lean path
 this size takes, chains one after the other, each parameter tensor moved in place as its
 gradient lands), the same with the chains on 2 threads and on 2 processes (``workers=2``: each
@@ -83,9 +91,10 @@ def total_pss() -> int:
 
 
 def heap() -> tuple[int, int] | None:
-    """glibc's heap of this process (all threads' arenas): ``(bytes in use, bytes free but
-    kept)`` from ``mallinfo2``, or None where unavailable. Blocks above the mmap threshold are
-    mapped on their own and counted in neither."""
+    """glibc's heap of this process (all threads' arenas): ``(bytes in use, bytes free)`` from
+    ``mallinfo2``, or None where unavailable. Free bytes are resident unless ``malloc_trim``
+    returned their pages; blocks above the mmap threshold are mapped on their own and counted
+    in neither."""
     try:
         import ctypes
 
@@ -230,8 +239,8 @@ def main() -> int:
                     f"{rest:5.2f}× (activations, gradients in flight, model copies, allocator)")
             hb, hp = out["heap_before"], out["heap_at_peak"]
             if hb and hp and name != "lean-2-processes":
-                line += (f"; of which glibc heap at the peak: {(hp[0] - hb[0]) / unit:+.2f}× "
-                         f"in use, {(hp[1] - hb[1]) / unit:+.2f}× free but kept")
+                line += (f"; glibc heap at the peak: {(hp[0] - hb[0]) / unit:+.2f}× in use, "
+                         f"{(hp[1] - hb[1]) / unit:+.2f}× free")
             print(line)
             print(f"{'':20s} cost: {out['cpu']:.1f} cpu-s ({out['sys']:.1f} system), "
                   f"{out['faults'] / 1e3:.0f}k page faults")

@@ -392,8 +392,11 @@ class CheckGate:
     @contextlib.contextmanager
     def step(self) -> Iterator[None]:
         """One chain step of one worker (waits while a check runs)."""
-        with self._turnstile:  # held by a check: wait for it
-            pass
+        if not self._turnstile.acquire(False):  # a check runs or waits for its turn
+            if self.trim:  # a process's heap: give it back while waiting (threads: the check does)
+                _return_free_memory()
+            self._turnstile.acquire()
+        self._turnstile.release()
         self._room.acquire()
         try:
             yield
