@@ -18,7 +18,7 @@ The two ratios compare separate runs and carry the machine's noise: on the share
 machine (load ~10) the CPU time of one and the same fit varied by ±30% between processes (a
 1500-step pair gave a CPU ratio of 0.73, the "with" run the cheaper). CPU time under load is
 inflated by contention (shared caches, the other jobs' memory traffic), so a ratio of 1.105 there
-says nothing about the callback; the direct breakdown does (docs/store.md).
+says nothing about the callback; the direct breakdown does (docs/snapshots.md).
 
 Why fresh processes: earlier versions ran both arms in one process and reported the callback
 runs 14–38% *faster* (ratios 0.63–0.86). That was not the callback: the two arms compute the
