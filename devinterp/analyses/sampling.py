@@ -55,9 +55,10 @@ _MODE_CACHE: dict[tuple, str] = {}
 #: From this many sampled coordinates on, SGLD in loop mode runs *lean*: each chain's forward,
 #: backward and update in turn, in place, each parameter tensor updated as soon as its gradient
 #: has been accumulated (a post-accumulate-grad hook) and its gradient freed, so no ``(D,)``
-#: gradient buffer exists; the MALA acceptance checks use one ``(D,)`` buffer shared by all
-#: chains (and by all workers of a parallel run). The extra memory is the chains (C × D) plus
-#: at most one D, instead of several (C, D) temporaries per step. Below it the chains share
+#: gradient buffer exists; a MALA acceptance check uses one ``(D,)`` buffer made for it (in a
+#: parallel run the check runs alone: :class:`devinterp.analyses.parallel.CheckGate`). The
+#: extra memory is the chains (C × D) plus at most one D, instead of several (C, D)
+#: temporaries per step. Below it the chains share
 #: one backward pass (less autograd overhead).
 LEAN_MIN_DIM = 1 << 20
 
