@@ -19,6 +19,14 @@ parent and its forked chain workers (the model, the data, the chains' shared buf
 once. File-backed pages (the code of libtorch and the other libraries) are left out: they are
 not the estimate's data, and their PSS changes whenever other processes that map the same
 libraries start or stop (±10 MB on the shared machine, ~0.3× the parameters here).
+Each lean configuration's extra is printed as chains (C×) + the MALA check buffer (1×, the
+benchmark asks for one check) + the rest: the working memory of the workers' forward/backward
+passes (activations, gradients in flight, autograd state) and what the allocator keeps, with
+glibc's heap (``mallinfo2``: in use / free) at the peak for the in-process configurations, and
+the run's CPU time (system part) and minor page faults. glibc tunables in the environment
+(``MALLOC_MMAP_THRESHOLD_=131072`` fixes the mmap threshold: blocks of 128 KiB and more are
+mapped and returned when freed) are passed to the configurations and printed.
+
 Each configuration runs in a fresh process: ``lean-sequential`` (``workers=1``: the lean path
 this size takes, chains one after the other, each parameter tensor moved in place as its
 gradient lands), the same with the chains on 2 threads and on 2 processes (``workers=2``: each
@@ -82,14 +90,38 @@ def total_pss() -> int:
     return pss_bytes(me) + sum(pss_bytes(c) for c in children(me))
 
 
+def heap() -> tuple[int, int] | None:
+    """glibc's heap of this process (all threads' arenas): ``(bytes in use, bytes free)`` from
+    ``mallinfo2``, or None where unavailable. Free bytes are resident unless ``malloc_trim``
+    returned their pages; blocks above the mmap threshold are mapped on their own and counted
+    in neither."""
+    try:
+        import ctypes
+
+        class Info(ctypes.Structure):
+            _fields_ = [(n, ctypes.c_size_t) for n in (
+                "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
+                "uordblks", "fordblks", "keepcost")]
+
+        fn = ctypes.CDLL("libc.so.6").mallinfo2
+        fn.restype = Info
+        info = fn()
+        return int(info.uordblks), int(info.fordblks)
+    except (OSError, AttributeError):
+        return None
+
+
 class Monitor:
     def __init__(self, every: float = 0.02):
         self.every, self.peak, self.stop = every, 0, threading.Event()
+        self.heap_at_peak = None
         self.thread = threading.Thread(target=self.run, daemon=True)
 
     def run(self) -> None:
         while not self.stop.is_set():
-            self.peak = max(self.peak, total_pss())
+            now = total_pss()
+            if now > self.peak:
+                self.peak, self.heap_at_peak = now, heap()
             time.sleep(self.every)
 
     def __enter__(self) -> Monitor:
@@ -104,13 +136,15 @@ class Monitor:
 
 
 def worker(name: str, chains: int, draws: int, batch: int) -> None:
+    import resource
+
     import torch
 
     sys.path.insert(0, str(REPO))
     sys.path.insert(0, str(HERE))
     from llc_throughput import WORKLOADS, build
 
-    from devinterp.analyses import estimate_llc, sampling
+    from devinterp.analyses import estimate_llc, parallel, sampling
 
     cfg = CONFIGS[name]
     # the defaults get every core (the "auto" rule then sees them); the others one thread each
@@ -129,11 +163,11 @@ def worker(name: str, chains: int, draws: int, batch: int) -> None:
     loss_fn(model, (x[:batch], y[:batch])).backward()  # one training step's forward/backward
     model.zero_grad(set_to_none=True)
     after_step = total_pss()
+    heap_before = heap()
     kwargs = {"workers": cfg["workers"]}
     if cfg.get("backend") == "thread":
-        from devinterp.analyses import parallel
-
         parallel.fork_available = lambda: False  # the plan then picks threads
+    usage0 = [resource.getrusage(w) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
     t0 = time.perf_counter()
     with Monitor() as mon:
         r = estimate_llc(model, (x, y), loss_fn, num_chains=chains, num_draws=draws,
@@ -141,9 +175,14 @@ def worker(name: str, chains: int, draws: int, batch: int) -> None:
                          localization=100.0, batch_size=batch, num_acceptance_checks=1,
                          **kwargs)
     seconds = time.perf_counter() - t0
+    usage = [resource.getrusage(w) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    cpu = sum(b.ru_utime - a.ru_utime + b.ru_stime - a.ru_stime for a, b in zip(usage0, usage, strict=True))
+    sys_cpu = sum(b.ru_stime - a.ru_stime for a, b in zip(usage0, usage, strict=True))
+    faults = sum(b.ru_minflt - a.ru_minflt for a, b in zip(usage0, usage, strict=True))
     print("RESULT " + json.dumps(dict(params=params, after_build=after_build,
                                       after_step=after_step, peak=mon.peak, seconds=seconds,
-                                      llc=r.mean)))
+                                      llc=r.mean, cpu=cpu, sys=sys_cpu, faults=faults,
+                                      heap_before=heap_before, heap_at_peak=mon.heap_at_peak)))
 
 
 def main() -> int:
@@ -158,6 +197,9 @@ def main() -> int:
         worker(args.worker, args.chains, args.draws, args.batch)
         return 0
     print(f"command: {' '.join([Path(sys.executable).name] + sys.argv)}")
+    tunables = {k: v for k, v in os.environ.items() if k.startswith(("MALLOC_", "GLIBC_TUNABLES"))}
+    print("malloc: " + (", ".join(f"{k}={v}" for k, v in tunables.items()) if tunables
+                        else "glibc defaults (dynamic mmap threshold)"))
     print(f"load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}; {args.chains} chains "
           f"× {args.draws} draws, batch {args.batch} × 64 tokens; target extra ≤ chains + 2 = "
           f"{args.chains + 2} × parameters")
@@ -167,7 +209,8 @@ def main() -> int:
     for name in args.configs.split(","):
         proc = subprocess.run([sys.executable, __file__, "--worker", name, "--chains",
                                str(args.chains), "--draws", str(args.draws), "--batch",
-                               str(args.batch)], env=env, capture_output=True, text=True)
+                               str(args.batch)],
+                              env=env, capture_output=True, text=True)
         line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
         if not line:
             print(f"{name}: failed\n{proc.stderr[-2000:]}")
@@ -188,11 +231,24 @@ def main() -> int:
               f"{strict:5.2f}×, after a step {loose:5.2f}× the parameters; goal ≤ {goal}×: "
               f"{('met' if ok else 'NOT met') if bound else 'not bound'} "
               f"({out['seconds']:.1f} s, λ̂ {out['llc']:.1f})", flush=True)
+        if bound:
+            # the lean path's own buffers: the chains' parameters (C × P) and the MALA check
+            # buffer (1 × P, the benchmark asks for one check); the rest is per worker
+            rest = strict - args.chains - 1
+            line = (f"{'':20s} = chains {args.chains}× + check buffer 1× + the rest "
+                    f"{rest:5.2f}× (activations, gradients in flight, model copies, allocator)")
+            hb, hp = out["heap_before"], out["heap_at_peak"]
+            if hb and hp and name != "lean-2-processes":
+                line += (f"; glibc heap at the peak: {(hp[0] - hb[0]) / unit:+.2f}× in use, "
+                         f"{(hp[1] - hb[1]) / unit:+.2f}× free")
+            print(line)
+            print(f"{'':20s} cost: {out['cpu']:.1f} cpu-s ({out['sys']:.1f} system), "
+                  f"{out['faults'] / 1e3:.0f}k page faults")
     print(f"load average after: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     print("goal (extra after build ≤ chains + 2) with workers=1: "
-          + ("met" if verdicts and all(verdicts) else "NOT met")
+          + (("met" if all(verdicts) else "NOT met") if verdicts else "not run")
           + (f"; chains in parallel: {', '.join(parallel)}" if parallel else ""))
-    return 0 if verdicts and all(verdicts) else 1
+    return 0 if all(verdicts) else 1
 
 
 if __name__ == "__main__":

@@ -318,3 +318,42 @@ def test_lean_moves_follow_the_sgld_drift(lean):
         assert 0.7 < float(live.std()) < 1.3 and not torch.equal(live[0], live[1])
         if target.mask is not None:
             assert (moved[0][:, target.mask == 0] == 0).all()
+
+
+@pytest.mark.parametrize("processes", [False, True])
+def test_check_gate_runs_a_check_alone(processes):
+    """While a check holds the gate no chain step runs; steps of several workers overlap."""
+    import multiprocessing as mp
+    import time
+
+    if processes and not parallel.fork_available():
+        pytest.skip("no fork")
+    ctx = mp.get_context("fork")
+    gate = parallel.CheckGate(3, processes=processes)
+    # shared counters (fork-inherited, also fine for threads): steps in progress, the most
+    # seen at once, checks that saw a step in progress
+    inside, most, bad = ctx.Value("i", 0), ctx.Value("i", 0), ctx.Value("i", 0)
+
+    def body(w: int) -> None:
+        for k in range(30):
+            if (k + w) % 7 == 0:
+                with gate.check():
+                    bad.value += inside.value > 0
+                    time.sleep(0.002)
+            else:
+                with gate.step():
+                    with inside.get_lock():
+                        inside.value += 1
+                        most.value = max(most.value, inside.value)
+                    time.sleep(0.002)
+                    with inside.get_lock():
+                        inside.value -= 1
+
+    kind = ctx.Process if processes else threading.Thread
+    workers = [kind(target=body, args=(w,)) for w in range(3)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join(timeout=60)
+    assert all(getattr(t, "exitcode", 0) == 0 and not t.is_alive() for t in workers)
+    assert bad.value == 0 and most.value >= 2

@@ -31,6 +31,7 @@ per chunk, and closing it early (a budget, a divergence) stops every worker.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import queue
@@ -310,9 +311,9 @@ def iter_chunks(run: RunFn, target: Any, the_plan: Plan, *, num_steps: int, chun
         run_kwargs: the other keyword arguments of ``run`` (``num_chains``, ``seed``, ...).
         shared_params: the run takes the lean path: the chains' parameters live in one
             ``(C, D)`` buffer made here (in shared memory for processes), each worker writing
-            its rows, so the final parameters come back without a copy or a transfer; the
-            MALA checks share one ``(D,)`` buffer, one worker at a time (a lock), so the
-            workers together hold no more than one sequential run.
+            its rows, so the final parameters come back without a copy or a transfer; a MALA
+            check runs alone (:class:`CheckGate`), so the workers together hold no more than
+            one check buffer and one check's working memory, as a sequential run does.
     """
     work = check = None
     # one buffer for every chain when the workers share a device (several devices: each
@@ -320,16 +321,11 @@ def iter_chunks(run: RunFn, target: Any, the_plan: Plan, *, num_steps: int, chun
     if shared_params and the_plan.backend != "inline" and len(set(the_plan.devices)) == 1:
         work = torch.empty(sum(len(g) for g in the_plan.groups), target.dim,
                            device=the_plan.devices[0])
-        if run_kwargs.get("acceptance_steps"):  # one MALA check buffer for all workers
-            check = torch.zeros(1, target.dim, device=the_plan.devices[0])
         if the_plan.backend == "process":
-            import multiprocessing as mp
-
             work.share_memory_()
-            if check is not None:
-                check = (check.share_memory_(), mp.get_context("fork").Lock())
-        elif check is not None:
-            check = (check, threading.Lock())
+        if run_kwargs.get("acceptance_steps"):
+            check = CheckGate(the_plan.workers, processes=the_plan.backend == "process",
+                              trim=the_plan.devices[0].type == "cpu")
     if the_plan.backend == "inline":
         yield from _inline(run, target, the_plan, num_steps, chunk, run_kwargs)
     elif the_plan.backend == "thread":
@@ -364,6 +360,64 @@ def _return_free_memory() -> None:
 _MALLOC_TRIM: Any = None
 
 
+class CheckGate:
+    """Lets a MALA check of a parallel lean run run alone.
+
+    A check needs a ``(D,)`` buffer and two forward/backward passes; run beside the other
+    workers' steps it would add both to their working memory (activations, gradients in flight,
+    the allocator's holes: ~0.8× the parameters per worker on a 10M-parameter transformer,
+    ``benchmarks/llc_memory.py``). A chain step of any worker enters :meth:`step`; a check
+    enters :meth:`check`, which waits until the steps in progress are done, keeps new ones out
+    and first gives the freed heap back to the system (``malloc_trim``), so that the run's
+    peak is the sequential run's: the chains, one check buffer and one worker's working
+    memory. Checks are a few steps of a run; results do not depend on the order in which the
+    workers' independent chains take their turns.
+
+    Args:
+        workers: the number of workers.
+        processes: the workers are forked processes (multiprocessing primitives) or threads.
+        trim: call ``malloc_trim`` when a check starts (CPU runs).
+    """
+
+    def __init__(self, workers: int, *, processes: bool = False, trim: bool = True):
+        if processes:
+            import multiprocessing as mp
+
+            ctx = mp.get_context("fork")
+            self._turnstile, self._room = ctx.Lock(), ctx.Semaphore(workers)
+        else:
+            self._turnstile, self._room = threading.Lock(), threading.Semaphore(workers)
+        self.workers, self.trim = workers, trim
+
+    @contextlib.contextmanager
+    def step(self) -> Iterator[None]:
+        """One chain step of one worker (waits while a check runs)."""
+        if not self._turnstile.acquire(False):  # a check runs or waits for its turn
+            if self.trim:  # a process's heap: give it back while waiting (threads: the check does)
+                _return_free_memory()
+            self._turnstile.acquire()
+        self._turnstile.release()
+        self._room.acquire()
+        try:
+            yield
+        finally:
+            self._room.release()
+
+    @contextlib.contextmanager
+    def check(self) -> Iterator[None]:
+        """One MALA check, alone (waits for the steps in progress to finish)."""
+        with self._turnstile:
+            for _ in range(self.workers):
+                self._room.acquire()
+            try:
+                if self.trim:
+                    _return_free_memory()
+                yield
+            finally:
+                for _ in range(self.workers):
+                    self._room.release()
+
+
 def _rows(the_plan: Plan, g: int) -> slice:
     start = sum(len(x) for x in the_plan.groups[:g])
     return slice(start, start + len(the_plan.groups[g]))
@@ -382,14 +436,14 @@ def _own_rows(work: Tensor, rows: slice) -> Tensor:
 
 def _threads(run: RunFn, target: Any, the_plan: Plan, num_steps: int, chunk: int,
              run_kwargs: dict[str, Any], work: Tensor | None = None,
-             check: tuple[Tensor, Any] | None = None) -> Iterator[ChainChunk]:
+             check: CheckGate | None = None) -> Iterator[ChainChunk]:
     inbox: queue.Queue = queue.Queue()
     stop = threading.Event()
     replicas = [target.replica_for(dev) for dev in the_plan.devices]
     if work is not None and all(d == work.device for d in the_plan.devices):
         for g, rep in enumerate(replicas):
             rep.external_work = _own_rows(work, _rows(the_plan, g))
-            rep.lean_check = check
+            rep.lean_gate = check
     else:
         work = None
 
@@ -466,14 +520,14 @@ def _from_numpy(item: tuple) -> ChainChunk:
 
 def _child(run: RunFn, target: Any, ids: Sequence[int], threads: int | None, num_steps: int,
            chunk: int, run_kwargs: dict[str, Any], conn: Any,
-           work: Tensor | None = None, check: tuple[Tensor, Any] | None = None) -> None:
+           work: Tensor | None = None, check: CheckGate | None = None) -> None:
     try:
         if threads is not None:
             torch.set_num_threads(threads)
         if work is not None:
             target.release_buffers()
             target.external_work = work  # this group's rows of the shared buffer
-            target.lean_check = check  # the MALA check buffer shared by all workers
+            target.lean_gate = check  # checks run alone
 
         def send(c: ChainChunk) -> None:
             if work is not None:
@@ -496,7 +550,7 @@ def _child(run: RunFn, target: Any, ids: Sequence[int], threads: int | None, num
 
 def _processes(run: RunFn, target: Any, the_plan: Plan, num_steps: int, chunk: int,
                run_kwargs: dict[str, Any], work: Tensor | None = None,
-               check: tuple[Tensor, Any] | None = None) -> Iterator[ChainChunk]:
+               check: CheckGate | None = None) -> Iterator[ChainChunk]:
     import multiprocessing as mp
     from multiprocessing.connection import wait
 

@@ -55,9 +55,10 @@ _MODE_CACHE: dict[tuple, str] = {}
 #: From this many sampled coordinates on, SGLD in loop mode runs *lean*: each chain's forward,
 #: backward and update in turn, in place, each parameter tensor updated as soon as its gradient
 #: has been accumulated (a post-accumulate-grad hook) and its gradient freed, so no ``(D,)``
-#: gradient buffer exists; the MALA acceptance checks use one ``(D,)`` buffer shared by all
-#: chains (and by all workers of a parallel run). The extra memory is the chains (C × D) plus
-#: at most one D, instead of several (C, D) temporaries per step. Below it the chains share
+#: gradient buffer exists; a MALA acceptance check uses one ``(D,)`` buffer made for it (in a
+#: parallel run the check runs alone: :class:`devinterp.analyses.parallel.CheckGate`). The
+#: extra memory is the chains (C × D) plus at most one D, instead of several (C, D)
+#: temporaries per step. Below it the chains share
 #: one backward pass (less autograd overhead).
 LEAN_MIN_DIM = 1 << 20
 
@@ -316,9 +317,9 @@ class SamplingTarget:
         #: rows of a buffer owned by the caller (parallel runs) that the lean path uses as its
         #: chains' parameters, so that the merged result needs no copy
         self.external_work: Tensor | None = None
-        #: ``(buffer (1, D), lock)`` shared by the workers of a parallel lean run for the MALA
-        #: checks (one check at a time), or None: the target's own buffer, no lock
-        self.lean_check: tuple[Tensor, Any] | None = None
+        #: the :class:`devinterp.analyses.parallel.CheckGate` of a parallel lean run (a MALA
+        #: check runs while the other workers wait between steps), or None
+        self.lean_gate: Any = None
         self._lean_params: list[list[tuple[int, nn.Parameter]]] = []
         self._lean_ctx: _LeanMove | None = None
         self.mode = mode
@@ -532,7 +533,7 @@ class SamplingTarget:
         other = copy.copy(self)
         other._copies, other._work, other._gbuf, other._lean_buffers = [], None, None, False
         other._vmapped, other._batch_cache = {}, None
-        other._lean_params, other._lean_ctx, other.lean_check = [], None, None
+        other._lean_params, other._lean_ctx, other.lean_gate = [], None, None
         if device != self.device or self.mode == "vmap":
             # functional_call swaps the module's parameters while it runs: one module per thread
             other.model = copy.deepcopy(self.model).to(device)
@@ -576,9 +577,11 @@ class SamplingTarget:
         pass, in parameter order), and its gradient is freed at once: no ``(D,)`` gradient
         buffer. Noise is drawn per parameter tensor from each chain's generator, in the order
         the tensors move. With ``check``, the MALA acceptance of the move is computed in one
-        ``(D,)`` buffer (shared by the workers of a parallel run, under their lock): it holds
-        the gradient, then ``(w − w')·2/(ε·nβ)``, onto which the backward pass at ``w'``
-        accumulates ``∇L(w')`` (see :mod:`devinterp.sgmcmc.mala`).
+        ``(D,)`` buffer that exists only during the check: it holds the gradient, then
+        ``(w − w')·2/(ε·nβ)``, onto which the backward pass at ``w'`` accumulates ``∇L(w')``
+        (see :mod:`devinterp.sgmcmc.mala`). In a parallel run (``lean_gate``) a check runs
+        alone: the other workers finish their current chain step and wait, so the run holds
+        one check buffer and one worker's working memory at a time, as a sequential run does.
 
         Returns:
             The minibatch losses before the step ``(C,)`` and the acceptance ``(C,)`` or None.
@@ -586,13 +589,17 @@ class SamplingTarget:
         self._ensure_copies(chains, lean=True)
         losses = torch.empty(chains, device=self.device)
         acc = torch.empty(chains, device=self.device) if check else None
+        gate = self.lean_gate
         for c, chain_batch in enumerate(self._chain_batches(batch, shared, chains)):
             if acc is None:
-                losses[c] = self._lean_chain(c, chain_batch, batch, shared, noise_gens[c],
-                                             step_size, localization, nbeta)
+                with gate.step() if gate is not None else contextlib.nullcontext():
+                    losses[c] = self._lean_chain(c, chain_batch, batch, shared, noise_gens[c],
+                                                 step_size, localization, nbeta)
             else:
-                losses[c], acc[c] = self._lean_chain_checked(
-                    c, chain_batch, batch, shared, noise_gens[c], step_size, localization, nbeta)
+                with gate.check() if gate is not None else contextlib.nullcontext():
+                    losses[c], acc[c] = self._lean_chain_checked(
+                        c, chain_batch, batch, shared, noise_gens[c], step_size, localization,
+                        nbeta)
         return losses, acc
 
     def _lean_chain(self, c: int, chain_batch: Any, batch: list[Tensor], shared: bool,
@@ -630,15 +637,6 @@ class SamplingTarget:
                 xi.mul_(m)
             ps.add_(xi, alpha=math.sqrt(ctx.step_size))
 
-    def _check_buffer(self) -> tuple[Tensor, Any]:
-        """The ``(D,)`` buffer of the MALA checks and the lock that guards it."""
-        if self.lean_check is not None:
-            buf, lock = self.lean_check
-            return buf[0], lock
-        if self._gbuf is None:
-            self._gbuf = torch.zeros(1, self.dim, device=self.device)
-        return self._gbuf[0], contextlib.nullcontext()
-
     def _lean_parts(self, params, p: Tensor, g: Tensor):
         """Per parameter ``i`` of ``params``: ``(i, its slice of p, its slice of g, its mask slice)``."""
         for i, _ in params:
@@ -649,56 +647,54 @@ class SamplingTarget:
     def _lean_chain_checked(self, c: int, chain_batch: Any, batch: list[Tensor], shared: bool,
                             gen: torch.Generator, step_size: float, localization: float,
                             nbeta: float) -> tuple[Tensor, Tensor]:
-        """Chain ``c``'s step and the MALA acceptance of its move, in the check buffer."""
-        g, lock = self._check_buffer()
+        """Chain ``c``'s step and the MALA acceptance of its move, in a ``(D,)`` buffer made
+        for this check and freed after it (one D is mapped and returned to the system)."""
+        g = torch.zeros(self.dim, device=self.device)
         sq, half = math.sqrt(step_size), step_size / 2
         check = step_size > 0
         params = self._lean_params[c]
         p = self._work[c]
-        with lock:
-            for i, param in params:  # the gradients accumulate into the buffer (hooks idle)
-                s = self.slots[i]
-                param.grad = g[s.offset:s.offset + s.numel].view(s.shape)
-            try:
-                with torch.no_grad():
-                    g.zero_()
-                loss = self._chain_loss(c, chain_batch, batch, shared)
-                loss.backward()
-                zero = torch.zeros((), device=self.device)
-                dist_old, q_fwd = zero.clone(), zero.clone()
-                with torch.no_grad():
-                    for i, ps, gs, m in self._lean_parts(params, p, g):
-                        diff = _masked_drift(ps, gs, self._anchor_parts[i], m, nbeta,
-                                             localization)  # gs := ∇U (masked)
-                        xi = torch.randn(ps.shape, generator=gen, device=ps.device,
-                                         dtype=ps.dtype)
-                        if m is not None:
-                            xi.mul_(m)
-                        ps.add_(gs, alpha=-half).add_(xi, alpha=sq)
-                        if check:
-                            dist_old += diff.pow(2).sum()
-                            q_fwd += xi.pow(2).sum()
-                            gs.mul_(half).sub_(xi, alpha=sq).mul_(2 / (step_size * nbeta))
-                if not check:  # ε = 0: nothing moved
-                    return loss.detach().float(), torch.ones((), device=self.device)
-                loss_new = self._chain_loss(c, chain_batch, batch, shared)
-                loss_new.backward()  # accumulates ∇L(w') onto (w − w')·2/(ε·nβ)
-                with torch.no_grad():
-                    dist_new, q_bwd = zero.clone(), zero.clone()
-                    for i, ps, gs, m in self._lean_parts(params, p, g):
-                        diff = _masked_drift(ps, gs, self._anchor_parts[i], m, nbeta,
-                                             localization)
-                        gs.mul_(half)  # w − w' + ε/2·∇U(w')
-                        dist_new += diff.pow(2).sum()
-                        q_bwd += gs.pow(2).sum()
-                    log_ratio = (nbeta * (loss.detach().float() - loss_new.detach().float())
-                                 + localization / 2 * (dist_old - dist_new)
-                                 - q_bwd / (2 * step_size) + q_fwd / 2)
-                    acc = torch.exp(torch.clamp(log_ratio, max=0.0).nan_to_num(nan=-math.inf))
-                return loss.detach().float(), acc
-            finally:
-                for _, param in params:
-                    param.grad = None
+        for i, param in params:  # the gradients accumulate into the buffer (hooks idle)
+            s = self.slots[i]
+            param.grad = g[s.offset:s.offset + s.numel].view(s.shape)
+        try:
+            loss = self._chain_loss(c, chain_batch, batch, shared)
+            loss.backward()
+            zero = torch.zeros((), device=self.device)
+            dist_old, q_fwd = zero.clone(), zero.clone()
+            with torch.no_grad():
+                for i, ps, gs, m in self._lean_parts(params, p, g):
+                    diff = _masked_drift(ps, gs, self._anchor_parts[i], m, nbeta,
+                                         localization)  # gs := ∇U (masked)
+                    xi = torch.randn(ps.shape, generator=gen, device=ps.device,
+                                     dtype=ps.dtype)
+                    if m is not None:
+                        xi.mul_(m)
+                    ps.add_(gs, alpha=-half).add_(xi, alpha=sq)
+                    if check:
+                        dist_old += diff.pow(2).sum()
+                        q_fwd += xi.pow(2).sum()
+                        gs.mul_(half).sub_(xi, alpha=sq).mul_(2 / (step_size * nbeta))
+            if not check:  # ε = 0: nothing moved
+                return loss.detach().float(), torch.ones((), device=self.device)
+            loss_new = self._chain_loss(c, chain_batch, batch, shared)
+            loss_new.backward()  # accumulates ∇L(w') onto (w − w')·2/(ε·nβ)
+            with torch.no_grad():
+                dist_new, q_bwd = zero.clone(), zero.clone()
+                for i, ps, gs, m in self._lean_parts(params, p, g):
+                    diff = _masked_drift(ps, gs, self._anchor_parts[i], m, nbeta,
+                                         localization)
+                    gs.mul_(half)  # w − w' + ε/2·∇U(w')
+                    dist_new += diff.pow(2).sum()
+                    q_bwd += gs.pow(2).sum()
+                log_ratio = (nbeta * (loss.detach().float() - loss_new.detach().float())
+                             + localization / 2 * (dist_old - dist_new)
+                             - q_bwd / (2 * step_size) + q_fwd / 2)
+                acc = torch.exp(torch.clamp(log_ratio, max=0.0).nan_to_num(nan=-math.inf))
+            return loss.detach().float(), acc
+        finally:
+            for _, param in params:
+                param.grad = None
 
     def grad_and_loss(self, flat: Tensor, batch: list[Tensor], shared: bool = False
                       ) -> tuple[Tensor, Tensor]:
