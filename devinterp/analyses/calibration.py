@@ -577,7 +577,7 @@ def calibrate(model: nn.Module | SamplingTarget, data: Any = None, loss_fn: Loss
               localization: float = 1.0, nbeta: float | None = None,
               batch_size: int | None = None, sampler: str = "sgld",
               sampler_kwargs: Mapping[str, Any] | None = None, params: ParamSelection = None,
-              min_acceptance: float = 0.9, max_below: float = 0.3, drift_tol: float = 0.15,
+              min_acceptance: float = 0.8, max_below: float = 0.3, drift_tol: float = 0.15,
               num_chains: int | None = None, target_ess: float = 400.0,
               target_rel_stderr: float = 0.02,
               min_draws: int = 200, max_draws: int = 20000, min_burnin: int = 200,
