@@ -814,10 +814,11 @@ def calibrate(model: nn.Module | SamplingTarget, data: Any = None, loss_fn: Loss
         target_rel_stderr=target_rel_stderr, min_draws=min_draws, max_draws=max_draws,
         min_burnin=min_burnin, max_burnin=max_burnin)
     if budget is not None:
-        # fill at most the default budget: longer chains read λ̂ high on the larger networks
-        # (docs/calibration.md); a larger budget only spares the calibrated lengths from cuts
+        # fill the budget: the calibrated estimate is corrected for the step size
+        # (estimate_llc(correction="auto")), so longer chains no longer drift high on the larger
+        # networks (they did before, hence a cap at the default budget; docs/calibration.md)
         num_chains_est, num_burnin, num_draws, fill = _fill_budget(
-            num_chains, num_burnin, num_draws, min(budget, DEFAULT_BUDGET) - meter.used,
+            num_chains, num_burnin, num_draws, budget - meter.used,
             max_burnin=max_burnin, max_draws=max_draws)
         if fill:
             extra += "; " + fill
