@@ -816,9 +816,12 @@ def calibrate(model: nn.Module | SamplingTarget, data: Any = None, loss_fn: Loss
     if budget is not None:
         # fill the budget: the calibrated estimate is corrected for the step size
         # (estimate_llc(correction="auto")), so longer chains no longer drift high on the larger
-        # networks (they did before, hence a cap at the default budget; docs/calibration.md)
+        # networks (docs/calibration.md). Inside estimate_llc the estimate spends the same
+        # budget; a standalone calibration is reused by estimates at their own budget (the
+        # default unless told), so its lengths fill at most the default one
+        fill_to = budget if not own_meter else min(budget, DEFAULT_BUDGET)
         num_chains_est, num_burnin, num_draws, fill = _fill_budget(
-            num_chains, num_burnin, num_draws, budget - meter.used,
+            num_chains, num_burnin, num_draws, fill_to - meter.used,
             max_burnin=max_burnin, max_draws=max_draws)
         if fill:
             extra += "; " + fill
