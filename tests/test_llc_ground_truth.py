@@ -100,3 +100,19 @@ def test_calibrated_estimates_are_corrected_and_explicit_ones_are_not():
     assert given.correction == 0.0 and given.mean == given.uncorrected
     with pytest.raises(Exception, match="correction"):
         estimate_llc(p.model, p.data, p.loss_fn, correction="yes")
+
+
+@pytest.mark.parametrize("backend", ["thread", "process"])
+def test_step_size_corrections_do_not_depend_on_the_workers(backend):
+    import numpy as np
+
+    from devinterp.analyses.sampling import prepare_target, sample_chains
+
+    p = make_dln_problem([4, 5, 6, 4], 1, 2_000, seed=0, noise_std=0.0)
+    target = prepare_target(p.model, p.data, p.loss_fn, batch_size=256)
+    kw = dict(num_chains=2, num_steps=60, step_size=2e-5, seed=0, check_every=25)
+    ref = sample_chains(target, workers=1, **kw)
+    par = sample_chains(target, workers=2, backend=backend, **kw)
+    assert ref.corrections is not None and ref.corrections.shape == (2, 60)
+    assert np.all(ref.corrections > 0)
+    np.testing.assert_array_equal(par.corrections, ref.corrections)

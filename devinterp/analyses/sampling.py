@@ -885,9 +885,13 @@ def discretisation_correction(old: Tensor, anchor: Tensor, drift: Tensor, *, ste
     stationary excess in a direction of curvature ``a`` is ``½/(1 − εa/4)`` instead of ``½``,
     and ``ε/8·E[a²x²] = (εa/8)/(1 − εa/4)`` is exactly the difference (docs/calibration.md).
     """
-    d = drift.reshape(drift.shape[0], -1).float()
-    w = (old - anchor).reshape(d.shape[0], -1).float()
-    return (step_size / 8) * ((d * d).sum(1) - localization * (w * d).sum(1))
+    c = drift.shape[0]
+    d = drift.reshape(c, -1)
+    w = old.reshape(c, -1)
+    a = anchor.reshape(-1, d.shape[1]).expand(c, -1)
+    # row-wise dot products as batched matrix products: no (C, D) temporary
+    dot = lambda x, y: torch.einsum("cd,cd->c", x, y).float()  # noqa: E731
+    return (step_size / 8) * (dot(d, d) - localization * (dot(w, d) - dot(a, d)))
 
 
 def _seeds(seed: int, chains: int) -> list[tuple[int, int]]:
