@@ -83,6 +83,8 @@ def main() -> None:
     ap.add_argument("--family", default="all", choices=["dln", "rrr", "large", "heldout", "all"])
     ap.add_argument("--budget", type=int, default=5000, help="0: no limit")
     ap.add_argument("--only", type=int, default=0, help="the first ONLY networks of the family")
+    ap.add_argument("--match", default="", help="only networks whose description contains this "
+                    "(e.g. 'widths=[4, 4, 4, 4, 4, 4]')")
     ap.add_argument("--burnin-fraction", type=float, default=None,
                     help="override calibration.BURNIN_FRACTION (0: the lengths before it)")
     args = ap.parse_args()
@@ -95,6 +97,8 @@ def main() -> None:
     probs = problems(args.family, seed=args.seed)
     if args.only:
         probs = probs[:args.only]
+    if args.match:
+        probs = [p for p in probs if args.match in p.description]
     for p in probs:
         r = run_one(p, args.seed, args.budget or None)
         rows.append(r)

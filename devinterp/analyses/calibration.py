@@ -577,7 +577,7 @@ def calibrate(model: nn.Module | SamplingTarget, data: Any = None, loss_fn: Loss
               localization: float = 1.0, nbeta: float | None = None,
               batch_size: int | None = None, sampler: str = "sgld",
               sampler_kwargs: Mapping[str, Any] | None = None, params: ParamSelection = None,
-              min_acceptance: float = 0.9, max_below: float = 0.3, drift_tol: float = 0.15,
+              min_acceptance: float = 0.8, max_below: float = 0.3, drift_tol: float = 0.15,
               num_chains: int | None = None, target_ess: float = 400.0,
               target_rel_stderr: float = 0.02,
               min_draws: int = 200, max_draws: int = 20000, min_burnin: int = 200,
@@ -814,10 +814,14 @@ def calibrate(model: nn.Module | SamplingTarget, data: Any = None, loss_fn: Loss
         target_rel_stderr=target_rel_stderr, min_draws=min_draws, max_draws=max_draws,
         min_burnin=min_burnin, max_burnin=max_burnin)
     if budget is not None:
-        # fill at most the default budget: longer chains read λ̂ high on the larger networks
-        # (docs/calibration.md); a larger budget only spares the calibrated lengths from cuts
+        # fill the budget: the calibrated estimate is corrected for the step size
+        # (estimate_llc(correction="auto")), so longer chains no longer drift high on the larger
+        # networks (docs/calibration.md). Inside estimate_llc the estimate spends the same
+        # budget; a standalone calibration is reused by estimates at their own budget (the
+        # default unless told), so its lengths fill at most the default one
+        fill_to = budget if not own_meter else min(budget, DEFAULT_BUDGET)
         num_chains_est, num_burnin, num_draws, fill = _fill_budget(
-            num_chains, num_burnin, num_draws, min(budget, DEFAULT_BUDGET) - meter.used,
+            num_chains, num_burnin, num_draws, fill_to - meter.used,
             max_burnin=max_burnin, max_draws=max_draws)
         if fill:
             extra += "; " + fill

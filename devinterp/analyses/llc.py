@@ -11,6 +11,11 @@ from w*, and per chain
 
 with L_n(w*) the loss on the full data. The estimate is the mean of λ̂_c over chains. Burn-in draws
 are recorded separately and never averaged in.
+
+With calibrated settings (the default) the SGLD estimate is corrected for the step size:
+``λ̂_c = nβ·(mean L − L_n(w*)) − mean of ε/8·∇(nβL)·∇U`` over the draws, which removes the
+Euler–Maruyama bias ``½/(1 − εa/4) − ½`` of every locally quadratic direction of curvature a
+(``correction=``; docs/llc.md, "Step-size correction").
 """
 
 from __future__ import annotations
@@ -129,6 +134,11 @@ class LLCResult:
         cost: model evaluations this call spent (forward+backward passes of one chain on one
             minibatch: ``L_n(w*)``, calibration, chains, acceptance checks); 0 from
             :func:`summarize`.
+        correction: the step-size correction subtracted from the plain estimate (the mean
+            over chains and draws of ``ε/8·∇(nβL)·∇U``); 0.0 when none was applied.
+        uncorrected: the plain estimate ``nβ·(mean draw loss − L_n(w*))`` (equal to ``mean``
+            when no correction was applied).
+        correction_trace: ``(chains, draws)`` per-step corrections, or None (read-only).
     """
 
     mean: float
@@ -143,12 +153,19 @@ class LLCResult:
     warnings: tuple[str, ...] = ()
     calibration: Calibration | None = field(default=None, repr=False, compare=False)
     cost: int = 0
+    correction: float = 0.0
+    uncorrected: float = float("nan")
+    correction_trace: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     def llc_trace(self) -> np.ndarray:
-        """Running estimate ``nβ·(mean of draws up to t − L_n(w*))`` per chain, ``(C, draws)``."""
+        """Running estimate ``nβ·(mean of draws up to t − L_n(w*))`` per chain, ``(C, draws)``
+        (minus the running mean of the step-size correction when one was applied)."""
         counts = np.arange(1, self.loss_trace.shape[1] + 1)
         running = np.cumsum(self.loss_trace, axis=1) / counts
-        return self.config.nbeta * (running - self.init_loss)
+        out = self.config.nbeta * (running - self.init_loss)
+        if self.correction_trace is not None:
+            out = out - np.cumsum(self.correction_trace, axis=1) / counts
+        return out
 
     def scalars(self) -> dict[str, float]:
         """Flat ``{"llc/...": value}`` for loggers."""
@@ -164,6 +181,7 @@ class LLCResult:
             "llc/acceptance": d.acceptance,
             "llc/trend_z": d.trend_z,
             "llc/num_warnings": float(len(self.warnings)),
+            "llc/correction": self.correction,
         }
 
 
@@ -192,7 +210,8 @@ def estimate_llc(model: nn.Module | SamplingTarget, data: Any = None, loss_fn: L
                  compile: bool | str = "auto", expected_calls: int = 1,
                  budget: int | None = DEFAULT_BUDGET, progress: bool | None = None,
                  workers: int | str = "auto",
-                 devices: Sequence[str | torch.device] | None = None) -> LLCResult:
+                 devices: Sequence[str | torch.device] | None = None,
+                 correction: bool | str = "auto") -> LLCResult:
     """Estimate the local learning coefficient of ``model`` at its current weights.
 
     ``λ̂ = nβ·(mean post-burn-in minibatch loss − L_n(w*))`` averaged over chains; see the module
@@ -263,6 +282,13 @@ def estimate_llc(model: nn.Module | SamplingTarget, data: Any = None, loss_fn: L
             a second or more; 1: one after the other in this thread). The estimate does not
             depend on it (docs/llc.md, "Parallel chains").
         devices: spread the chains over several devices, e.g. ``["cuda:0", "cuda:1"]``.
+        correction: subtract the step-size correction ``ε/8·∇(nβL)·∇U`` (averaged over the
+            draws) from the estimate: ``True``, ``False``, or ``"auto"`` (the default: when the
+            step size is calibrated, i.e. ``step_size="auto"`` or ``calibration=`` given;
+            an explicit ``step_size`` gives the plain estimator of Lau et al. unless
+            ``correction=True``). SGLD only, and not on the lean path (≥ 2²⁰ sampled
+            coordinates), where the plain estimate is returned. ``LLCResult.uncorrected``
+            keeps the plain one (docs/llc.md, "Step-size correction").
 
     Returns:
         An :class:`LLCResult`.
@@ -282,6 +308,8 @@ def estimate_llc(model: nn.Module | SamplingTarget, data: Any = None, loss_fn: L
     if num_burnin is not None and num_burnin < 0:
         raise InvalidInputError(f"num_burnin must be >= 0, got {num_burnin}")
     check_workers(workers)
+    if correction not in (True, False, "auto"):
+        raise InvalidInputError(f"correction must be True, False or 'auto', got {correction!r}")
     auto = isinstance(step_size, str)
     if auto and step_size != "auto":
         raise InvalidInputError(f"step_size must be a number or 'auto', got {step_size!r}")
@@ -363,8 +391,11 @@ def estimate_llc(model: nn.Module | SamplingTarget, data: Any = None, loss_fn: L
         device=str(target.device), mode=target.mode, n=target.n,
         num_params=target.num_selected, param_names=target.param_names,
         compiled=traces.compiled)
+    correct = (correction is True
+               or (correction == "auto" and (auto or reused) and calibration is not None))
     result = summarize(traces.losses, target.init_loss, config, acceptance=traces.acceptance,
-                       seconds=traces.seconds)
+                       seconds=traces.seconds,
+                       corrections=traces.corrections if correct else None)
     result = replace(result, cost=meter.used)
     if (num_chains, num_burnin, num_draws) != tuple(wanted):
         result = replace(result, warnings=result.warnings + (_budget_warning(
@@ -433,7 +464,8 @@ def _finish(result: LLCResult, calibration: Calibration | None, *, reused: bool)
 
 
 def summarize(losses: np.ndarray, init_loss: float, config: LLCConfig, *,
-              acceptance: np.ndarray | None = None, seconds: float = 0.0) -> LLCResult:
+              acceptance: np.ndarray | None = None, seconds: float = 0.0,
+              corrections: np.ndarray | None = None) -> LLCResult:
     """Turn ``(chains, burn-in + draws)`` loss traces into an :class:`LLCResult`.
 
     Args:
@@ -442,6 +474,8 @@ def summarize(losses: np.ndarray, init_loss: float, config: LLCConfig, *,
         config: the hyper-parameters (``num_burnin`` splits the trace).
         acceptance: ``(checks, chains)`` MALA acceptance probabilities, or None.
         seconds: sampling wall time, kept in the diagnostics.
+        corrections: ``(chains, burn-in + draws)`` step-size corrections ``ε/8·∇(nβL)·∇U``
+            (``ChainTraces.corrections``) to subtract, or None for the plain estimate.
     """
     losses = np.asarray(losses, dtype=np.float64)
     if not np.isfinite(losses).all():
@@ -452,12 +486,23 @@ def summarize(losses: np.ndarray, init_loss: float, config: LLCConfig, *,
         raise InvalidInputError("no draws after burn-in")
     nbeta = config.nbeta
     chains = draws.shape[0]
-    per_chain = nbeta * (draws.mean(axis=1) - init_loss)
+    plain = nbeta * (draws.mean(axis=1) - init_loss)
+    # per-step contributions to λ̂ (the plain ones, less the step-size correction when given)
+    series = nbeta * draws
+    corr = None
+    if corrections is not None:
+        corr = np.asarray(corrections, dtype=np.float64)[:, config.num_burnin:].copy()
+        if corr.shape != draws.shape or not np.isfinite(corr).all():
+            raise InvalidInputError("corrections must be finite and shaped like the losses")
+        series = series - corr
+    per_chain = plain if corr is None else plain - corr.mean(axis=1)
     mean = float(per_chain.mean())
     std = float(per_chain.std(ddof=1)) if chains > 1 else float("nan")
     ess_chain = np.array([diag.effective_sample_size(row) for row in draws])
-    var_within = np.array([row.var(ddof=1) if len(row) > 1 else 0.0 for row in draws])
-    se_within = nbeta * math.sqrt(float((var_within / np.maximum(ess_chain, 1.0)).sum())) / chains
+    ess_series = ess_chain if corr is None else np.array(
+        [diag.effective_sample_size(row) for row in series])
+    var_within = np.array([row.var(ddof=1) if len(row) > 1 else 0.0 for row in series])
+    se_within = math.sqrt(float((var_within / np.maximum(ess_series, 1.0)).sum())) / chains
     se_between = std / math.sqrt(chains) if chains > 1 else 0.0
     stderr = float(max(se_within, se_between))
     rhat = diag.split_rhat(draws)
@@ -475,9 +520,13 @@ def summarize(losses: np.ndarray, init_loss: float, config: LLCConfig, *,
     warnings = _warnings(mean, per_chain, draws, init_loss, config, diagnostics)
     burn.flags.writeable = False
     draws.flags.writeable = False
+    if corr is not None:
+        corr.flags.writeable = False
     return LLCResult(mean=mean, std=std, stderr=stderr, per_chain=tuple(float(x) for x in per_chain),
                      loss_trace=draws, burnin_trace=burn, init_loss=float(init_loss),
-                     config=config, diagnostics=diagnostics, warnings=tuple(warnings))
+                     config=config, diagnostics=diagnostics, warnings=tuple(warnings),
+                     correction=0.0 if corr is None else float(corr.mean()),
+                     uncorrected=float(plain.mean()), correction_trace=corr)
 
 
 def _warnings(mean: float, per_chain: np.ndarray, draws: np.ndarray, init_loss: float,

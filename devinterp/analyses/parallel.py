@@ -94,6 +94,8 @@ class ChainChunk:
     losses: Tensor
     acceptance: tuple[tuple[int, Tensor], ...]
     final_params: Tensor | None = None
+    #: ``(C, stop - start)`` discretisation corrections (``StepInfo.correction``), or None.
+    corrections: Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -240,11 +242,16 @@ def group_chunks(run: RunFn, target: Any, ids: Sequence[int], num_steps: int, ch
     """Run one group of chains in this thread, as a :class:`ChainChunk` every ``chunk`` steps."""
     buf = torch.empty(len(ids), min(chunk, num_steps), device=target.device)
     acc: list[tuple[int, Tensor]] = []
+    cbuf = None  # the discretisation corrections, when the run reports them
     start = 0
     gen = run(target, chain_ids=ids, num_steps=num_steps, **run_kwargs)
     try:
         for step, state, info in gen:
             buf[:, step - start] = info.loss
+            if getattr(info, "correction", None) is not None:
+                if cbuf is None:
+                    cbuf = torch.full_like(buf, float("nan"))
+                cbuf[:, step - start] = info.correction
             if info.acceptance is not None:
                 acc.append((step, info.acceptance.detach().clone()))
             if step + 1 - start == buf.shape[1] or step + 1 == num_steps:
@@ -255,7 +262,8 @@ def group_chunks(run: RunFn, target: Any, ids: Sequence[int], num_steps: int, ch
                     if work is not None and _shares(final, work):
                         target.release_buffers()  # the lean path's buffer changes hands, no copy
                 yield ChainChunk(start, step + 1, buf[:, :step + 1 - start].clone(), tuple(acc),
-                                 final)
+                                 final, None if cbuf is None
+                                 else cbuf[:, :step + 1 - start].clone())
                 acc = []
                 start = step + 1
     finally:
@@ -291,7 +299,10 @@ def _merge(parts: list[ChainChunk], device: torch.device) -> ChainChunk:
     if all(p.final_params is not None for p in parts):
         final = (parts[0].final_params if len(parts) == 1
                  else torch.cat([p.final_params.to(device) for p in parts], 0))
-    return ChainChunk(first.start, first.stop, losses, acc, final)
+    corr = None
+    if all(p.corrections is not None for p in parts):
+        corr = torch.cat([p.corrections.to(device) for p in parts], 0)
+    return ChainChunk(first.start, first.stop, losses, acc, final, corr)
 
 
 def iter_chunks(run: RunFn, target: Any, the_plan: Plan, *, num_steps: int, chunk: int,
@@ -508,14 +519,16 @@ def _collect(receive: Callable[[], tuple[int, Any]], the_plan: Plan, device: tor
 def _to_numpy(c: ChainChunk) -> tuple:
     return (c.start, c.stop, c.losses.cpu().numpy(),
             tuple((s, a.cpu().numpy()) for s, a in c.acceptance),
-            None if c.final_params is None else c.final_params.detach().cpu().numpy())
+            None if c.final_params is None else c.final_params.detach().cpu().numpy(),
+            None if c.corrections is None else c.corrections.cpu().numpy())
 
 
 def _from_numpy(item: tuple) -> ChainChunk:
-    start, stop, losses, acc, final = item
+    start, stop, losses, acc, final, corr = item
     return ChainChunk(start, stop, torch.from_numpy(losses),
                       tuple((s, torch.from_numpy(a)) for s, a in acc),
-                      None if final is None else torch.from_numpy(final))
+                      None if final is None else torch.from_numpy(final),
+                      None if corr is None else torch.from_numpy(corr))
 
 
 def _child(run: RunFn, target: Any, ids: Sequence[int], threads: int | None, num_steps: int,

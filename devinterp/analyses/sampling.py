@@ -861,11 +861,33 @@ class StepInfo(NamedTuple):
         loss: minibatch loss of each chain at the parameters *before* the step, ``(C,)``.
         sampler_info: the kernel's info (drift, noise, ...).
         acceptance: MALA acceptance probability per chain ``(C,)`` on checked steps, else None.
+        correction: SGLD only (not on the lean path): ``ε/8·∇(nβL_batch)·∇U`` per chain ``(C,)``
+            at the parameters before the step, the discretisation correction of the LLC
+            estimate (:func:`discretisation_correction`); None otherwise.
     """
 
     loss: Tensor
     sampler_info: Any
     acceptance: Tensor | None
+    correction: Tensor | None = None
+
+
+def discretisation_correction(old: Tensor, anchor: Tensor, drift: Tensor, *, step_size: float,
+                              localization: float) -> Tensor:
+    """``ε/8·∇(nβL)·∇U`` per chain from the SGLD drift ``∇U = nβ∇L + γ(w − w*)`` (masked).
+
+    Subtracted from ``nβ·(L − L_n(w*))`` it removes the step size's bias of the LLC estimate in
+    every locally quadratic direction, minibatch noise included: the Euler–Maruyama chain's
+    stationary excess in a direction of curvature ``a`` is ``½/(1 − εa/4)`` instead of ``½``,
+    and ``ε/8·E[a²x²] = (εa/8)/(1 − εa/4)`` is exactly the difference (docs/calibration.md).
+    """
+    c = drift.shape[0]
+    d = drift.reshape(c, -1)
+    w = old.reshape(c, -1)
+    a = anchor.reshape(-1, d.shape[1]).expand(c, -1)
+    # row-wise dot products as batched matrix products: no (C, D) temporary
+    dot = lambda x, y: torch.einsum("cd,cd->c", x, y).float()  # noqa: E731
+    return (step_size / 8) * (dot(d, d) - localization * (dot(w, d) - dot(a, d)))
 
 
 def _seeds(seed: int, chains: int) -> list[tuple[int, int]]:
@@ -1059,7 +1081,10 @@ def run_chains(target: SamplingTarget, *, num_chains: int, num_steps: int, step_
                     acc = _acceptance(target, state, new_state, info, loss, batch, shared,
                                       step_size=step_size, localization=localization,
                                       nbeta=nbeta)
-                yield step, new_state, StepInfo(loss, info, acc)
+                corr = (discretisation_correction(state.params, target.anchor, info.drift,
+                                                  step_size=step_size, localization=localization)
+                        if sampler == "sgld" else None)
+                yield step, new_state, StepInfo(loss, info, acc, corr)
                 state = new_state
                 step += 1
     finally:
@@ -1142,6 +1167,8 @@ class ChainTraces:
         final_params: ``(C, D)`` parameters after the last step (None after a divergence).
         workers: how many workers ran the chains (1: this thread).
         backend: ``"inline"``, ``"thread"`` or ``"process"``.
+        corrections: ``(C, T)`` discretisation corrections ``ε/8·∇(nβL)·∇U`` per step
+            (:func:`discretisation_correction`; SGLD off the lean path), else None.
     """
 
     losses: np.ndarray
@@ -1159,6 +1186,7 @@ class ChainTraces:
     final_params: Tensor | None = field(default=None, repr=False, compare=False)
     workers: int = 1
     backend: str = "inline"
+    corrections: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     @property
     def diverged(self) -> bool:
@@ -1297,6 +1325,7 @@ def sample_chains(target: SamplingTarget, *, num_chains: int = 4, num_steps: int
     target.decide_mode(len(run_plan.groups[0]))  # workers and replicas inherit the mode
     threshold = divergence_threshold(target, nbeta)
     trace = torch.empty(num_chains, num_steps, device=target.device)
+    ctrace = None  # the discretisation corrections, when the run reports them
     acc_rows, acc_steps = [], []
     diverged = None
     final = None
@@ -1312,6 +1341,10 @@ def sample_chains(target: SamplingTarget, *, num_chains: int = 4, num_steps: int
     try:
         for part in chunks:
             trace[:, part.start:part.stop] = part.losses
+            if part.corrections is not None:
+                if ctrace is None:
+                    ctrace = torch.full_like(trace, float("nan"))
+                ctrace[:, part.start:part.stop] = part.corrections
             for step, acc in part.acceptance:
                 acc_rows.append(acc)
                 acc_steps.append(step)
@@ -1338,6 +1371,7 @@ def sample_chains(target: SamplingTarget, *, num_chains: int = 4, num_steps: int
                 " or a larger localization",
                 chain=chain, step=at, suggested_step_size=step_size / 10)
         trace = trace[:, :at]
+        ctrace = None if ctrace is None else ctrace[:, :at]
         keep = [i for i, s in enumerate(acc_steps) if s < at]
         acc_rows = [acc_rows[i] for i in keep]
         acc_steps = [acc_steps[i] for i in keep]
@@ -1346,13 +1380,17 @@ def sample_chains(target: SamplingTarget, *, num_chains: int = 4, num_steps: int
     losses = trace.cpu().numpy()
     losses.flags.writeable = False
     acc.flags.writeable = False
+    corrections = None
+    if ctrace is not None and not bool(torch.isnan(ctrace).any()):
+        corrections = ctrace.cpu().numpy()
+        corrections.flags.writeable = False
     return ChainTraces(
         losses=losses, init_loss=target.init_loss, nbeta=float(nbeta), step_size=float(step_size),
         localization=float(localization), acceptance=acc, acceptance_steps=tuple(acc_steps),
         diverged_chain=None if diverged is None else diverged[0],
         diverged_step=None if diverged is None else diverged[1], seconds=seconds,
         mode=target.mode, compiled=target.last_compiled, final_params=final,
-        workers=run_plan.workers, backend=run_plan.backend)
+        workers=run_plan.workers, backend=run_plan.backend, corrections=corrections)
 
 
 def plan_chains(target: SamplingTarget, *, num_chains: int, num_steps: int, sampler: str = "sgld",
