@@ -374,7 +374,8 @@ def _formation_report(family: str, seeds: list[int], steps: int | None) -> None:
     """Print what :func:`trained_copying` grows, per seed (the numbers in docs/your_model.md)."""
     import time
 
-    from devinterp.analyses import induction_scores
+    from devinterp.analyses import capture_attention, induction_scores
+    from devinterp.data import repeated_tokens
 
     torch.set_num_threads(1)
     for seed in seeds:
@@ -384,10 +385,22 @@ def _formation_report(family: str, seeds: list[int], steps: int | None) -> None:
         at12 = induction_scores(model, vocab_size=VOCAB, seq_len=24, num_sequences=16, copying=False)
         at17 = induction_scores(model, vocab_size=COPY_VOCAB, seq_len=34, num_sequences=16,
                                 copying=False, seed=5)
+        heads = [(1, int(h)) for h in (at12.induction[1] > 0.5).nonzero()[0]]
+        x = repeated_tokens(VOCAB, 24, 16, seed=0)
+
+        def repeat_loss():
+            logits = model(x).logits[:, 12:-1]
+            return float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), x[:, 13:].flatten()))
+
+        with torch.no_grad():
+            clean = repeat_loss()
+            with capture_attention(model, ablate=heads, record=False):
+                ablated = repeat_loss()
         print(f"{family} seed {seed}: trained {seconds:.1f}s; period 12: max layer-1 induction "
               f"{at12.induction[1].max():.2f}, max layer-0 previous-token "
               f"{at12.previous_token[0].max():.2f}; period 17: max layer-1 induction "
-              f"{at17.induction[1].max():.2f}", flush=True)
+              f"{at17.induction[1].max():.2f}; repeated-half loss {clean:.2f} -> {ablated:.2f} "
+              f"ablating {heads}", flush=True)
 
 
 if __name__ == "__main__":
