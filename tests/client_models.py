@@ -370,6 +370,13 @@ def trained_copying(family: str, *, seed: int = 0, steps: int | None = None,
     return _trained_once(key, model, steps, setup)
 
 
+def _repeat_loss(model, x: torch.Tensor) -> float:
+    """Next-token cross-entropy on the repeated half of ``x`` (tokens repeated twice)."""
+    half = x.shape[1] // 2
+    logits = model(x).logits[:, half:-1]
+    return float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), x[:, half + 1:].flatten()))
+
+
 def _formation_report(family: str, seeds: list[int], steps: int | None) -> None:
     """Print what :func:`trained_copying` grows, per seed (the numbers in docs/your_model.md)."""
     import time
@@ -387,15 +394,10 @@ def _formation_report(family: str, seeds: list[int], steps: int | None) -> None:
                                 copying=False, seed=5)
         heads = [(1, int(h)) for h in (at12.induction[1] > 0.5).nonzero()[0]]
         x = repeated_tokens(VOCAB, 24, 16, seed=0)
-
-        def repeat_loss():
-            logits = model(x).logits[:, 12:-1]
-            return float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), x[:, 13:].flatten()))
-
         with torch.no_grad():
-            clean = repeat_loss()
+            clean = _repeat_loss(model, x)
             with capture_attention(model, ablate=heads, record=False):
-                ablated = repeat_loss()
+                ablated = _repeat_loss(model, x)
         print(f"{family} seed {seed}: trained {seconds:.1f}s; period 12: max layer-1 induction "
               f"{at12.induction[1].max():.2f}, max layer-0 previous-token "
               f"{at12.previous_token[0].max():.2f}; period 17: max layer-1 induction "
