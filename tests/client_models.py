@@ -398,11 +398,14 @@ def _formation_report(family: str, seeds: list[int], steps: int | None) -> None:
             clean = _repeat_loss(model, x)
             with capture_attention(model, ablate=heads, record=False):
                 ablated = _repeat_loss(model, x)
+            prev = [(0, int(h)) for h in (at12.previous_token[0] > 0.4).nonzero()[0]]
+            with capture_attention(model, ablate=prev, record=False):
+                without_prev = _repeat_loss(model, x)
         print(f"{family} seed {seed}: trained {seconds:.1f}s; period 12: max layer-1 induction "
               f"{at12.induction[1].max():.2f}, max layer-0 previous-token "
               f"{at12.previous_token[0].max():.2f}; period 17: max layer-1 induction "
               f"{at17.induction[1].max():.2f}; repeated-half loss {clean:.2f} -> {ablated:.2f} "
-              f"ablating {heads}", flush=True)
+              f"ablating {heads}, -> {without_prev:.2f} ablating {prev}", flush=True)
 
 
 if __name__ == "__main__":

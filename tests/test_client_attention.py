@@ -116,8 +116,12 @@ def check_induction_ablation(model, ind: np.ndarray, **kwargs) -> None:
 
     All of them: a model may grow several redundant ones (tiny Llama grows four at ~0.75).
     """
+    check_head_ablation(model, [(1, int(h)) for h in np.flatnonzero(ind[1] > 0.5)], **kwargs)
+
+
+def check_head_ablation(model, heads, **kwargs) -> None:
+    """Ablating ``heads`` raises the loss on the repeated half by more than 0.5 nats."""
     x = tokens()
-    heads = [(1, int(h)) for h in np.flatnonzero(ind[1] > 0.5)]
 
     def repeat_loss():
         logits = _logits(model(x))[:, SEQ // 2:-1]
@@ -182,6 +186,9 @@ def test_gpt2_grows_an_induction_circuit_and_scores_match(attn):
     check_induction_ablation(model, assert_formed(patterns))
     at17 = induction_scores(model, vocab_size=64, seq_len=34, num_sequences=8, copying=False, seed=5)
     assert at17.induction[1].max() > 0.5, at17.induction
+    # a two-layer circuit: the layer-0 previous-token heads feed it (ablating them hurts copying too)
+    _, prev = reference_scores(patterns, SEQ)
+    check_head_ablation(model, [(0, int(h)) for h in np.flatnonzero(prev[0] > 0.4)])
 
 
 @pytest.fixture(scope="module", params=["neox", "gpt2"])
