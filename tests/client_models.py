@@ -339,9 +339,9 @@ def trained_copying(family: str, *, seed: int = 0, steps: int | None = None,
     same copy data under :func:`copy_loss`; 1,000 steps (about 60 CPU-seconds). Seeds 0 / 1 / 2
     (``python tests/client_models.py gpt2 0,1,2``): max layer-1 induction 0.86 / 0.84 / 0.85
     (period 17: 0.81 / 0.79 / 0.84), max layer-0 previous-token 0.98 / 0.97 / 0.97. A
-    previous-token head forms first, then the induction head (exploration run of the same recipe
-    family, seed 0: previous-token 0.43 and induction 0.07 at step 600, induction 0.25 at 700,
-    0.74 at 800). With the skip
+    previous-token score rises first, then both jump together (seed 0, ``python
+    tests/client_models.py gpt2 0 1000 100``: previous-token 0.18 / 0.23 at steps 400 / 500 with
+    induction 0.07 / 0.09; 0.42 and 0.31 at step 600; 0.93 and 0.77 at step 700). With the skip
     language alone (``skip=1``, two interleaved bigram chains) it grows a *shifted* circuit
     instead: layer 0 attends 1 and 3 back, layer 1 one place after the induction target, which
     the standard scores do not count.
