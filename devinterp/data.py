@@ -3,6 +3,8 @@
 - :func:`repeated_tokens`: random tokens repeated twice (optionally after a BOS token), the probe
   on which induction / previous-token / duplicate-token heads are scored.
 - :class:`MarkovLanguage`: a random sparse bigram "language".
+- :class:`SkipMarkovLanguage`: a second-order one (the next token follows the last token or the
+  one before it), in which a previous-token head pays off on its own.
 - :class:`InductionData`: Markov sequences in which copied spans recur, so that both n-gram
   statistics and induction lower the loss. It is a ``torch.utils.data.Dataset`` (item ``i`` is a
   pure function of ``(seed, i)``) and has a fast vectorised :meth:`InductionData.sample`.
@@ -16,7 +18,7 @@ from torch.utils.data import Dataset
 
 from devinterp.errors import InvalidInputError
 
-__all__ = ["repeated_tokens", "MarkovLanguage", "InductionData"]
+__all__ = ["repeated_tokens", "MarkovLanguage", "SkipMarkovLanguage", "InductionData"]
 
 
 def _positive(name: str, value: int) -> int:
@@ -113,6 +115,43 @@ class MarkovLanguage:
         """Mean (over tokens, uniformly) entropy of the next-token distribution, in nats."""
         p = self.transition
         return float(-(p * p.clamp_min(1e-30).log()).sum(1).mean())
+
+
+class SkipMarkovLanguage:
+    """A random sparse second-order language: the next token depends on the last two tokens.
+
+    Each next token is drawn, with probability ``1 - skip``, from a sparse bigram table on the last
+    token, else from a second, independent sparse table on the token before it (each table a
+    :class:`MarkovLanguage` with ``branching`` successors per token). Predicting well needs the
+    token before the last, so a model gains from a previous-token head without any copying in the
+    data: the head an induction circuit is built on (as in natural text). With ``skip=0`` it is
+    a bigram language, with ``skip=1`` two interleaved bigram chains.
+
+    Args:
+        vocab_size: Number of tokens.
+        branching: Successors per token in each table.
+        skip: Probability that a token follows the token two places back.
+        seed: Seeds both tables.
+    """
+
+    def __init__(self, vocab_size: int, *, branching: int = 4, skip: float = 0.5, seed: int = 0):
+        if not 0.0 <= skip <= 1.0:
+            raise InvalidInputError(f"skip must be in [0, 1], got {skip}")
+        self.vocab_size, self.branching, self.skip = vocab_size, branching, skip
+        self.last = MarkovLanguage(vocab_size, branching=branching, seed=2 * int(seed))
+        self.before = MarkovLanguage(vocab_size, branching=branching, seed=2 * int(seed) + 1)
+
+    def sample(self, num_sequences: int, length: int, *, generator: torch.Generator) -> Tensor:
+        """``(num_sequences, length)`` token ids: two uniform tokens, then second-order steps."""
+        _positive("num_sequences", num_sequences)
+        _positive("length", length)
+        out = [torch.randint(self.vocab_size, (num_sequences,), generator=generator) for _ in range(2)]
+        while len(out) < length:
+            use_before = torch.rand(num_sequences, generator=generator) < self.skip
+            probs = torch.where(use_before[:, None], self.before.transition[out[-2]],
+                                self.last.transition[out[-1]])
+            out.append(torch.multinomial(probs, 1, generator=generator).squeeze(1))
+        return torch.stack(out[:length], dim=1)
 
 
 class InductionData(Dataset):

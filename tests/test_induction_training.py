@@ -75,3 +75,26 @@ def test_model_shapes_and_validation():
         m(torch.zeros(2, 10, dtype=torch.long))
     with pytest.raises(InvalidInputError):
         AttentionOnlyTransformer(11, 0)
+
+
+def test_skip_markov_language_follows_the_last_token_or_the_one_before():
+    from devinterp.data import SkipMarkovLanguage
+
+    gen = torch.Generator().manual_seed(0)
+    for skip in (0.0, 1.0, 0.5):
+        lang = SkipMarkovLanguage(16, branching=2, skip=skip, seed=4)
+        x = lang.sample(64, 20, generator=gen)
+        assert x.shape == (64, 20) and x.max() < 16
+        by_last = lang.last.transition[x[:, 1:-1], x[:, 2:]] > 0
+        by_before = lang.before.transition[x[:, :-2], x[:, 2:]] > 0
+        assert torch.all(by_last | by_before)
+        if skip == 0.0:
+            assert torch.all(by_last)
+        elif skip == 1.0:
+            assert torch.all(by_before)
+        else:  # both tables are used, and the token before the last carries information
+            assert (~by_last).any() and (~by_before).any()
+    again = SkipMarkovLanguage(16, branching=2, skip=0.5, seed=4)
+    assert torch.equal(again.before.transition, lang.before.transition)
+    with pytest.raises(InvalidInputError):
+        SkipMarkovLanguage(16, skip=1.5)
