@@ -424,6 +424,9 @@ def _detect(series: Series, *, baseline_degree, window, window_widths, min_windo
     z[1:-1] = np.abs(r) / (sigma[1:-1] * np.sqrt(1 + a**2 + b**2))
     prior_w = np.where(z <= 2 * huber_k, 1.0, 2 * huber_k / np.maximum(z, 1e-12))
 
+    def to_x(v: float) -> float:  # x of the reported step (rounded like Transition.start / end)
+        return math.log(series.to_step(v) + series.log_offset)
+
     found: list[Transition] = []
     excluded: list[tuple[float, float, float, bool]] = []  # (c, w, local gap, accepted)
     drift: list[tuple[float, float]] = []  # (c, w) of broad shapes recognised as drift
@@ -452,7 +455,7 @@ def _detect(series: Series, *, baseline_degree, window, window_widths, min_windo
         # change across it (the refinement can slide to a narrower, smaller local fit)
         tries = [(c, w, 0.0)] + ([(cand.c, cand.w, min_move)] if (c, w) != (cand.c, cand.w) else [])
         for c, w, need_move in tries:
-            fit = _judge(x, y, y0, sigma, min_amp, lo, hi, c, w, baseline_degree, huber_k)
+            fit = _judge(x, y, y0, sigma, min_amp, lo, hi, c, w, baseline_degree, huber_k, to_x)
             clash = any(abs(c - c_k) <= _zone(w, w_k, gap_k, kept) for c_k, w_k, gap_k, kept in excluded)
             if (fit.dev >= pen and fit.mag >= min_magnitude and not clash and fit.plain
                     and abs(fit.move) >= need_move):
@@ -488,7 +491,7 @@ class _Fit:
     move: float  # the fitted curve's move between the samples bracketing the 10-90% span
 
 
-def _judge(x, y, y0, sigma, min_amp, lo, hi, c, w, degree, k) -> _Fit:
+def _judge(x, y, y0, sigma, min_amp, lo, hi, c, w, degree, k, to_x) -> _Fit:
     """Evidence and size of the sigmoid ``(c, w)`` on the window ``[lo, hi)``.
 
     ``plain`` requires ``|A|`` at least the minimum change at ``c`` and the fitted curve (baseline
@@ -516,12 +519,25 @@ def _judge(x, y, y0, sigma, min_amp, lo, hi, c, w, degree, k) -> _Fit:
     # :func:`~devinterp.analyses.transitions.online.relative_move` reads: a sigmoid fitted where
     # the curve stands still (a flat plateau, the residue next to a large change, a bend that the
     # baseline cancels) is a misfit, not a transition
-    raw = float(y0[lo + j] - y0[lo + i]) * np.sign(amp)
+    ri, rj = _bracket(x, to_x(c - half), to_x(c + half))
+    raw = float(y0[rj] - y0[ri]) * np.sign(amp)
     need = float(np.interp(c, x, min_amp))
     raw_ok = raw >= need
     plain = (abs(amp) >= float(np.interp(c, x, min_amp)) and move * amp > 0
              and shortfall <= _MOVE_SLACK * noise_c and raw_ok)
     return _Fit(amp, dev, abs(amp) / noise_c, noise_c, half, _gap_at(x, c), plain, move)
+
+
+def _bracket(x: np.ndarray, xa: float, xb: float) -> tuple[int, int]:
+    """The samples bracketing ``[xa, xb]`` (last at or before ``xa``, first at or after ``xb``), as
+    :func:`~devinterp.analyses.transitions.online.relative_move` picks them (for a step sharper
+    than the sampling, at a sample: the samples either side of it)."""
+    n = x.size
+    i = max(int(np.searchsorted(x, xa, "right")) - 1, 0)
+    j = min(int(np.searchsorted(x, xb, "left")), n - 1)
+    if j <= i:
+        i, j = max(i - 1, 0), min(i + 1, n - 1)
+    return i, j
 
 
 def _zone(w: float, w_k: float, gap_k: float, accepted: bool) -> float:
