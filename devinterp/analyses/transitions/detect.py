@@ -324,7 +324,9 @@ def detect_transitions(
             median of three, so one outlier does not set it). This is what keeps smooth,
             almost noiseless curves (head scores, an ICL score) from being flagged for negligible
             moves: their noise scale is ~0, so ``min_magnitude`` alone would pass any bend.
-            Default 0.1 (10% of the range); 0 disables it.
+            The data must also move by this much between the samples bracketing the reported
+            ``[start, end]`` (as :func:`~devinterp.analyses.transitions.online.relative_move`
+            measures it). Default 0.1 (10% of the range); 0 disables it.
         noise_floor: Noise sd is at least this fraction of the value range (noiseless curves).
         huber_k: Huber threshold in noise sd for the robust fit and evidence.
         max_transitions: Stop after this many.
