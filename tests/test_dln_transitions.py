@@ -3,6 +3,7 @@
 import math
 
 import numpy as np
+import pytest
 import torch
 
 from devinterp.analyses import detect_transitions
@@ -34,8 +35,9 @@ def _train(total=1500, d=8, lr=0.04, init=1e-2, seed=0):
     return np.array(steps), np.array(losses), np.array(svals)
 
 
-def test_one_flag_per_learned_singular_value():
-    steps, losses, svals = _train()
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_one_flag_per_learned_singular_value(seed):
+    steps, losses, svals = _train(seed=seed)
     # "learned": the end-to-end map's singular value reached 90% of the teacher's
     learned = [k for k, t in enumerate(TEACHER) if svals[-1, k] >= 0.9 * t]
     assert len(learned) == 3

@@ -43,7 +43,7 @@ WINDOW_WIDTHS = 6.0  # fitting window half-width >= this many sigmoid widths
 MIN_CHANGE = 0.1  # smallest |amplitude| reported, as a fraction of the curve's range
 _DRIFT_WIDTH = 2.0  # a refined width above max_width (up to this factor) marks drift
 _MOVE_SLACK = 6.0  # noise sd by which the move may fall short of the minimum change
-_RAW_FRACTION = 0.25  # the data must move at least this fraction of the minimum change across a flag
+_NARROWER = 1.5  # a rejected candidate does not block shapes narrower than its width / this
 _COMPLETE = 2.5  # the window must hold c +- 2.5 w (8%..92% of the change): no edge extrapolation
 
 
@@ -207,8 +207,8 @@ def _scan(x, y, sigma, prior_w, *, widths, centers, idx_c, degree, window, windo
         A = np.abs(coef1[:, -1])
         complete = (centers - _COMPLETE * w >= x[lo]) & (centers + _COMPLETE * w <= x[hi - 1])
         ok = complete & (dev >= penalty) & (A / sig_c >= min_magnitude) & (A >= amp_c)
-        for c_k, w_k, gap_k in excluded:  # too close to an accepted (or rejected) transition
-            ok &= np.abs(centers - c_k) > _COMPLETE * (w + w_k) + 2.0 * gap_k
+        for c_k, w_k, gap_k, kept in excluded:  # too close to an accepted (or rejected) transition
+            ok &= np.abs(centers - c_k) > _zone(w, w_k, gap_k, kept)
         if w >= 0.5 * widths[-1]:  # broad shapes where drift was recognised
             for c_k, w_k in drift:
                 ok &= np.abs(centers - c_k) > _COMPLETE * (w + w_k)
@@ -324,7 +324,9 @@ def detect_transitions(
             median of three, so one outlier does not set it). This is what keeps smooth,
             almost noiseless curves (head scores, an ICL score) from being flagged for negligible
             moves: their noise scale is ~0, so ``min_magnitude`` alone would pass any bend.
-            Default 0.1 (10% of the range); 0 disables it.
+            The data must also move by this much between the samples bracketing the reported
+            ``[start, end]`` (as :func:`~devinterp.analyses.transitions.online.relative_move`
+            measures it). Default 0.1 (10% of the range); 0 disables it.
         noise_floor: Noise sd is at least this fraction of the value range (noiseless curves).
         huber_k: Huber threshold in noise sd for the robust fit and evidence.
         max_transitions: Stop after this many.
@@ -424,8 +426,11 @@ def _detect(series: Series, *, baseline_degree, window, window_widths, min_windo
     z[1:-1] = np.abs(r) / (sigma[1:-1] * np.sqrt(1 + a**2 + b**2))
     prior_w = np.where(z <= 2 * huber_k, 1.0, 2 * huber_k / np.maximum(z, 1e-12))
 
+    def to_x(v: float) -> float:  # x of the reported step (rounded like Transition.start / end)
+        return math.log(series.to_step(v) + series.log_offset)
+
     found: list[Transition] = []
-    excluded: list[tuple[float, float, float]] = []  # (c, w, local gap)
+    excluded: list[tuple[float, float, float, bool]] = []  # (c, w, local gap, accepted)
     drift: list[tuple[float, float]] = []  # (c, w) of broad shapes recognised as drift
     for _ in range(4 * max_transitions):
         if len(found) >= max_transitions:
@@ -446,19 +451,19 @@ def _detect(series: Series, *, baseline_degree, window, window_widths, min_windo
         if c - _COMPLETE * w < x[lo] or c + _COMPLETE * w > x[hi - 1]:
             c, w = cand.c, cand.w
         if not x[lo] + _COMPLETE * w <= c <= x[hi - 1] - _COMPLETE * w:  # not inside its own window
-            excluded.append((cand.c, cand.w, _gap_at(x, cand.c)))
+            excluded.append((cand.c, cand.w, _gap_at(x, cand.c), False))
             continue
         # the refined (c, w); else the grid's, when the fitted curve itself moves by the minimum
         # change across it (the refinement can slide to a narrower, smaller local fit)
         tries = [(c, w, 0.0)] + ([(cand.c, cand.w, min_move)] if (c, w) != (cand.c, cand.w) else [])
         for c, w, need_move in tries:
-            fit = _judge(x, y, y0, sigma, min_amp, lo, hi, c, w, baseline_degree, huber_k)
-            clash = any(abs(c - c_k) <= _COMPLETE * (w + w_k) + 2.0 * gap_k for c_k, w_k, gap_k in excluded)
+            fit = _judge(x, y, y0, sigma, min_amp, lo, hi, c, w, baseline_degree, huber_k, to_x)
+            clash = any(abs(c - c_k) <= _zone(w, w_k, gap_k, kept) for c_k, w_k, gap_k, kept in excluded)
             if (fit.dev >= pen and fit.mag >= min_magnitude and not clash and fit.plain
                     and abs(fit.move) >= need_move):
                 break
         else:
-            excluded.append((cand.c, cand.w, _gap_at(x, cand.c)))
+            excluded.append((cand.c, cand.w, _gap_at(x, cand.c), False))
             continue
         amp, dev, mag, noise_c, half, gap = fit.amp, fit.dev, fit.mag, fit.noise, fit.half, fit.gap
         found.append(Transition(
@@ -472,7 +477,7 @@ def _detect(series: Series, *, baseline_degree, window, window_widths, min_windo
             metric=metric,
         ))
         y = y - amp * (expit((x - c) / w) - 0.5)
-        excluded.append((c, w, gap))
+        excluded.append((c, w, gap, True))
     return sorted(found, key=lambda t: t.step)
 
 
@@ -488,7 +493,7 @@ class _Fit:
     move: float  # the fitted curve's move between the samples bracketing the 10-90% span
 
 
-def _judge(x, y, y0, sigma, min_amp, lo, hi, c, w, degree, k) -> _Fit:
+def _judge(x, y, y0, sigma, min_amp, lo, hi, c, w, degree, k, to_x) -> _Fit:
     """Evidence and size of the sigmoid ``(c, w)`` on the window ``[lo, hi)``.
 
     ``plain`` requires ``|A|`` at least the minimum change at ``c`` and the fitted curve (baseline
@@ -498,7 +503,8 @@ def _judge(x, y, y0, sigma, min_amp, lo, hi, c, w, degree, k) -> _Fit:
     The move may fall short of the minimum change by at most ``_MOVE_SLACK`` noise sd (drift
     opposing a real, noisy transition makes it small; a smooth curve's bend has no such excuse),
     and the data ``y0`` (the curve before earlier transitions were subtracted) must move its way
-    by at least ``_RAW_FRACTION`` of the minimum change between the same samples.
+    by at least the minimum change between the same samples (no noise allowance: a flag never
+    marks a move of the data smaller than ``min_change`` of the range).
     """
     amp, dev, fitted = _evidence(x[lo:hi], y[lo:hi], sigma[lo:hi], c, w, degree, k)
     noise_c = float(np.interp(c, x, sigma))
@@ -511,13 +517,44 @@ def _judge(x, y, y0, sigma, min_amp, lo, hi, c, w, degree, k) -> _Fit:
     # sigmoid whose fitted move is small is a bend of the baseline, not a transition
     shortfall = float(np.interp(c, x, min_amp)) - move * np.sign(amp)
     # the data themselves (before earlier transitions were subtracted) must move the sigmoid's way
-    # across its span by a fraction of the minimum change: a sigmoid fitted where the curve stands
-    # still (a flat plateau, the residue next to a large change) is a misfit, not a transition
-    raw = float(y0[lo + j] - y0[lo + i]) * np.sign(amp)
-    raw_ok = raw >= _RAW_FRACTION * float(np.interp(c, x, min_amp))
+    # across its span by the minimum change, between the same two samples that
+    # :func:`~devinterp.analyses.transitions.online.relative_move` reads: a sigmoid fitted where
+    # the curve stands still (a flat plateau, the residue next to a large change, a bend that the
+    # baseline cancels) is a misfit, not a transition
+    ri, rj = _bracket(x, to_x(c - half), to_x(c + half))
+    raw = float(y0[rj] - y0[ri]) * np.sign(amp)
+    need = float(np.interp(c, x, min_amp))
+    raw_ok = raw >= need
     plain = (abs(amp) >= float(np.interp(c, x, min_amp)) and move * amp > 0
              and shortfall <= _MOVE_SLACK * noise_c and raw_ok)
     return _Fit(amp, dev, abs(amp) / noise_c, noise_c, half, _gap_at(x, c), plain, move)
+
+
+def _bracket(x: np.ndarray, xa: float, xb: float) -> tuple[int, int]:
+    """The samples bracketing ``[xa, xb]`` (last at or before ``xa``, first at or after ``xb``), as
+    :func:`~devinterp.analyses.transitions.online.relative_move` picks them (for a step sharper
+    than the sampling, at a sample: the samples either side of it)."""
+    n = x.size
+    i = max(int(np.searchsorted(x, xa, "right")) - 1, 0)
+    j = min(int(np.searchsorted(x, xb, "left")), n - 1)
+    if j <= i:
+        i, j = max(i - 1, 0), min(i + 1, n - 1)
+    return i, j
+
+
+def _zone(w: float, w_k: float, gap_k: float, accepted: bool) -> float:
+    """How close (in x) a candidate of width ``w`` may not come to an earlier one ``(w_k, gap_k)``.
+
+    An accepted transition owns its whole span: no other may overlap it (``2.5 (w + w_k)``). A
+    rejected candidate blocks only shapes of its own scale or broader near it (``2.5 min(w, w_k)``),
+    and clearly narrower ones (``w < w_k / 1.5``) only at its own centre, so a misfit (e.g. a broad
+    sigmoid straddling drift and a transition) does not hide the transition next to it.
+    """
+    if accepted:
+        return _COMPLETE * (w + w_k) + 2.0 * gap_k
+    if w < w_k / _NARROWER:
+        return 2.0 * gap_k
+    return _COMPLETE * min(w, w_k) + 2.0 * gap_k
 
 
 def _gap_at(x: np.ndarray, c: float) -> float:
