@@ -42,6 +42,7 @@ MAX_WIDTH = 0.4  # widest sigmoid scanned (log-step units); slower changes are d
 WINDOW_WIDTHS = 6.0  # fitting window half-width >= this many sigmoid widths
 MIN_CHANGE = 0.1  # smallest |amplitude| reported, as a fraction of the curve's range
 _DRIFT_WIDTH = 2.0  # a refined width above max_width (up to this factor) marks drift
+_BROAD_SLACK = 1.15  # the widest grid shape may refine this much wider and still be judged
 _MOVE_SLACK = 6.0  # noise sd by which the move may fall short of the minimum change
 _NARROWER = 1.5  # a rejected candidate does not block shapes narrower than its width / this
 _COMPLETE = 2.5  # the window must hold c +- 2.5 w (8%..92% of the change): no edge extrapolation
@@ -443,15 +444,20 @@ def _detect(series: Series, *, baseline_degree, window, window_widths, min_windo
             break
         c, w = _refine(x, y, sigma, cand, baseline_degree, huber_k, (w_min, _DRIFT_WIDTH * max_width))
         lo, hi = cand.lo, cand.hi
-        if w > max_width:
-            if cand.w >= widths[-1]:  # widest on the grid and wider still when free: drift;
+        broad = False  # widest on the grid and wider still when free: drift, unless the grid's
+        if w > max_width:  # own (c, w) passes every test (a broad transition over drift)
+            broad = cand.w >= widths[-1]
+            if broad and w > _BROAD_SLACK * max_width:  # clearly wider when free: drift
                 drift.append((cand.c, cand.w))  # narrower transitions there remain possible
                 continue
             c, w = cand.c, cand.w
         if c - _COMPLETE * w < x[lo] or c + _COMPLETE * w > x[hi - 1]:
             c, w = cand.c, cand.w
         if not x[lo] + _COMPLETE * w <= c <= x[hi - 1] - _COMPLETE * w:  # not inside its own window
-            excluded.append((cand.c, cand.w, _gap_at(x, cand.c), False))
+            if broad:
+                drift.append((cand.c, cand.w))
+            else:
+                excluded.append((cand.c, cand.w, _gap_at(x, cand.c), False))
             continue
         # the refined (c, w); else the grid's, when the fitted curve itself moves by the minimum
         # change across it (the refinement can slide to a narrower, smaller local fit)
@@ -463,7 +469,10 @@ def _detect(series: Series, *, baseline_degree, window, window_widths, min_windo
                     and abs(fit.move) >= need_move):
                 break
         else:
-            excluded.append((cand.c, cand.w, _gap_at(x, cand.c), False))
+            if broad:  # narrower transitions there remain possible
+                drift.append((cand.c, cand.w))
+            else:
+                excluded.append((cand.c, cand.w, _gap_at(x, cand.c), False))
             continue
         amp, dev, mag, noise_c, half, gap = fit.amp, fit.dev, fit.mag, fit.noise, fit.half, fit.gap
         found.append(Transition(
