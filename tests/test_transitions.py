@@ -152,7 +152,7 @@ def test_accuracy_on_large_synthetic_suite():
 @pytest.mark.slow
 @pytest.mark.xfail(strict=True, reason=(
     "issue 14, not met: broad transitions (width 0.2-0.3) that drift cancels across their own span "
-    "are rejected by the data-move rule that keeps the demo free of tiny flags; measured 0.834 on "
+    "are rejected by the data-move rule that keeps the demo free of tiny flags; measured 0.839 on "
     "this suite (goal 0.85). Strict: passes -> XPASS fails, so the marker must go when it is fixed."))
 def test_every_width_bucket_on_large_synthetic_suite():
     curves, flagged = _large_suite()
