@@ -524,29 +524,29 @@ def _judge(x, y, y0, sigma, min_amp, lo, hi, c, w, degree, k, to_x) -> _Fit:
     # the curve must move the sigmoid's way, and not by confidently less than the minimum change:
     # drift opposing a noisy transition can shrink its move, but on an almost noiseless curve a
     # sigmoid whose fitted move is small is a bend of the baseline, not a transition
-    shortfall = float(np.interp(c, x, min_amp)) - move * np.sign(amp)
+    need = float(np.interp(c, x, min_amp))
+    shortfall = need - move * np.sign(amp)
     # the data themselves (before earlier transitions were subtracted) must move the sigmoid's way
     # across its span by the minimum change, between the same two samples that
     # :func:`~devinterp.analyses.transitions.online.relative_move` reads: a sigmoid fitted where
     # the curve stands still (a flat plateau, the residue next to a large change, a bend that the
     # baseline cancels) is a misfit, not a transition
-    ri, rj = _bracket(x, to_x(c - half), to_x(c + half))
+    ri, rj = bracket(x, to_x(c - half), to_x(c + half))
     raw = float(y0[rj] - y0[ri]) * np.sign(amp)
-    need = float(np.interp(c, x, min_amp))
-    raw_ok = raw >= need
-    plain = (abs(amp) >= float(np.interp(c, x, min_amp)) and move * amp > 0
-             and shortfall <= _MOVE_SLACK * noise_c and raw_ok)
+    plain = (abs(amp) >= need and move * amp > 0
+             and shortfall <= _MOVE_SLACK * noise_c and raw >= need)
     return _Fit(amp, dev, abs(amp) / noise_c, noise_c, half, _gap_at(x, c), plain, move)
 
 
-def _bracket(x: np.ndarray, xa: float, xb: float) -> tuple[int, int]:
-    """The samples bracketing ``[xa, xb]`` (last at or before ``xa``, first at or after ``xb``), as
-    :func:`~devinterp.analyses.transitions.online.relative_move` picks them (for a step sharper
-    than the sampling, at a sample: the samples either side of it)."""
+def bracket(x: np.ndarray, xa: float, xb: float) -> tuple[int, int]:
+    """The samples of the sorted ``x`` bracketing ``[xa, xb]``: the last at or before ``xa`` and
+    the first at or after ``xb`` (for a step sharper than the sampling, at a sample: the samples
+    either side of it). The detector's data-move rule and
+    :func:`~devinterp.analyses.transitions.online.relative_move` both read these."""
     n = x.size
     i = max(int(np.searchsorted(x, xa, "right")) - 1, 0)
     j = min(int(np.searchsorted(x, xb, "left")), n - 1)
-    if j <= i:
+    if j <= i:  # a step sharper than the sampling, at a sample: the samples either side of it
         i, j = max(i - 1, 0), min(i + 1, n - 1)
     return i, j
 

@@ -16,7 +16,12 @@ from typing import Any
 
 import numpy as np
 
-from devinterp.analyses.transitions.detect import Transition, curve_range, detect_transitions
+from devinterp.analyses.transitions.detect import (
+    Transition,
+    bracket,
+    curve_range,
+    detect_transitions,
+)
 from devinterp.errors import InvalidInputError
 
 
@@ -145,9 +150,6 @@ def relative_move(steps, values, t: Transition) -> float:
     v = np.asarray(values, dtype=float)
     order = np.argsort(s)
     s, v = s[order], v[order]
-    i = max(int(np.searchsorted(s, t.start, "right")) - 1, 0)
-    j = min(int(np.searchsorted(s, t.end, "left")), s.size - 1)
-    if j <= i:  # a step sharper than the sampling, at a sample: the samples either side of it
-        i, j = max(i - 1, 0), min(i + 1, s.size - 1)
+    i, j = bracket(s, t.start, t.end)
     span = curve_range(v)
     return float(abs(v[j] - v[i]) / span) if span > 0 else 0.0
