@@ -165,8 +165,19 @@ def worker(name: str, chains: int, draws: int, batch: int) -> None:
     after_step = total_pss()
     heap_before = heap()
     kwargs = {"workers": cfg["workers"]}
-    if cfg.get("backend") == "thread":
-        parallel.fork_available = lambda: False  # the plan then picks threads
+    # estimate_llc has no ``backend=``: the plan's choice is forced here, and every plan made
+    # during the estimate is recorded (the configuration printed is the one that ran)
+    plans = []
+    plan = parallel.plan
+
+    def forced_plan(*args, **kw):
+        if cfg.get("backend"):
+            kw["backend"] = cfg["backend"]
+        out = plan(*args, **kw)
+        plans.append(f"{out.workers}×{out.backend}")
+        return out
+
+    parallel.plan = forced_plan
     usage0 = [resource.getrusage(w) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
     t0 = time.perf_counter()
     with Monitor() as mon:
@@ -182,7 +193,8 @@ def worker(name: str, chains: int, draws: int, batch: int) -> None:
     print("RESULT " + json.dumps(dict(params=params, after_build=after_build,
                                       after_step=after_step, peak=mon.peak, seconds=seconds,
                                       llc=r.mean, cpu=cpu, sys=sys_cpu, faults=faults,
-                                      heap_before=heap_before, heap_at_peak=mon.heap_at_peak)))
+                                      heap_before=heap_before, heap_at_peak=mon.heap_at_peak,
+                                      plans=plans)))
 
 
 def main() -> int:
@@ -230,7 +242,8 @@ def main() -> int:
               f"peak {out['peak'] / 2**20:7.1f} MiB; extra after build "
               f"{strict:5.2f}×, after a step {loose:5.2f}× the parameters; goal ≤ {goal}×: "
               f"{('met' if ok else 'NOT met') if bound else 'not bound'} "
-              f"({out['seconds']:.1f} s, λ̂ {out['llc']:.1f})", flush=True)
+              f"({out['seconds']:.1f} s, λ̂ {out['llc']:.4g}; ran as "
+              f"{', '.join(dict.fromkeys(out['plans'])) or '?'})", flush=True)
         if bound:
             # the lean path's own buffers: the chains' parameters (C × P) and the MALA check
             # buffer (1 × P, the benchmark asks for one check); the rest is per worker

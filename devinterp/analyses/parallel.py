@@ -370,6 +370,49 @@ def _return_free_memory() -> None:
 
 _MALLOC_TRIM: Any = None
 
+#: Whether a parallel lean run on CPU threads makes the process's threads share glibc's malloc
+#: arenas (:func:`share_heap`). Set to False before the first such run to keep glibc's default
+#: (one arena per thread; the workers then keep ~0.5× the parameters more memory each).
+SHARE_HEAP = True
+_M_ARENA_MAX = -8  # glibc's mallopt parameter
+_HEAP_SHARED = False
+
+
+def share_heap() -> bool:
+    """Make threads created from now on share the existing malloc arenas (glibc's
+    ``mallopt(M_ARENA_MAX, 1)``; a no-op elsewhere or when :data:`SHARE_HEAP` is False).
+
+    By default glibc gives every thread its own arena, and the heap a worker thread's
+    forward/backward passes leave free stays resident in that arena, where the other worker
+    cannot reuse it: on a 10M-parameter transformer each worker keeps ~0.5× the parameters of
+    such holes, and 2 worker threads exceed the (chains + 2) × parameters bound
+    (``benchmarks/llc_memory.py``, docs/llc.md). With one arena the workers reuse each other's
+    freed blocks and ``malloc_trim`` reaches all of it. The setting is process-wide and lasts
+    (glibc caches the arena limit): later threads of this process share arenas too, which costs
+    a lock per ``malloc``, not measurable in PyTorch work (CPU time of the benchmark unchanged).
+    Called once, before the first parallel lean run's worker threads start.
+
+    Returns:
+        Whether the setting is in effect.
+    """
+    global _HEAP_SHARED
+    if _HEAP_SHARED or not SHARE_HEAP:
+        return _HEAP_SHARED
+    try:
+        import ctypes
+
+        _HEAP_SHARED = bool(ctypes.CDLL("libc.so.6").mallopt(_M_ARENA_MAX, 1))
+    except (OSError, AttributeError):
+        pass
+    return _HEAP_SHARED
+
+
+def return_free_memory() -> None:
+    """Give the C heap's free pages back to the system (glibc's ``malloc_trim``; a no-op
+    elsewhere): before a sequential lean run's MALA check, whose buffer and passes would
+    otherwise come on top of what the last chain step left free."""
+    _return_free_memory()
+
 
 class CheckGate:
     """Lets a MALA check of a parallel lean run run alone.
@@ -478,6 +521,8 @@ def _threads(run: RunFn, target: Any, the_plan: Plan, num_steps: int, chunk: int
     threads = [threading.Thread(target=body, args=(g,), daemon=True,
                                 name=f"devinterp-chains-{g}") for g in range(the_plan.workers)]
     if any(d.type == "cpu" for d in the_plan.devices):
+        if work is not None:  # the lean path: the workers' heap holes would add up
+            share_heap()
         _return_free_memory()
     try:
         for t in threads:

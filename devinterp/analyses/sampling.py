@@ -596,6 +596,8 @@ class SamplingTarget:
                     losses[c] = self._lean_chain(c, chain_batch, batch, shared, noise_gens[c],
                                                  step_size, localization, nbeta)
             else:
+                if gate is None and self.device.type == "cpu":
+                    _parallel.return_free_memory()  # the check comes on top of the freed heap
                 with gate.check() if gate is not None else contextlib.nullcontext():
                     losses[c], acc[c] = self._lean_chain_checked(
                         c, chain_batch, batch, shared, noise_gens[c], step_size, localization,
