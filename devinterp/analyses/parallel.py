@@ -23,7 +23,10 @@ The cores used are PyTorch's intra-op thread budget (:func:`core_budget`: every 
 What is measured (``benchmarks/llc_throughput.py --machine-defaults --impls ours,ours_process``,
 ``benchmarks/llc_memory.py``; docs/llc.md): on the loaded 2-core machine, 4 chains of a
 206k-parameter attention-only transformer took 253 s on threads against 408 s on processes
-(one round), and threads use less memory (no per-process runtime): threads are the default.
+(one round), and threads use less memory (a forked worker keeps ~1.2× the parameters of
+private pages of its own there): threads are the default. A parallel lean run on CPU threads
+makes the process's threads share one malloc arena (:func:`share_heap`), so that the workers
+reuse each other's freed heap.
 
 :func:`iter_chunks` is a generator of :class:`ChainChunk` records: consumers can report progress
 per chunk, and closing it early (a budget, a divergence) stops every worker.
@@ -177,9 +180,10 @@ def plan(target: Any, *, num_chains: int, estimated_seconds: float | Callable[[]
             compiled code is specialised on the number of chains and compiling in every worker
             would cost more than it saves).
         workers: ``"auto"``: on CPU, ``min(C, core_budget())`` workers when the run is
-            estimated at ``MIN_PARALLEL_SECONDS`` or more, else 1 (on the lean path every
-            extra worker adds its own activations and temporaries to the memory: ~1× the
-            parameters of a 10M-parameter transformer, ``benchmarks/llc_memory.py``; pass
+            estimated at ``MIN_PARALLEL_SECONDS`` or more, else 1 (on the lean path a second
+            worker adds its activations and heap holes: 5.9–6.2× the parameters of extra
+            memory for 4 chains of a 10M-parameter transformer on 2 threads against 5.8–5.9×
+            with one, 6.5–7.3× on 2 processes, ``benchmarks/llc_memory.py``; pass
             ``workers=1`` where memory binds); on one GPU, 1 (the chains
             are batched); with ``devices``, one per device. An int forces that many (1: sequential).
         devices: several devices to spread the chains over (one group each, threads).
