@@ -376,7 +376,7 @@ _MALLOC_TRIM: Any = None
 
 #: Whether a parallel lean run on CPU threads makes the process's threads share glibc's malloc
 #: arenas (:func:`share_heap`). Set to False before the first such run to keep glibc's default
-#: (one arena per thread; the workers then keep ~0.5× the parameters more memory each).
+#: (one arena per thread).
 SHARE_HEAP = True
 _M_ARENA_MAX = -8  # glibc's mallopt parameter
 _HEAP_SHARED = False
@@ -388,12 +388,14 @@ def share_heap() -> bool:
 
     By default glibc gives every thread its own arena, and the heap a worker thread's
     forward/backward passes leave free stays resident in that arena, where the other worker
-    cannot reuse it: on a 10M-parameter transformer each worker keeps ~0.5× the parameters of
-    such holes, and 2 worker threads exceed the (chains + 2) × parameters bound
-    (``benchmarks/llc_memory.py``, docs/llc.md). With one arena the workers reuse each other's
-    freed blocks and ``malloc_trim`` reaches all of it. The setting is process-wide and lasts
-    (glibc caches the arena limit): later threads of this process share arenas too, which costs
-    a lock per ``malloc``, not measurable in PyTorch work (CPU time of the benchmark unchanged).
+    cannot reuse it, and ``malloc_trim`` does not give back the top of a thread's arena. With
+    one arena the workers reuse each other's freed blocks. Measured on a 10M-parameter
+    transformer, 4 chains on 2 threads (``benchmarks/llc_memory.py``, docs/llc.md): 5.5–5.7×
+    the parameters of extra memory against 6.0–6.3× when no other thread had an arena yet; when
+    other threads already have arenas (the benchmark's sampling thread) the workers are dealt
+    out round-robin over them and the gain is 0–0.3×. CPU time unchanged within noise. The
+    setting is process-wide and lasts (glibc caches the arena limit): later threads of this
+    process share arenas too, at the cost of a lock per ``malloc``.
     Called once, before the first parallel lean run's worker threads start.
 
     Returns:
