@@ -181,7 +181,7 @@ def plan(target: Any, *, num_chains: int, estimated_seconds: float | Callable[[]
             would cost more than it saves).
         workers: ``"auto"``: on CPU, ``min(C, core_budget())`` workers when the run is
             estimated at ``MIN_PARALLEL_SECONDS`` or more, else 1 (on the lean path a second
-            worker adds its activations and heap holes: 5.9–6.2× the parameters of extra
+            worker adds its activations and heap holes: 5.9–6.3× the parameters of extra
             memory for 4 chains of a 10M-parameter transformer on 2 threads against 5.8–5.9×
             with one, 6.5–7.3× on 2 processes, ``benchmarks/llc_memory.py``; pass
             ``workers=1`` where memory binds); on one GPU, 1 (the chains
