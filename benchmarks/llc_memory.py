@@ -32,8 +32,8 @@ this size takes, chains one after the other, each parameter tensor moved in plac
 gradient lands), the same with the chains on 2 threads and on 2 processes (``workers=2``: each
 worker adds its own activations and temporaries), ``lean-auto`` (``workers="auto"`` with every
 core: what ``estimate_llc`` does by default, chains on ``min(chains, cores)`` threads),
-``lean-2-threads-own-arenas`` (2 threads with glibc's default of one malloc arena per thread,
-``parallel.SHARE_HEAP = False``: the baseline of the shared arena) and ``batched-sequential``, the path
+``lean-2-threads-shared-arena`` (2 threads sharing one malloc arena, the opt-in
+``parallel.SHARE_HEAP = True``, against glibc's default of one arena per thread) and ``batched-sequential``, the path
 smaller models take (``LEAN_MIN_DIM`` raised above the model's size), for comparison (not
 bound by the goal: below 2^20 parameters its (C, D) temporaries are small).
 
@@ -60,9 +60,9 @@ CONFIGS = {
     "lean-sequential": dict(workers=1, lean=True),
     "lean-2-threads": dict(workers=2, backend="thread", lean=True),
     "lean-2-processes": dict(workers=2, backend="process", lean=True),
-    # glibc's default of one malloc arena per thread (``parallel.SHARE_HEAP = False``): the
-    # baseline of the shared arena the thread workers use
-    "lean-2-threads-own-arenas": dict(workers=2, backend="thread", lean=True, share_heap=False),
+    # the threads share one malloc arena (``parallel.SHARE_HEAP = True``, opt-in): against
+    # lean-2-threads, glibc's default of one arena per thread
+    "lean-2-threads-shared-arena": dict(workers=2, backend="thread", lean=True, share_heap=True),
     "batched-sequential": dict(workers=1, lean=False),
 }
 
@@ -155,7 +155,7 @@ def worker(name: str, chains: int, draws: int, batch: int) -> None:
     torch.set_num_threads(len(os.sched_getaffinity(0)) if cfg["workers"] == "auto" else 1)
     if not cfg["lean"]:
         sampling.LEAN_MIN_DIM = 1 << 40
-    parallel.SHARE_HEAP = cfg.get("share_heap", True)
+    parallel.SHARE_HEAP = cfg.get("share_heap", False)
     model, x, y, per_sample = build("tf10m", seed=0)
     x, y = x[:64], y[:64]  # 64 sequences: L(w*) costs 64 / batch forward passes
     params = sum(p.numel() for p in model.parameters())

@@ -24,9 +24,10 @@ What is measured (``benchmarks/llc_throughput.py --machine-defaults --impls ours
 ``benchmarks/llc_memory.py``; docs/llc.md): on the loaded 2-core machine, 4 chains of a
 206k-parameter attention-only transformer took 253 s on threads against 408 s on processes
 (one round), and threads use less memory (a forked worker keeps ~1.2× the parameters of
-private pages of its own there): threads are the default. A parallel lean run on CPU threads
-makes the process's threads share one malloc arena (:func:`share_heap`), so that the workers
-reuse each other's freed heap.
+private pages of its own there): threads are the default. Setting :data:`SHARE_HEAP` makes a
+parallel lean run on CPU threads share one malloc arena between the process's threads
+(:func:`share_heap`), so that the workers reuse each other's freed heap (opt-in: it changes
+glibc's settings for the whole process).
 
 :func:`iter_chunks` is a generator of :class:`ChainChunk` records: consumers can report progress
 per chunk, and closing it early (a budget, a divergence) stops every worker.
@@ -375,9 +376,11 @@ def _return_free_memory() -> None:
 _MALLOC_TRIM: Any = None
 
 #: Whether a parallel lean run on CPU threads makes the process's threads share glibc's malloc
-#: arenas (:func:`share_heap`). Set to False before the first such run to keep glibc's default
-#: (one arena per thread).
-SHARE_HEAP = True
+#: arenas (:func:`share_heap`). Off by default: the setting is process-wide and lasting (every
+#: later thread of the user's process shares arenas, a lock per ``malloc``) for a gain of
+#: 0-0.3x the parameters measured on a 10M-parameter transformer. Set it to True before the
+#: first such run where that memory matters.
+SHARE_HEAP = False
 _M_ARENA_MAX = -8  # glibc's mallopt parameter
 _HEAP_SHARED = False
 
