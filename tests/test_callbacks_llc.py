@@ -340,3 +340,127 @@ def test_calibrate_at_must_be_a_non_negative_step():
     for bad in (-1, 1.5, True, "10"):
         with pytest.raises(InvalidInputError, match="calibrate_at"):
             LLCCallback(_data(), mse, calibrate=False, calibrate_at=bad)
+
+
+# --- recalibrate: a reused step size whose acceptance fell below the band -----------------------
+class AtMinimum(pl.LightningModule):
+    """A deep linear network at its teacher (a true minimum), trained with lr = 0: every snapshot
+    is the same minimum, so a misfit can only come from the calibration reused on it."""
+
+    def __init__(self, net: nn.Module, loss_fn):
+        super().__init__()
+        self.net, self.loss_fn = net, loss_fn
+
+    def training_step(self, batch, batch_idx):
+        return self.loss_fn(self.net, batch)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.net.parameters(), lr=0.0)
+
+
+def test_recalibrates_a_reused_step_size_with_acceptance_below_the_band_within_the_budget(tmp_path,
+                                                                                          monkeypatch):
+    import copy
+    import warnings
+    from dataclasses import replace
+
+    calibration = pytest.importorskip("devinterp.analyses.calibration")
+    from devinterp.analyses.theory import make_dln_problem
+
+    p = make_dln_problem([4, 5, 6, 4], 1, 500, seed=0, noise_std=0.0)
+    real_calibrate, real_estimate = calibration.calibrate, llc_module.estimate_llc
+    made, estimates = [], []
+
+    def spy_calibrate(*args, **kwargs):
+        cal = real_calibrate(*args, **kwargs)
+        if not made:  # as if made where the loss was flatter: 10× the step size (acceptance 0.53)
+            cal = replace(cal, step_size=10 * cal.step_size)
+        made.append((kwargs.get("step_sizes"), cal))
+        return cal
+
+    def spy_estimate(*args, **kwargs):
+        estimates.append(real_estimate(*args, **kwargs))
+        return estimates[-1]
+
+    monkeypatch.setattr(calibration, "calibrate", spy_calibrate)
+    monkeypatch.setattr(llc_module, "estimate_llc", spy_estimate)
+    cal_budget, est_budget = 1500, 600
+    cb = LLCCallback(p.data, p.loss_fn, at([2, 4]), model_getter=lambda m: m.net, recalibrate=True,
+                     seed=0, budget=est_budget, progress=False,
+                     calibrate_kwargs=dict(num_steps=60, grid_size=3, max_burnin=100, max_draws=100,
+                                           min_burnin=50, min_draws=50, budget=cal_budget))
+    module = AtMinimum(copy.deepcopy(p.model), p.loss_fn)
+    loader = DataLoader(TensorDataset(*p.data), batch_size=100)
+    trainer = pl.Trainer(max_steps=4, callbacks=[cb], logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False,
+                         default_root_dir=tmp_path, accelerator="cpu")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(module, loader)
+
+    inflated = made[0][1]
+    print("DEBUG", [(c.step_size, g) for g, c in made], [(r.config.step_size, r.config.num_burnin, r.config.num_draws, r.diagnostics.acceptance, r.diagnostics.frac_below_init, r.init_loss, r.warnings) for r in estimates], cb.recalibrated_at)
+    assert made[0][0] is None and cb.calibrated_at == 2
+    # step 0 is where the calibration was made: published as it is, with the misfit as a warning
+    assert cb.results[0][0] == 0 and cb.results[0][1].diagnostics.acceptance < 0.6
+    assert any("reused calibration" in w for w in cb.results[0][1].warnings)
+    # step 2 reused it, read an acceptance below the band, and was calibrated again, on smaller
+    # step sizes only (each new grid below the step size before it), within max_recalibrations
+    first_at_2 = estimates[1]
+    assert first_at_2.config.step_size == inflated.step_size
+    assert first_at_2.diagnostics.acceptance < 0.6
+    assert cb.recalibrated_at and set(cb.recalibrated_at) == {2}
+    assert len(cb.recalibrated_at) <= cb.max_recalibrations == 3
+    assert len(made) == 1 + len(cb.recalibrated_at)
+    for (_, before), (grid, after) in zip(made, made[1:]):
+        assert grid is not None and max(grid) < before.step_size
+        assert after.step_size < before.step_size
+    # one published estimate per step, the one made with the last calibration, which fits
+    assert [s for s, _ in cb.results] == [0, 2, 4]
+    for _, r in cb.results[1:]:
+        assert r.config.step_size == cb.calibration.step_size < inflated.step_size
+        assert 0.6 <= r.diagnostics.acceptance <= 0.995
+        assert not any("reused calibration" in w for w in r.warnings), r.warnings
+    # the discarded estimates' Python warnings never reach the user: what is emitted is what is
+    # published
+    emitted = sorted(str(w.message) for w in caught if "reused calibration" in str(w.message))
+    published = sorted(w for _, r in cb.results for w in r.warnings if "reused calibration" in w)
+    assert emitted == published and len(emitted) == 1
+    # within the budget: every calibration and every estimate (the discarded ones too)
+    for _, cal in made:
+        assert 0 < cal.cost <= cal_budget and cal.budget == cal_budget
+    for r in estimates:
+        assert 0 < r.cost <= est_budget
+    assert len(estimates) == 3 + len(cb.recalibrated_at)
+    # the recalibrations are counted across a resume, and none is made past max_recalibrations
+    restored = LLCCallback(p.data, p.loss_fn, recalibrate=True, max_recalibrations=len(cb.recalibrated_at))
+    restored.load_state_dict(cb.state_dict())
+    assert restored.recalibrated_at == cb.recalibrated_at
+    restored.calibration = inflated
+    assert restored._misfit(first_at_2, 4) is None
+    restored.max_recalibrations += 1
+    assert "acceptance" in restored._misfit(first_at_2, 4)
+
+
+def test_refit_step_sizes_only_below_the_band():
+    from types import SimpleNamespace
+
+    calibration = pytest.importorskip("devinterp.analyses.calibration")
+
+    def result(acc):
+        return SimpleNamespace(diagnostics=SimpleNamespace(acceptance=acc))
+
+    cal = SimpleNamespace(step_size=1e-3)
+    lo, hi = calibration.REUSE_ACCEPTANCE_BAND
+    grid = calibration.refit_step_sizes(result(lo - 0.01), cal)
+    assert grid == pytest.approx([5e-4, 2.5e-4, 1.25e-4, 6.25e-5][:calibration.REFIT_LEVELS])
+    assert calibration.refit_step_sizes(result(lo - 0.01), cal, [4e-3, 1e-3, 3e-4, 1e-4]) == [3e-4, 1e-4]
+    assert calibration.refit_step_sizes(result(lo - 0.01), cal, [4e-3]) == pytest.approx(grid)
+    for fits in (lo, 0.8, hi, 1.0, float("nan")):  # in the band, too high or unknown: usual grid
+        assert calibration.refit_step_sizes(result(fits), cal) is None
+
+
+def test_max_recalibrations_must_be_a_non_negative_int():
+    for bad in (-1, 1.5, True, "2"):
+        with pytest.raises(InvalidInputError, match="max_recalibrations"):
+            LLCCallback(_data(), mse, calibrate=False, max_recalibrations=bad)
