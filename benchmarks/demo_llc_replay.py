@@ -55,6 +55,8 @@ def main() -> int:
     ap.add_argument("--recalibrate", action="store_true",
                     help="with --calibrate-at: calibrate again where the reused calibration no "
                          "longer fits a later snapshot (LLCCallback(recalibrate=True))")
+    ap.add_argument("--max-recalibrations", type=int, default=3, metavar="N",
+                    help="with --recalibrate: at most N (LLCCallback's max_recalibrations)")
     ap.add_argument("--quick", action="store_true",
                     help="with --calibrate-at, for a run that recorded no LLC settings: use the "
                          "quick demo's (default: the default demo's)")
@@ -71,9 +73,9 @@ def main() -> int:
     module = InductionLM(hp["recipe"], seed=hp["seed"], llc_samples=hp["llc_samples"])
     data = module.devinterp_data()
     steps = [int(s) for s in args.steps.split(",")] if args.steps else store.steps()
-    cal, cal_step = None, None
     if args.calibrate_at is None:
         kw = dict(num_chains=2, localization=100.0, batch_size=16, seed=0, progress=False)
+        cal_kw: dict = {}
     else:  # the callback's settings: the recorded ones, chain lengths from the calibration
         llc = dict(hp.get("llc") or demo_llc_settings(demo_config(quick=args.quick)))
         cal_kw = {**llc.pop("calibrate_kwargs", {}), **_pairs(args.cal)}
@@ -96,33 +98,53 @@ def main() -> int:
               f"{time.perf_counter() - t0:.1f} s", flush=True)
         return c
 
+    state = {"cal": None, "at": None, "recalibrations": 0}
+
+    def estimate(step: int, fresh: bool = False):
+        """The estimate at ``step`` and why it was recalibrated (LLCCallback's rules)."""
+        store.load_into(module, step)
+        cal = state["cal"]
+        r = estimate_llc(module.model, (data,), token_loss, **kw,
+                         **({} if cal is None else {"calibration": cal}))
+        tags = []
+        while (args.recalibrate and cal is not None
+               and state["recalibrations"] < args.max_recalibrations
+               and (step > state["at"] or step == state["at"] and (fresh or tags))
+               and reuse_signs(r, cal)):
+            grid = refit_step_sizes(r, cal, cal_kw.get("step_sizes"))
+            if grid is None and step == state["at"]:
+                break  # on the usual grid, this snapshot's calibration would come again
+            tags.append("; ".join(reuse_signs(r, cal)) + f", λ̂ {r.mean:.2f}")
+            cal = state["cal"] = new_calibration(step, grid)
+            state["at"] = step
+            state["recalibrations"] += 1
+            store.load_into(module, step)
+            r = estimate_llc(module.model, (data,), token_loss, **kw, calibration=cal)
+        return r, tags
+
+    held = {}
     if args.calibrate_at is not None:
         later = [s for s in store.steps() if s >= args.calibrate_at]
         if not later:
             raise SystemExit(f"no snapshot at or after step {args.calibrate_at}")
-        cal_step = later[0]
-        cal = new_calibration(cal_step)
-    warned = recalibrations = 0
-    for step in steps:
-        store.load_into(module, step)
+        state["at"] = later[0]
+        state["cal"] = new_calibration(later[0])
+        # the calibration's own snapshot first, as the callback does before the deferred ones
         t0 = time.perf_counter()
-        extra = {} if cal is None else {"calibration": cal}
-        r = estimate_llc(module.model, (data,), token_loss, **kw, **extra)
-        tag = ""
-        if args.recalibrate and cal is not None and step > cal_step and reuse_signs(r, cal):
-            why = "; ".join(reuse_signs(r, cal)) + f", λ̂ {r.mean:.2f}"
-            grid = refit_step_sizes(r, cal, cal_kw.get("step_sizes"))
-            cal, cal_step = new_calibration(step, grid), step
-            store.load_into(module, step)
-            r = estimate_llc(module.model, (data,), token_loss, **kw, calibration=cal)
-            recalibrations += 1
-            tag = f"  recalibrated ({why})"
+        held[later[0]] = (*estimate(later[0], fresh=True), time.perf_counter() - t0)
+    warned = 0
+    for step in steps:
+        t0 = time.perf_counter()
+        r, tags, seconds = held[step] if step in held else (*estimate(step), None)
+        seconds = time.perf_counter() - t0 if seconds is None else seconds
         d = r.diagnostics
         warned += bool(r.warnings)
         print(f"step {step:5d}  λ̂ {r.mean:7.2f} ± {r.stderr:5.2f}  R-hat {d.rhat:.2f}  "
               f"ESS {d.ess:5.1f}  acceptance {d.acceptance:.3f}  trend z {d.trend_z:5.1f}  "
-              f"{time.perf_counter() - t0:4.1f} s  " + " | ".join(w.split(":")[0] for w in r.warnings)
-              + tag, flush=True)
+              f"ε {r.config.step_size:.3g}  {seconds:4.1f} s  "
+              + " | ".join(w.split(":")[0] for w in r.warnings)
+              + "".join(f"  recalibrated ({t})" for t in tags), flush=True)
+    recalibrations = state["recalibrations"]
     print(f"{warned} of {len(steps)} estimates carry warnings"
           + (f"; {recalibrations} recalibration(s)" if args.recalibrate else ""))
     return 0
