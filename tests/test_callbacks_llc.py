@@ -340,3 +340,147 @@ def test_calibrate_at_must_be_a_non_negative_step():
     for bad in (-1, 1.5, True, "10"):
         with pytest.raises(InvalidInputError, match="calibrate_at"):
             LLCCallback(_data(), mse, calibrate=False, calibrate_at=bad)
+
+
+# --- recalibrate: a reused step size whose acceptance fell below the band -----------------------
+class AtMinimum(pl.LightningModule):
+    """A deep linear network at its teacher (a true minimum), trained with lr = 0: every snapshot
+    is the same minimum, so a misfit can only come from the calibration reused on it."""
+
+    def __init__(self, net: nn.Module, loss_fn):
+        super().__init__()
+        self.net, self.loss_fn = net, loss_fn
+
+    def training_step(self, batch, batch_idx):
+        return self.loss_fn(self.net, batch)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.net.parameters(), lr=0.0)
+
+
+def _misfit_run(tmp_path, monkeypatch, **callback_kwargs):
+    """A fit whose first calibration (at step 0) has 10× the step size the calibration chose
+    (MALA acceptance 0.53 on this network: below the reuse band), estimates at 0, 2 and 4.
+
+    Returns the callback, the calibrations made (with the step sizes they were given), every
+    estimate made (published or not) and the Python warnings emitted.
+    """
+    import copy
+    import warnings
+    from dataclasses import replace
+
+    calibration = pytest.importorskip("devinterp.analyses.calibration")
+    from devinterp.analyses.theory import make_dln_problem
+
+    p = make_dln_problem([4, 5, 6, 4], 1, 500, seed=0, noise_std=0.0)
+    real_calibrate, real_estimate = calibration.calibrate, llc_module.estimate_llc
+    made, estimates = [], []
+
+    def spy_calibrate(*args, **kwargs):
+        cal = real_calibrate(*args, **kwargs)
+        if not made:  # as if made where the loss was flatter
+            cal = replace(cal, step_size=10 * cal.step_size)
+        made.append((kwargs.get("step_sizes"), cal))
+        return cal
+
+    def spy_estimate(*args, **kwargs):
+        estimates.append(real_estimate(*args, **kwargs))
+        return estimates[-1]
+
+    monkeypatch.setattr(calibration, "calibrate", spy_calibrate)
+    monkeypatch.setattr(llc_module, "estimate_llc", spy_estimate)
+    cb = LLCCallback(p.data, p.loss_fn, at([2, 4]), model_getter=lambda m: m.net, recalibrate=True,
+                     seed=0, budget=EST_BUDGET, progress=False,
+                     calibrate_kwargs=dict(num_steps=60, grid_size=3, max_burnin=100, max_draws=100,
+                                           min_burnin=50, min_draws=50, budget=CAL_BUDGET),
+                     **callback_kwargs)
+    module = AtMinimum(copy.deepcopy(p.model), p.loss_fn)
+    loader = DataLoader(TensorDataset(*p.data), batch_size=100)
+    trainer = pl.Trainer(max_steps=4, callbacks=[cb], logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False,
+                         default_root_dir=tmp_path, accelerator="cpu")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(module, loader)
+    return cb, made, estimates, caught
+
+
+CAL_BUDGET, EST_BUDGET = 1500, 600
+
+
+def _reuse_texts(texts):
+    return sorted(t for t in texts if "reused calibration" in t)
+
+
+def test_recalibrates_a_reused_step_size_with_acceptance_below_the_band_within_the_budget(tmp_path,
+                                                                                          monkeypatch):
+    cb, made, estimates, caught = _misfit_run(tmp_path, monkeypatch)
+    inflated = made[0][1]
+    # its first estimate (on the calibration's own snapshot) reads an acceptance below the band
+    assert estimates[0].config.step_size == inflated.step_size
+    assert estimates[0].diagnostics.acceptance < 0.6
+    # ... so it was calibrated again at once, on smaller step sizes only, before anything was
+    # published; each recalibration below the band starts below the step size before it
+    assert cb.recalibrated_at[0] == 0 and made[1][0] is not None
+    assert 1 <= len(cb.recalibrated_at) <= cb.max_recalibrations == 3
+    assert len(made) == 1 + len(cb.recalibrated_at)
+    for (_, before), (grid, after) in zip(made, made[1:], strict=False):
+        if grid is not None:
+            assert max(grid) < before.step_size and after.step_size < before.step_size
+    # one published estimate per step, none at the step size that did not fit; the last fits
+    assert [s for s, _ in cb.results] == [0, 2, 4]
+    assert all(r.config.step_size < inflated.step_size for _, r in cb.results)
+    last = cb.results[-1][1]
+    assert last.config.step_size == cb.calibration.step_size
+    assert 0.6 <= last.diagnostics.acceptance <= 0.995 and not _reuse_texts(last.warnings)
+    # the discarded estimates' Python warnings never reach the user: what is emitted is exactly
+    # what is published
+    assert _reuse_texts(str(w.message) for w in caught) == _reuse_texts(
+        w for _, r in cb.results for w in r.warnings)
+    # within the budget: every calibration and every estimate, the discarded ones too
+    for _, cal in made:
+        assert 0 < cal.cost <= CAL_BUDGET and cal.budget == CAL_BUDGET
+    assert all(0 < r.cost <= EST_BUDGET for r in estimates)
+    assert len(estimates) == 3 + len(cb.recalibrated_at)
+    # recalibrations are counted across a resume; none is made past max_recalibrations
+    restored = LLCCallback(cb.data, cb.loss_fn, recalibrate=True,
+                           max_recalibrations=len(cb.recalibrated_at))
+    restored.load_state_dict(cb.state_dict())
+    assert restored.recalibrated_at == cb.recalibrated_at
+    restored.calibration = inflated
+    assert restored._misfit(estimates[0], 100) is None
+    restored.max_recalibrations += 1
+    assert "acceptance" in restored._misfit(estimates[0], 100)
+
+
+def test_without_recalibrations_left_the_misfit_is_published_with_its_warning(tmp_path, monkeypatch):
+    cb, made, estimates, caught = _misfit_run(tmp_path, monkeypatch, max_recalibrations=0)
+    assert len(made) == 1 and cb.recalibrated_at == [] and len(estimates) == 3
+    assert [s for s, _ in cb.results] == [0, 2, 4]
+    for _, r in cb.results:  # published as they are: the warning says what to do
+        assert r.diagnostics.acceptance < 0.6 and _reuse_texts(r.warnings)
+    assert len(_reuse_texts(str(w.message) for w in caught)) == 3
+
+
+def test_refit_step_sizes_only_below_the_band():
+    from types import SimpleNamespace
+
+    calibration = pytest.importorskip("devinterp.analyses.calibration")
+
+    def result(acc):
+        return SimpleNamespace(diagnostics=SimpleNamespace(acceptance=acc))
+
+    cal = SimpleNamespace(step_size=1e-3)
+    lo, hi = calibration.REUSE_ACCEPTANCE_BAND
+    grid = calibration.refit_step_sizes(result(lo - 0.01), cal)
+    assert grid == pytest.approx([5e-4, 2.5e-4, 1.25e-4, 6.25e-5][:calibration.REFIT_LEVELS])
+    assert calibration.refit_step_sizes(result(lo - 0.01), cal, [4e-3, 1e-3, 3e-4, 1e-4]) == [3e-4, 1e-4]
+    assert calibration.refit_step_sizes(result(lo - 0.01), cal, [4e-3]) == pytest.approx(grid)
+    for fits in (lo, 0.8, hi, 1.0, float("nan")):  # in the band, too high or unknown: usual grid
+        assert calibration.refit_step_sizes(result(fits), cal) is None
+
+
+def test_max_recalibrations_must_be_a_non_negative_int():
+    for bad in (-1, 1.5, True, "2"):
+        with pytest.raises(InvalidInputError, match="max_recalibrations"):
+            LLCCallback(_data(), mse, calibrate=False, max_recalibrations=bad)

@@ -36,7 +36,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import MISSING, asdict, dataclass, field, replace
 from typing import Any
 
@@ -1140,8 +1140,8 @@ def minimum_warning(result: Any) -> str | None:
             "step_size; or estimate the data-refined LLC on data where w* is trained")
 
 
-def reuse_warning(result: Any, calibration: Calibration) -> str | None:
-    """A message when a reused calibration shows signs of no longer fitting, else None.
+def reuse_signs(result: Any, calibration: Calibration) -> list[str]:
+    """The signs that a reused calibration no longer fits ``result``'s model (empty: it fits).
 
     Signs: the MALA acceptance outside ``REUSE_ACCEPTANCE_BAND``; more than ``REUSE_MAX_BELOW``
     of the draws below ``L_n(w*)``; a different number of samples; or ``L_n(w*)`` more than 10×
@@ -1159,8 +1159,49 @@ def reuse_warning(result: Any, calibration: Calibration) -> str | None:
     a, b = abs(result.init_loss), abs(calibration.init_loss)
     if a > 0 and b > 0 and not 0.1 <= a / b <= 10:
         signs.append(f"L(w*) = {result.init_loss:.4g}, calibrated at {calibration.init_loss:.4g}")
+    return signs
+
+
+def reuse_warning(result: Any, calibration: Calibration) -> str | None:
+    """A message when a reused calibration shows signs of no longer fitting, else None.
+
+    The signs are :func:`reuse_signs`'.
+    """
+    signs = reuse_signs(result, calibration)
     if not signs:
         return None
     return ("the reused calibration (step_size=" f"{calibration.step_size:.3g}) may no longer fit "
             "this model: " + "; ".join(signs) + ". Calibrate again at this snapshot "
             "(estimate_llc(..., step_size='auto') or calibrate(...)) and reuse the new one")
+
+
+#: Step sizes (halvings) a recalibration tries below a reused step size whose acceptance fell
+#: below the band (the grid is extended further down while every one of them fails).
+REFIT_LEVELS = 4
+
+
+def refit_step_sizes(result: Any, calibration: Calibration,
+                     step_sizes: Sequence[float] | None = None) -> list[float] | None:
+    """The step sizes to calibrate again with, where a reused calibration's acceptance fell low.
+
+    When ``result`` (an estimate made with ``calibration`` reused) has a MALA acceptance below
+    ``REUSE_ACCEPTANCE_BAND``, the reused step size is too large for this snapshot, and so is
+    every larger one: a recalibration with its usual grid (set by the curvature probe, judged by
+    shorter pilots than the estimate) can pick the same step size again. The estimate's
+    acceptance is the better evidence, so the new grid starts below it: the given
+    ``step_sizes`` that are smaller (a calibration's explicit grid), else ``REFIT_LEVELS``
+    halvings of it.
+
+    Returns:
+        The grid (largest first), or None when the acceptance is not below the band (calibrate
+        with the usual grid).
+    """
+    acc = result.diagnostics.acceptance
+    if not (math.isfinite(acc) and acc < REUSE_ACCEPTANCE_BAND[0]):
+        return None
+    eps = float(calibration.step_size)
+    if step_sizes is not None:
+        below = sorted((float(e) for e in step_sizes if float(e) < eps), reverse=True)
+        if below:
+            return below
+    return [eps / 2**k for k in range(1, REFIT_LEVELS + 1)]

@@ -107,12 +107,21 @@ class LLCCallback(pl.Callback):
             estimate.
         recalibrate: (Default False: calibrate once.) When an estimate made with a calibration
             made here shows that it no longer
-            fits a later snapshot (:func:`devinterp.analyses.calibration.reuse_warning`: MALA
+            fits a later snapshot (:func:`devinterp.analyses.calibration.reuse_signs`: MALA
             acceptance outside [0.6, 0.995], draws below L(w*), a changed loss scale),
             calibrate again on that snapshot, publish the estimate made with the new
             calibration (the text ``llc/calibration`` says why) and reuse the new one from
-            then on. Each estimate stays within its ``budget``; a recalibration costs one
-            calibration more. A calibration passed in (``calibrate=cal``) is never replaced.
+            then on. The first estimate is discarded, its Python warnings too. When its
+            acceptance fell below the band, the reused step size is too large for the
+            snapshot: the new calibration tries only smaller ones
+            (:func:`~devinterp.analyses.calibration.refit_step_sizes`). Each estimate and each
+            calibration stays within its ``budget``; a recalibration costs one calibration and
+            one estimate more. A calibration passed in (``calibrate=cal``) is never replaced.
+        max_recalibrations: With ``recalibrate=True``: at most this many recalibrations in
+            the run (default 3; counted across a resume), so its cost stays bounded; after them
+            an estimate whose calibration no longer fits is published with its warning. A
+            snapshot whose new calibration, on smaller step sizes, still gives an acceptance
+            below the band is calibrated again (smaller still) while recalibrations are left.
         **estimate_kwargs: Keyword arguments for :func:`estimate_llc` (``num_chains``,
             ``num_draws``, ``num_burnin``, ``step_size``, ``localization``, ``nbeta``,
             ``batch_size``, ``seed``, ``params``, ...). The same ``seed`` is used at every step
@@ -140,6 +149,7 @@ class LLCCallback(pl.Callback):
         calibrate_kwargs: Mapping[str, Any] | None = None,
         calibrate_at: int | None = None,
         recalibrate: bool = False,
+        max_recalibrations: int = 3,
         **estimate_kwargs: Any,
     ):
         super().__init__()
@@ -163,6 +173,11 @@ class LLCCallback(pl.Callback):
                                          or calibrate_at < 0):
             raise InvalidInputError(
                 f"calibrate_at must be a non-negative step (int) or None, got {calibrate_at!r}"
+            )
+        if (isinstance(max_recalibrations, bool) or not isinstance(max_recalibrations, int)
+                or max_recalibrations < 0):
+            raise InvalidInputError(
+                f"max_recalibrations must be a non-negative int, got {max_recalibrations!r}"
             )
         for key in ("model", "data", "loss_fn", "calibration"):
             if key in estimate_kwargs:
@@ -202,7 +217,9 @@ class LLCCallback(pl.Callback):
         self.calibrate_kwargs = dict(calibrate_kwargs or {})
         self.calibrate_at = calibrate_at
         self.recalibrate = bool(recalibrate)
-        #: Steps at which a calibration was made again because the previous one no longer fit.
+        self.max_recalibrations = max_recalibrations
+        #: Steps at which a calibration was made again because the previous one no longer fit
+        #: (a step twice when its first recalibration still did not fit).
         self.recalibrated_at: list[int] = []
         #: The step at which this callback made its calibration (None: none made here).
         self.calibrated_at: int | None = None
@@ -244,6 +261,7 @@ class LLCCallback(pl.Callback):
             "calibration": None if cal is None else cal.to_dict(),
             "calibrate": self._calibrate,
             "calibrated_at": self.calibrated_at,
+            "recalibrated_at": list(self.recalibrated_at),
             # weights of the estimates deferred until calibrate_at (small models: a copy each)
             "deferred": [(step, dict(weights)) for step, weights in self._deferred],
         }
@@ -251,6 +269,7 @@ class LLCCallback(pl.Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._gate.load_state_dict(state_dict)
         self.calibrated_at = state_dict.get("calibrated_at")
+        self.recalibrated_at = [int(s) for s in state_dict.get("recalibrated_at", [])]
         self._deferred = [(int(step), dict(weights)) for step, weights in state_dict.get("deferred", [])]
         saved = state_dict.get("calibration")
         if saved is not None:
@@ -287,23 +306,31 @@ class LLCCallback(pl.Callback):
                 p.grad = grads[name]
         return replica.eval() if eval_mode else replica
 
-    def _misfit(self, result: LLCResult, step: int) -> str | None:
+    def _misfit(self, result: LLCResult, step: int, *, again: bool = False) -> str | None:
         """Why the calibration made here no longer fits this estimate's snapshot, or None.
 
         Only later snapshots than the calibration's are recalibrated: the estimates deferred
         until ``calibrate_at`` are of a network still far from a minimum, where a calibration
-        is what ``calibrate_at`` is there to avoid (their warnings stay).
+        is what ``calibrate_at`` is there to avoid (their warnings stay). ``again``: the
+        snapshot the calibration was just made on. At most ``max_recalibrations`` times per fit.
         """
         if not (self.recalibrate and self.calibrated_at is not None
-                and self.calibration is not None and step > self.calibrated_at):
+                and self.calibration is not None
+                and (step > self.calibrated_at or again and step == self.calibrated_at)
+                and len(self.recalibrated_at) < self.max_recalibrations):
             return None
         module = _calibration_module()
+        signs = getattr(module, "reuse_signs", None)
+        if signs is not None:
+            found = signs(result, self.calibration)
+            return ("; ".join(found) + f" with the reused step_size={self.calibration.step_size:.3g}"
+                    if found else None)
         fn = getattr(module, "reuse_warning", None)
         return fn(result, self.calibration) if fn is not None else None
 
     def _calibrate_once(self, trainer: pl.Trainer, replica: nn.Module, step: int,
-                        why: str | None = None) -> None:
-        self.calibration = self._new_calibration(replica)
+                        why: str | None = None, step_sizes: list[float] | None = None) -> None:
+        self.calibration = self._new_calibration(replica, step_sizes)
         self._calibrate = False
         self.calibrated_at = step
         if hasattr(self.calibration, "scalars"):
@@ -311,10 +338,12 @@ class LLCCallback(pl.Callback):
         head = "" if why is None else f"recalibrated at step {step}: {why}\n\n"
         log_text(trainer, CALIBRATION_TAG, f"{head}```\n{self.calibration}\n```", step=step)
 
-    def _new_calibration(self, replica: nn.Module) -> Any:
+    def _new_calibration(self, replica: nn.Module, step_sizes: list[float] | None = None) -> Any:
         module = _calibration_module()
         kwargs = {**{k: v for k, v in self.estimate_kwargs.items() if k != "step_size"},
                   **self.calibrate_kwargs}
+        if step_sizes is not None:
+            kwargs["step_sizes"] = step_sizes
         return module.calibrate(replica, self.data, self.loss_fn,
                                 **_accepted(module.calibrate, kwargs))
 
@@ -333,7 +362,14 @@ class LLCCallback(pl.Callback):
         if self._calibrate and self.calibration is None:
             if not self._guarded(trainer, replica, step, calibrate_only=True):
                 return
+            # the calibration's own snapshot first (published after the deferred ones): where
+            # its step size already reads an acceptance below the band, it is refit (smaller)
+            # before the deferred estimates reuse it
+            held = self._guarded(trainer, replica, step, fresh=True, publish=False)
             self._flush_deferred(trainer, pl_module)
+            if isinstance(held, LLCResult):
+                self._publish(trainer, step, held)
+            return
         self._guarded(trainer, replica, step)
 
     def _flush_deferred(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -346,11 +382,14 @@ class LLCCallback(pl.Callback):
             self._guarded(trainer, replica, step)
 
     def _guarded(self, trainer: pl.Trainer, replica: nn.Module, step: int, *,
-                 calibrate_only: bool = False) -> bool:
+                 calibrate_only: bool = False, fresh: bool = False,
+                 publish: bool = True) -> bool | LLCResult:
         """Calibrate (``calibrate_only``) or estimate and publish on ``replica``, leaving the global
         RNG states as they were; a diverging chain is skipped with a warning (or raised).
+        ``fresh``: the snapshot the calibration was just made on. ``publish=False``: return the
+        estimate instead of publishing it.
 
-        Returns whether it succeeded.
+        Returns whether it succeeded (with ``publish=False``: the result, or False).
         """
         py_state, np_state = random.getstate(), np.random.get_state()
         devices = [replica_device] if (replica_device := _device(replica)).type == "cuda" else []
@@ -363,13 +402,27 @@ class LLCCallback(pl.Callback):
                 kwargs.setdefault("expected_calls", getattr(self, "_planned", 1))
                 if self.calibration is not None:
                     kwargs["calibration"] = self.calibration
-                result = estimate_llc(replica, self.data, self.loss_fn, **kwargs)
-                misfit = self._misfit(result, step)
-                if misfit:
-                    self._calibrate_once(trainer, replica, step, why=misfit)
+                # the Python warnings wait until it is known whether this estimate is kept
+                result, caught = _held_warnings(estimate_llc, replica, self.data, self.loss_fn,
+                                                **kwargs)
+                misfit = self._misfit(result, step, again=fresh)
+                while misfit:  # the estimate is discarded with its warnings
+                    refit = getattr(_calibration_module(), "refit_step_sizes", None)
+                    grid = (None if refit is None else
+                            refit(result, self.calibration, self.calibrate_kwargs.get("step_sizes")))
+                    if grid is None and step == self.calibrated_at:
+                        break  # on the usual grid, this snapshot's calibration would come again
+                    why = (f"{misfit} (the discarded estimate read λ̂ = {result.mean:.4g})"
+                           + ("" if grid is None else
+                              f"; the new calibration tries only smaller step sizes, from "
+                              f"{grid[0]:.3g}"))
+                    self._calibrate_once(trainer, replica, step, why=why, step_sizes=grid)
                     self.recalibrated_at.append(step)
                     kwargs["calibration"] = self.calibration
-                    result = estimate_llc(replica, self.data, self.loss_fn, **kwargs)
+                    result, caught = _held_warnings(estimate_llc, replica, self.data,
+                                                    self.loss_fn, **kwargs)
+                    misfit = self._misfit(result, step, again=True)
+                _reemit(caught)
         except ChainDivergedError as exc:
             if self.on_divergence == "raise":
                 raise
@@ -382,13 +435,40 @@ class LLCCallback(pl.Callback):
             random.setstate(py_state)
             np.random.set_state(np_state)
             del replica
+        if not publish:
+            return result
+        self._publish(trainer, step, result)
+        return True
+
+    def _publish(self, trainer: pl.Trainer, step: int, result: LLCResult) -> None:
         values = result.scalars()
         values.update(llc_band(values))
         log_scalars(trainer, values, step)
         if result.warnings:
             log_text(trainer, WARNINGS_TAG, "\n\n".join(result.warnings), step=step)
         self.results.append((step, result))
-        return True
+
+
+def _held_warnings(fn: Callable, *args: Any, **kwargs: Any) -> tuple[Any, list]:
+    """``fn(*args, **kwargs)`` and the Python warnings it raised, held back (emitted at once if
+    it raises)."""
+    held: list[warnings.WarningMessage] = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                return fn(*args, **kwargs), list(caught)
+            finally:
+                held = list(caught)
+    except BaseException:
+        _reemit(held)
+        raise
+
+
+def _reemit(caught: list[warnings.WarningMessage]) -> None:
+    """Emit recorded warnings again, under the filters in force (their own file and line)."""
+    for w in caught:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
 
 
 def _device(model: nn.Module) -> torch.device:
