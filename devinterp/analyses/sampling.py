@@ -995,7 +995,8 @@ def run_chains(target: SamplingTarget, *, num_chains: int, num_steps: int, step_
                sampler_kwargs: Mapping[str, Any] | None = None,
                acceptance_steps: Collection[int] = (), compile: bool | str | None = None,
                expected_calls: int | None = None, chain_ids: Sequence[int] | None = None,
-               restore_rng: bool = True) -> Iterator[tuple[int, Any, StepInfo]]:
+               restore_rng: bool = True, reuse_buffers: bool = False
+               ) -> Iterator[tuple[int, Any, StepInfo]]:
     """Advance ``num_chains`` chains from w* together in this thread and yield ``(step, state, info)``.
 
     ``state`` is the sampler state *after* the step, with ``params`` of shape ``(C, D)``;
@@ -1030,6 +1031,11 @@ def run_chains(target: SamplingTarget, *, num_chains: int, num_steps: int, step_
         chain_ids: run only these chains of the ``num_chains`` (their seeds, noise and
             minibatches are those they have in the full run); ``state`` then has one row each.
         restore_rng: save and restore the global RNG state around the run.
+        reuse_buffers: SGLD in loop mode (eager, float32) moves the chains in place in the
+            buffer the model copies read (no per-step copy and no fresh ``(C, D)``
+            temporaries; same numbers): ``state.params`` and ``info.sampler_info`` are then
+            buffers that the next step overwrites, except the last step's ``state.params``
+            (a copy). :func:`sample_chains` uses it.
     """
     if compile is not None:
         _compiled.check_compile_option(compile)
@@ -1064,6 +1070,11 @@ def run_chains(target: SamplingTarget, *, num_chains: int, num_steps: int, step_
         if lean:
             yield from _run_lean(target, streams, rows, num_steps, check, step_size=step_size,
                                  localization=localization, nbeta=nbeta)
+            return
+        if (reuse_buffers and fast is None and sampler == "sgld" and not kwargs
+                and target.mode == "loop" and {s.dtype for s in target.slots} == {torch.float32}):
+            yield from _run_in_place(target, streams, rows, num_steps, check,
+                                     step_size=step_size, localization=localization, nbeta=nbeta)
             return
         state = kernel.init(target.anchor.expand(rows, -1), target.anchor, target.mask,
                             **init_kwargs)
@@ -1104,6 +1115,56 @@ def run_chains(target: SamplingTarget, *, num_chains: int, num_steps: int, step_
     finally:
         if saved is not None:
             _restore_rng(saved)
+
+
+def _run_in_place(target: SamplingTarget, streams: _Streams, rows: int, num_steps: int,
+                  check: set[int], *, step_size: float, localization: float, nbeta: float
+                  ) -> Iterator[tuple[int, Any, StepInfo]]:
+    """SGLD in loop mode with the chains moved in place in the model copies' buffer.
+
+    The same operations as :func:`devinterp.sgmcmc.sgld.step` (so the same numbers), written
+    into buffers made once per run: the drift and the scaled noise, and the new parameters
+    into the rows of ``target._work`` that the model copies read, so the next gradient needs
+    no copy of the parameters (:meth:`SamplingTarget._grad_loop` copies a buffer onto itself:
+    a no-op). A checked step keeps a copy of the parameters before the move.
+    """
+    target._ensure_copies(rows)
+    work = target._work
+    assert work is not None
+    anchor, mask = target.anchor, target.mask
+    params = work[:rows]
+    with torch.no_grad():
+        params.copy_(anchor.expand(rows, -1))
+    drift, scaled = torch.empty_like(params), torch.empty_like(params)
+    sq, half = math.sqrt(step_size), -step_size / 2
+    state = sgld.SGLDState(params, anchor, mask)
+    step = 0
+    while step < num_steps:
+        count = min(streams.chunk, num_steps - step)
+        noise = streams.next_chunk(count)
+        for k in range(count):
+            batch = streams.batch(k)
+            grads, loss = target.grad_and_loss(params, batch, target.full_batch)
+            with torch.no_grad():
+                # sgld.drift and sgld.step, into the run's buffers
+                torch.sub(params, anchor, out=drift).mul_(localization).add_(grads, alpha=nbeta)
+                if mask is not None:
+                    drift.mul_(mask)
+                torch.mul(noise[:, k], sq, out=scaled)
+                if mask is not None:
+                    scaled.mul_(mask)
+                corr = discretisation_correction(params, anchor, drift, step_size=step_size,
+                                                 localization=localization)
+                old = state._replace(params=params.clone()) if step in check else None
+                params.add_(drift, alpha=half).add_(scaled)
+            info = sgld.SGLDInfo(drift, noise[:, k])
+            acc = None
+            if old is not None:
+                acc = _acceptance(target, old, state, info, loss, batch, target.full_batch,
+                                  step_size=step_size, localization=localization, nbeta=nbeta)
+            out = state if step + 1 < num_steps else state._replace(params=params.clone())
+            yield step, out, StepInfo(loss, info, acc, corr)
+            step += 1
 
 
 def _run_lean(target: SamplingTarget, streams: _Streams, rows: int, num_steps: int,
@@ -1346,7 +1407,7 @@ def sample_chains(target: SamplingTarget, *, num_chains: int = 4, num_steps: int
     run_kwargs = dict(num_chains=num_chains, step_size=step_size, localization=localization,
                       nbeta=nbeta, sampler=sampler, seed=seed, sampler_kwargs=sampler_kwargs,
                       acceptance_steps=acceptance_steps, compile=compile,
-                      expected_calls=expected_calls)
+                      expected_calls=expected_calls, reuse_buffers=True)
     t0 = time.perf_counter()
     lean = not sampler_kwargs and target.uses_lean(sampler)  # workers never compile
     chunks = _parallel.iter_chunks(run_chains, target, run_plan, num_steps=num_steps,
