@@ -69,6 +69,9 @@ LEAN_MIN_DIM = 1 << 20
 #: this size. The gradients are the same numbers either way (each chain's loss enters the sum
 #: with weight 1).
 PER_CHAIN_BACKWARD_MIN_DIM = 1 << 16
+#: A gradient probe (:meth:`SamplingTarget.gradient_seconds`) that takes this long is not
+#: repeated (the probe decides only whether parallel workers pay: an order of magnitude).
+_PROBE_ONCE_SECONDS = 0.02
 
 
 # --------------------------------------------------------------------------------------------
@@ -516,7 +519,8 @@ class SamplingTarget:
         return per_chain
 
     def gradient_seconds(self) -> float:
-        """Wall time of one chain's gradient on one minibatch at w* (best of two; cached).
+        """Wall time of one chain's gradient on one minibatch at w* (best of two, or the first
+        when it takes ``_PROBE_ONCE_SECONDS`` or more; cached).
 
         Used only to decide whether running the chains in parallel pays (never affects results).
         """
@@ -531,6 +535,8 @@ class SamplingTarget:
                         fn(self._anchor_parts, *batch)
                         self._sync()
                         best = min(best, time.perf_counter() - t0)
+                        if best >= _PROBE_ONCE_SECONDS:  # long enough to trust: one is enough
+                            break
             except InvalidInputError:
                 raise
             except Exception:  # noqa: BLE001 - a loss torch.func cannot trace: use the estimate
