@@ -257,8 +257,8 @@ def bare_chain(model, x, y, per_sample, cfg, steps, seed):
 def step_cpu(workload: str, rounds: int, steps: int, chains: int) -> None:
     """CPU time per chain-step of the sampling loop alone, one intra-op thread, in one process:
     the bare loop vs ours (``run_chains`` as ``sample_chains`` runs it) vs ours as it was before
-    the per-chain backward and the in-place update (``PER_CHAIN_BACKWARD_MIN_DIM`` above the
-    model, ``reuse_buffers=False``). Short bursts of ``steps`` steps of ``chains`` chains,
+    the per-chain backward and the in-place update (``PER_CHAIN_BACKWARD_MIN_BYTES`` above any
+    model's activations, ``reuse_buffers=False``). Short bursts of ``steps`` steps of ``chains`` chains,
     interleaved; user + system CPU time (``getrusage``, robust to other processes' load, unlike
     wall time) and minor page faults per chain-step. No estimate-level work (L(w*), MALA checks,
     planning) is included: this is the per-step overhead against a bare loop."""
@@ -280,13 +280,13 @@ def step_cpu(workload: str, rounds: int, steps: int, chains: int) -> None:
                                      compile=False)
     run = dict(num_chains=chains, num_steps=steps, step_size=cfg["step_size"],
                localization=cfg["localization"], nbeta=n / math.log(n), seed=0, compile=False)
-    fresh = sampling.PER_CHAIN_BACKWARD_MIN_DIM
+    fresh = sampling.PER_CHAIN_BACKWARD_MIN_BYTES
 
     def ours(before: bool) -> list:
-        sampling.PER_CHAIN_BACKWARD_MIN_DIM = 1 << 62 if before else fresh
+        sampling.PER_CHAIN_BACKWARD_MIN_BYTES = 1 << 62 if before else fresh
         out = [(info.loss.clone(), info.correction.clone(), state.params.clone())
                for _, state, info in sampling.run_chains(target, reuse_buffers=not before, **run)]
-        sampling.PER_CHAIN_BACKWARD_MIN_DIM = fresh
+        sampling.PER_CHAIN_BACKWARD_MIN_BYTES = fresh
         return out
 
     variants = {"bare": lambda: [bare_chain(model, x, y, per_sample, cfg, steps, c)
@@ -372,11 +372,15 @@ def worker(impl: str, workload: str, calls: int, machine_defaults: bool) -> None
     times, values, cpu = [], [], []
     for call in range(calls):
         model, x, y, per_sample = build(workload, seed=call)
-        t0, r0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
+        def used() -> float:  # this process and its finished children (ours_process)
+            return sum(r.ru_utime + r.ru_stime for r in (
+                resource.getrusage(resource.RUSAGE_SELF),
+                resource.getrusage(resource.RUSAGE_CHILDREN)))
+
+        t0, c0 = time.perf_counter(), used()
         values.append(fn(model, x, y, per_sample, cfg, call))
         times.append(time.perf_counter() - t0)
-        r1 = resource.getrusage(resource.RUSAGE_SELF)
-        cpu.append(r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime)
+        cpu.append(used() - c0)
     print("RESULT " + json.dumps({"times": times, "values": values, "stderr": STDERR,
                                   "compiled": any(COMPILED),
                                   "threads": torch.get_num_threads(), "cpu": cpu}))

@@ -243,7 +243,7 @@ def test_in_place_steps_match_the_kernel_bitwise(problem, case, monkeypatch):
         mask[:, 1:] = True
         kw["params"] = {"0.weight": mask, "1.weight": torch.ones_like(model[1].weight)}
     if case == "per_chain_backward":
-        monkeypatch.setattr(sampling, "PER_CHAIN_BACKWARD_MIN_DIM", 0)
+        monkeypatch.setattr(sampling, "PER_CHAIN_BACKWARD_MIN_BYTES", 0)
     target = prepare_target(model, data, loss_fn, compile=False, **kw)
     run = dict(num_chains=3, num_steps=9, step_size=1e-3, localization=2.0, nbeta=50.0, seed=5,
                acceptance_steps=[0, 4, 8], compile=False)

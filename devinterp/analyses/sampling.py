@@ -61,14 +61,16 @@ _MODE_CACHE: dict[tuple, str] = {}
 #: temporaries per step. Below it the chains share
 #: one backward pass (less autograd overhead).
 LEAN_MIN_DIM = 1 << 20
-#: From this many sampled coordinates on (and below ``LEAN_MIN_DIM``), the loop mode runs each
-#: chain's backward pass right after its forward pass instead of one backward pass for the sum
-#: of all chains' losses: only one chain's activations exist at a time (a smaller working set,
-#: fewer fresh pages from the allocator: ~5% less CPU per step on the 206k-parameter transformer
-#: of ``benchmarks/llc_throughput.py``), for one more autograd call per chain, negligible at
-#: this size. The gradients are the same numbers either way (each chain's loss enters the sum
-#: with weight 1).
-PER_CHAIN_BACKWARD_MIN_DIM = 1 << 16
+#: When one chain's forward pass saves at least this many bytes of activations for its backward
+#: pass (measured once per target, on the first step), the loop mode (below ``LEAN_MIN_DIM``)
+#: runs each chain's backward pass right after its forward pass instead of one backward pass
+#: for the sum of all chains' losses: only one chain's activations exist at a time (a smaller
+#: working set, far fewer fresh pages from the allocator: 1554 → 62 page faults and ~6% less
+#: CPU per chain-step on the 206k-parameter transformer of ``benchmarks/llc_throughput.py
+#: --step-cpu``, 17 MB of activations per chain). Small activations keep the shared pass (the
+#: 784-128-128-10 MLP at batch 256, 1.3 MB: ~5% slower with one pass per chain). The gradients
+#: are the same numbers either way (each chain's loss enters the sum with weight 1).
+PER_CHAIN_BACKWARD_MIN_BYTES = 4 << 20
 #: A gradient probe (:meth:`SamplingTarget.gradient_seconds`) that takes this long is not
 #: repeated (the probe decides only whether parallel workers pay: an order of magnitude).
 _PROBE_ONCE_SECONDS = 0.02
@@ -325,6 +327,9 @@ class SamplingTarget:
         self._vmapped: dict[bool, Callable] = {}
         self._batch_cache: tuple[tuple, list[Tensor], list[Any]] | None = None
         self._grad_seconds: float | None = None
+        #: bytes one chain's forward pass saves for the backward pass in loop mode (activations;
+        #: the parameters excluded), measured on the first step of several chains
+        self._saved_bytes: int | None = None
         #: rows of a buffer owned by the caller (parallel runs) that the lean path uses as its
         #: chains' parameters, so that the merged result needs no copy
         self.external_work: Tensor | None = None
@@ -491,9 +496,17 @@ class SamplingTarget:
             work[:chains].copy_(flat)
             gbuf.zero_()
         losses = []
-        each = chains > 1 and self.dim >= PER_CHAIN_BACKWARD_MIN_DIM
+        each = None if chains > 1 else False
         for c, chain_batch in enumerate(self._chain_batches(batch, shared, chains)):
-            loss = self._chain_loss(c, chain_batch, batch, shared)
+            if each is None and self._saved_bytes is None:
+                counter = _SavedBytes(work)
+                with torch.autograd.graph.saved_tensors_hooks(counter.pack, counter.unpack):
+                    loss = self._chain_loss(c, chain_batch, batch, shared)
+                self._saved_bytes = counter.total
+            else:
+                loss = self._chain_loss(c, chain_batch, batch, shared)
+            if each is None:
+                each = self._saved_bytes >= PER_CHAIN_BACKWARD_MIN_BYTES
             if each:  # this chain's activations are freed before the next chain's forward
                 loss.backward()
                 loss = loss.detach()
@@ -1296,6 +1309,24 @@ def _masked_drift(ps: Tensor, gs: Tensor, anchor: Tensor, mask: Tensor | None, n
         gs.mul_(mask)
     gs.add_(diff, alpha=localization)
     return diff
+
+
+class _SavedBytes:
+    """Counts the bytes autograd saves for the backward pass (``saved_tensors_hooks``), except
+    those of the parameters (views of ``work``)."""
+
+    def __init__(self, work: Tensor):
+        self.work = work.untyped_storage().data_ptr()
+        self.total = 0
+
+    def pack(self, t: Tensor) -> Tensor:
+        if t.untyped_storage().data_ptr() != self.work:
+            self.total += t.numel() * t.element_size()
+        return t
+
+    @staticmethod
+    def unpack(t: Tensor) -> Tensor:
+        return t
 
 
 class _LeanMove(NamedTuple):
