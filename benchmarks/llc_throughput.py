@@ -28,12 +28,20 @@ mean time per estimate over ``--calls`` estimates in one process (new weights ea
 walking through snapshots). devinterp 2.0.1 runs in its own virtual env (``--devinterp-python``);
 it is skipped with a message when that interpreter is missing.
 
+Every estimate's CPU time (user + system of every thread and finished child process) is
+recorded too and printed as CPU-time ratios next to the wall-time ones: robust to the machine's
+load where wall time is not (with ``--machine-defaults`` the sequential implementations' OpenMP
+threads also count their spin-waiting). ``--step-cpu`` measures the sampling loop alone, CPU time
+per chain-step in one process (:func:`step_cpu`): the bare loop, ours, and ours as it ran before
+the per-chain backward and the in-place update.
+
 Usage::
 
     python benchmarks/llc_throughput.py [--rounds 3] [--calls 10] [--workloads dln,mlp]
         [--devinterp-python /tmp/venv-devinterp/bin/python] [--no-devinterp] [--compile]
     python benchmarks/llc_throughput.py --workloads transformer --machine-defaults --calls 1
     python benchmarks/llc_throughput.py --workloads tf2m,tf10m --calls 1 --rounds 1 --no-devinterp
+    python benchmarks/llc_throughput.py --step-cpu --workloads transformer --rounds 12
 
 devinterp 2.0.1's environment::
 
