@@ -256,3 +256,6 @@ def test_in_place_steps_match_the_kernel_bitwise(problem, case, monkeypatch):
         for x, y in zip(a, b, strict=True):
             assert (x is None and y is None) or torch.equal(x, y)
     assert sum(a[3] is not None for a in got) == 3
+    # the activations of one chain's forward pass were measured (they decide per-chain backward)
+    assert 0 < target._saved_bytes < sampling.PER_CHAIN_BACKWARD_MIN_BYTES or case == (
+        "per_chain_backward")

@@ -500,7 +500,7 @@ class SamplingTarget:
         for c, chain_batch in enumerate(self._chain_batches(batch, shared, chains)):
             if each is None and self._saved_bytes is None:
                 counter = _SavedBytes(work)
-                with torch.autograd.graph.saved_tensors_hooks(counter.pack, counter.unpack):
+                with counter.hooks():
                     loss = self._chain_loss(c, chain_batch, batch, shared)
                 self._saved_bytes = counter.total
             else:
@@ -1320,13 +1320,32 @@ class _SavedBytes:
         self.total = 0
 
     def pack(self, t: Tensor) -> Tensor:
-        if t.untyped_storage().data_ptr() != self.work:
+        try:
+            ptr = t.untyped_storage().data_ptr()
+        except (RuntimeError, NotImplementedError):  # e.g. a sparse tensor: no storage
+            ptr = None
+        if ptr != self.work:
             self.total += t.numel() * t.element_size()
         return t
 
     @staticmethod
     def unpack(t: Tensor) -> Tensor:
         return t
+
+    @contextlib.contextmanager
+    def hooks(self) -> Iterator[None]:
+        """Count while the context runs (nothing is counted where saved-tensor hooks are
+        disabled: the chains then share one backward pass)."""
+        ctx = torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
+        try:
+            ctx.__enter__()
+        except RuntimeError:
+            yield
+            return
+        try:
+            yield
+        finally:
+            ctx.__exit__(None, None, None)
 
 
 class _LeanMove(NamedTuple):
