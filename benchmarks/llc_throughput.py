@@ -28,12 +28,20 @@ mean time per estimate over ``--calls`` estimates in one process (new weights ea
 walking through snapshots). devinterp 2.0.1 runs in its own virtual env (``--devinterp-python``);
 it is skipped with a message when that interpreter is missing.
 
+Every estimate's CPU time (user + system of every thread and finished child process) is
+recorded too and printed as CPU-time ratios next to the wall-time ones: robust to the machine's
+load where wall time is not (with ``--machine-defaults`` the sequential implementations' OpenMP
+threads also count their spin-waiting). ``--step-cpu`` measures the sampling loop alone, CPU time
+per chain-step in one process (:func:`step_cpu`): the bare loop, ours, and ours as it ran before
+the per-chain backward and the in-place update.
+
 Usage::
 
     python benchmarks/llc_throughput.py [--rounds 3] [--calls 10] [--workloads dln,mlp]
         [--devinterp-python /tmp/venv-devinterp/bin/python] [--no-devinterp] [--compile]
     python benchmarks/llc_throughput.py --workloads transformer --machine-defaults --calls 1
     python benchmarks/llc_throughput.py --workloads tf2m,tf10m --calls 1 --rounds 1 --no-devinterp
+    python benchmarks/llc_throughput.py --step-cpu --workloads transformer --rounds 12
 
 devinterp 2.0.1's environment::
 
@@ -212,36 +220,118 @@ def run_bare(model, x, y, per_sample, cfg, seed):
 
     n = len(x)
     nbeta = n / math.log(n)
-    eps, gamma, b = cfg["step_size"], cfg["localization"], cfg["batch"]
     with torch.no_grad():
         init_loss = float(per_sample(model, x, y).mean())
     means = []
     for c in range(cfg["chains"]):
-        chain_model = copy.deepcopy(model)
-        params = [p for p in chain_model.parameters() if p.requires_grad]
-        anchor = [p.detach().clone() for p in params]
-        gen = torch.Generator().manual_seed(seed * 1000 + c)
-        perm, pos = torch.randperm(n, generator=gen), 0
-        losses = []
-        for step in range(cfg["burnin"] + cfg["draws"]):
-            if pos + b > n:
-                perm, pos = torch.randperm(n, generator=gen), 0
-            idx = perm[pos:pos + b]
-            pos += b
-            loss = per_sample(chain_model, x[idx], y[idx]).mean()
-            grads = torch.autograd.grad(loss, params)
-            with torch.no_grad():
-                for p, g, a in zip(params, grads, anchor, strict=True):
-                    drift = nbeta * g + gamma * (p - a)
-                    p.add_(drift, alpha=-eps / 2)
-                    p.add_(torch.randn(p.shape, generator=gen), alpha=math.sqrt(eps))
-            if step >= cfg["burnin"]:
-                losses.append(loss.detach())
-        means.append(float(torch.stack(losses).mean()))
+        losses = bare_chain(model, x, y, per_sample, cfg, cfg["burnin"] + cfg["draws"],
+                            seed * 1000 + c)
+        means.append(float(torch.stack(losses[cfg["burnin"]:]).mean()))
     per_chain = [nbeta * (m - init_loss) for m in means]
     if len(per_chain) > 1:
         STDERR.append(statistics.stdev(per_chain) / math.sqrt(len(per_chain)))
     return sum(per_chain) / len(per_chain)
+
+
+def bare_chain(model, x, y, per_sample, cfg, steps, seed):
+    """One chain of the bare loop: its minibatch losses (``steps`` SGLD steps from ``model``)."""
+    import torch
+
+    n = len(x)
+    nbeta = n / math.log(n)
+    eps, gamma, b = cfg["step_size"], cfg["localization"], cfg["batch"]
+    chain_model = copy.deepcopy(model)
+    params = [p for p in chain_model.parameters() if p.requires_grad]
+    anchor = [p.detach().clone() for p in params]
+    gen = torch.Generator().manual_seed(seed)
+    perm, pos = torch.randperm(n, generator=gen), 0
+    losses = []
+    for _ in range(steps):
+        if pos + b > n:
+            perm, pos = torch.randperm(n, generator=gen), 0
+        idx = perm[pos:pos + b]
+        pos += b
+        loss = per_sample(chain_model, x[idx], y[idx]).mean()
+        grads = torch.autograd.grad(loss, params)
+        with torch.no_grad():
+            for p, g, a in zip(params, grads, anchor, strict=True):
+                drift = nbeta * g + gamma * (p - a)
+                p.add_(drift, alpha=-eps / 2)
+                p.add_(torch.randn(p.shape, generator=gen), alpha=math.sqrt(eps))
+        losses.append(loss.detach())
+    return losses
+
+
+def step_cpu(workload: str, rounds: int, steps: int, chains: int) -> None:
+    """CPU time per chain-step of the sampling loop alone, one intra-op thread, in one process:
+    the bare loop vs ours (``run_chains`` as ``sample_chains`` runs it) vs ours as it was before
+    the per-chain backward and the in-place update (``PER_CHAIN_BACKWARD_MIN_BYTES`` above any
+    model's activations, ``reuse_buffers=False``). Short bursts of ``steps`` steps of ``chains`` chains,
+    interleaved; user + system CPU time (``getrusage``, robust to other processes' load, unlike
+    wall time) and minor page faults per chain-step. No estimate-level work (L(w*), MALA checks,
+    planning) is included: this is the per-step overhead against a bare loop."""
+    import resource
+
+    import torch
+
+    from devinterp.analyses import sampling
+
+    torch.set_num_threads(1)
+    cfg = WORKLOADS[workload]
+    model, x, y, per_sample = build(workload, 0)
+    n = len(x)
+
+    def loss_fn(m, batch):
+        return per_sample(m, batch[0], batch[1]).mean()
+
+    target = sampling.prepare_target(model, (x, y), loss_fn, batch_size=cfg["batch"],
+                                     compile=False)
+    run = dict(num_chains=chains, num_steps=steps, step_size=cfg["step_size"],
+               localization=cfg["localization"], nbeta=n / math.log(n), seed=0, compile=False)
+    fresh = sampling.PER_CHAIN_BACKWARD_MIN_BYTES
+
+    def ours(before: bool) -> list:
+        sampling.PER_CHAIN_BACKWARD_MIN_BYTES = 1 << 62 if before else fresh
+        out = [(info.loss.clone(), info.correction.clone(), state.params.clone())
+               for _, state, info in sampling.run_chains(target, reuse_buffers=not before, **run)]
+        sampling.PER_CHAIN_BACKWARD_MIN_BYTES = fresh
+        return out
+
+    variants = {"bare": lambda: [bare_chain(model, x, y, per_sample, cfg, steps, c)
+                                 for c in range(chains)],
+                "ours_before": lambda: ours(True), "ours": lambda: ours(False)}
+    same = all(torch.equal(a, b) for u, v in zip(ours(True), ours(False), strict=True)
+               for a, b in zip(u, v, strict=True))
+    print(f"ours and ours_before: losses, corrections and parameters bitwise equal: {same}")
+    for f in variants.values():  # warm-up
+        f()
+    rows = {k: [] for k in variants}
+    for r in range(rounds):
+        for k, f in variants.items():
+            a = resource.getrusage(resource.RUSAGE_SELF)
+            f()
+            z = resource.getrusage(resource.RUSAGE_SELF)
+            per = steps * chains
+            rows[k].append(((z.ru_utime - a.ru_utime) / per * 1e3,
+                            (z.ru_stime - a.ru_stime) / per * 1e3,
+                            (z.ru_minflt - a.ru_minflt) / per))
+        if r == 0 or r + 1 == rounds:
+            print(f"  round {r}: load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}",
+                  flush=True)
+    cpu = {k: [u + s for u, s, _ in v] for k, v in rows.items()}
+    print(f"  CPU ms per chain-step ({rounds} rounds of {chains} chains x {steps} steps, "
+          "one thread): median / lower quartile; user, system, page faults (medians)")
+    for k, v in rows.items():
+        q1 = statistics.quantiles(cpu[k], n=4)[0]
+        print(f"    {k:12s} {statistics.median(cpu[k]):7.2f} / {q1:7.2f}   user "
+              f"{statistics.median(u for u, _, _ in v):7.2f}  sys "
+              f"{statistics.median(s for _, s, _ in v):5.2f}  faults "
+              f"{statistics.median(f for _, _, f in v):6.0f}")
+    for k in ("ours_before", "ours"):
+        per_round = [b / o for o, b in zip(cpu[k], cpu["bare"], strict=True)]
+        print(f"  speed-up per step {k:12s} vs bare (CPU time): "
+              f"{statistics.median(cpu['bare']) / statistics.median(cpu[k]):.3f}x median, "
+              f"rounds {statistics.quantiles(per_round, n=4)[0]:.3f}..{statistics.quantiles(per_round, n=4)[2]:.3f} (quartiles)")
 
 
 def run_devinterp(model, x, y, per_sample, cfg, seed):
@@ -285,15 +375,23 @@ def worker(impl: str, workload: str, calls: int, machine_defaults: bool) -> None
         torch.set_num_threads(1)
     cfg = dict(WORKLOADS[workload], expected_calls=calls, machine_defaults=machine_defaults)
     fn = IMPLS[impl]
-    times, values = [], []
+    import resource
+
+    times, values, cpu = [], [], []
     for call in range(calls):
         model, x, y, per_sample = build(workload, seed=call)
-        t0 = time.perf_counter()
+        def used() -> float:  # this process and its finished children (ours_process)
+            return sum(r.ru_utime + r.ru_stime for r in (
+                resource.getrusage(resource.RUSAGE_SELF),
+                resource.getrusage(resource.RUSAGE_CHILDREN)))
+
+        t0, c0 = time.perf_counter(), used()
         values.append(fn(model, x, y, per_sample, cfg, call))
         times.append(time.perf_counter() - t0)
+        cpu.append(used() - c0)
     print("RESULT " + json.dumps({"times": times, "values": values, "stderr": STDERR,
                                   "compiled": any(COMPILED),
-                                  "threads": torch.get_num_threads()}))
+                                  "threads": torch.get_num_threads(), "cpu": cpu}))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -340,7 +438,19 @@ def main() -> int:
     ap.add_argument("--machine-defaults", action="store_true",
                     help="no thread limits: every implementation uses all cores its own way; "
                          "adds ours_process (chain workers as processes rather than threads)")
+    ap.add_argument("--step-cpu", action="store_true",
+                    help="CPU time per chain-step of the sampling loop alone (bare loop vs ours "
+                         "vs ours before the in-place update), one process, one thread")
+    ap.add_argument("--steps", type=int, default=4, help="steps per burst with --step-cpu")
+    ap.add_argument("--chains", type=int, default=2, help="chains per burst with --step-cpu "
+                    "(2: one worker's group on 2 cores)")
     args = ap.parse_args()
+    if args.step_cpu:
+        print(f"command: {' '.join([Path(sys.executable).name] + sys.argv)}")
+        for workload in args.workloads.split(","):
+            print(f"\n== {workload}: sampling loop only")
+            step_cpu(workload, args.rounds, args.steps, args.chains)
+        return 0
     if args.worker:
         worker(args.worker, args.workload, args.calls, args.machine_defaults)
         return 0
@@ -369,6 +479,7 @@ def main() -> int:
         rep = {i: [] for i in impls}
         vals = {i: [] for i in impls}
         errs = {i: [] for i in impls}
+        cpus = {i: [] for i in impls}  # CPU seconds (user + system, every thread) of "cold"
         for r in range(args.rounds):
             print(f"  round {r}: load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}",
                   flush=True)
@@ -378,6 +489,7 @@ def main() -> int:
                 if out is None:
                     continue
                 cold[impl].append(out["times"][0])
+                cpus[impl].append(out["cpu"][0])
                 rep[impl].append(statistics.mean(out["times"]))
                 vals[impl].append(out["values"][0])
                 se = out["stderr"][0] if out.get("stderr") else float("nan")
@@ -395,7 +507,8 @@ def main() -> int:
 
         print(f"  median seconds per estimate ({args.rounds} rounds):")
         for impl in impls:
-            print(f"    {impl:11s} cold {med(cold, impl):7.3f}  repeated {med(rep, impl):7.3f}")
+            print(f"    {impl:11s} cold {med(cold, impl):7.3f}  repeated {med(rep, impl):7.3f}  "
+                  f"CPU (cold) {med(cpus, impl):7.3f}")
         if workload in TRANSFORMERS:
             params = sum(p.numel() for p in build(workload, 0)[0].parameters())
             tokens = cfg["batch"] * cfg["seq"]
@@ -427,6 +540,13 @@ def main() -> int:
                     spread = (f" (rounds {min(per_round):.2f}..{max(per_round):.2f})"
                               if per_round else "")
                     print(f"  speed-up {kind:8s} {ours:11s} vs {base:11s}: {ratio:5.2f}x{spread}")
+        for ours in mine:  # robust to the machine's load; with --machine-defaults the
+            # intra-op threads of the others also count their OpenMP spin-waiting
+            for base in [i for i in impls if i not in mine and cpus[i] and cpus[ours]]:
+                per_round = [b / o for o, b in zip(cpus[ours], cpus[base], strict=False)]
+                print(f"  CPU-time ratio cold {ours:11s} vs {base:11s}: "
+                      f"{med(cpus, base) / med(cpus, ours):5.2f}x (rounds "
+                      f"{min(per_round):.2f}..{max(per_round):.2f})")
     return 0
 
 

@@ -217,3 +217,45 @@ def test_negative_estimate_warns():
     assert r.mean < 0
     assert any("negative" in w for w in r.warnings)
     assert any("below L(w*)" in w for w in r.warnings)
+
+
+def _steps(target, **kw):
+    out, last = [], None
+    for _, state, info in run_chains(target, **kw):
+        out.append((info.loss.clone(), info.correction.clone(), info.sampler_info.drift.clone(),
+                    None if info.acceptance is None else info.acceptance.clone()))
+        last = state.params
+    return out, last.clone()
+
+
+@pytest.mark.parametrize("case", ["minibatch", "full_batch", "mask", "per_chain_backward"])
+def test_in_place_steps_match_the_kernel_bitwise(problem, case, monkeypatch):
+    """sample_chains' in-place SGLD loop (reuse_buffers) gives the kernel path's numbers
+    exactly: losses, corrections, drifts, MALA acceptances and final parameters."""
+    from devinterp.analyses import sampling
+
+    model, data, loss_fn = problem.model, problem.data, problem.loss_fn
+    kw = dict(batch_size=64, vectorize=False)
+    if case == "full_batch":
+        kw["batch_size"] = len(data[0])
+    if case == "mask":
+        mask = torch.zeros_like(model[0].weight, dtype=torch.bool)
+        mask[:, 1:] = True
+        kw["params"] = {"0.weight": mask, "1.weight": torch.ones_like(model[1].weight)}
+    if case == "per_chain_backward":
+        monkeypatch.setattr(sampling, "PER_CHAIN_BACKWARD_MIN_BYTES", 0)
+    target = prepare_target(model, data, loss_fn, compile=False, **kw)
+    run = dict(num_chains=3, num_steps=9, step_size=1e-3, localization=2.0, nbeta=50.0, seed=5,
+               acceptance_steps=[0, 4, 8], compile=False)
+    ref, ref_final = _steps(target, **run)
+    got, got_final = _steps(target, reuse_buffers=True, **run)
+    _, state, _ = next(run_chains(target, reuse_buffers=True, **run))
+    assert state.params.data_ptr() == target._work.data_ptr()  # the in-place path was taken
+    assert torch.equal(got_final, ref_final) and not torch.equal(got_final, target.anchor[None])
+    for a, b in zip(got, ref, strict=True):
+        for x, y in zip(a, b, strict=True):
+            assert (x is None and y is None) or torch.equal(x, y)
+    assert sum(a[3] is not None for a in got) == 3
+    # the activations of one chain's forward pass were measured (they decide per-chain backward)
+    assert 0 < target._saved_bytes < sampling.PER_CHAIN_BACKWARD_MIN_BYTES or case == (
+        "per_chain_backward")

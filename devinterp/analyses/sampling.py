@@ -61,6 +61,19 @@ _MODE_CACHE: dict[tuple, str] = {}
 #: temporaries per step. Below it the chains share
 #: one backward pass (less autograd overhead).
 LEAN_MIN_DIM = 1 << 20
+#: When one chain's forward pass saves at least this many bytes of activations for its backward
+#: pass (measured once per target, on the first step), the loop mode (below ``LEAN_MIN_DIM``)
+#: runs each chain's backward pass right after its forward pass instead of one backward pass
+#: for the sum of all chains' losses: only one chain's activations exist at a time (a smaller
+#: working set, far fewer fresh pages from the allocator: 1554 → 62 page faults and ~6% less
+#: CPU per chain-step on the 206k-parameter transformer of ``benchmarks/llc_throughput.py
+#: --step-cpu``, 17 MB of activations per chain). Small activations keep the shared pass (the
+#: 784-128-128-10 MLP at batch 256, 1.3 MB: ~5% slower with one pass per chain). The gradients
+#: are the same numbers either way (each chain's loss enters the sum with weight 1).
+PER_CHAIN_BACKWARD_MIN_BYTES = 4 << 20
+#: A gradient probe (:meth:`SamplingTarget.gradient_seconds`) that takes this long is not
+#: repeated (the probe decides only whether parallel workers pay: an order of magnitude).
+_PROBE_ONCE_SECONDS = 0.02
 
 
 # --------------------------------------------------------------------------------------------
@@ -314,6 +327,9 @@ class SamplingTarget:
         self._vmapped: dict[bool, Callable] = {}
         self._batch_cache: tuple[tuple, list[Tensor], list[Any]] | None = None
         self._grad_seconds: float | None = None
+        #: bytes one chain's forward pass saves for the backward pass in loop mode (activations;
+        #: the parameters excluded), measured on the first step of several chains
+        self._saved_bytes: int | None = None
         #: rows of a buffer owned by the caller (parallel runs) that the lean path uses as its
         #: chains' parameters, so that the merged result needs no copy
         self.external_work: Tensor | None = None
@@ -480,12 +496,26 @@ class SamplingTarget:
             work[:chains].copy_(flat)
             gbuf.zero_()
         losses = []
+        each = None if chains > 1 else False
         for c, chain_batch in enumerate(self._chain_batches(batch, shared, chains)):
-            losses.append(self._chain_loss(c, chain_batch, batch, shared))
+            if each is None and self._saved_bytes is None:
+                counter = _SavedBytes(work)
+                with counter.hooks():
+                    loss = self._chain_loss(c, chain_batch, batch, shared)
+                self._saved_bytes = counter.total
+            else:
+                loss = self._chain_loss(c, chain_batch, batch, shared)
+            if each is None:
+                each = self._saved_bytes >= PER_CHAIN_BACKWARD_MIN_BYTES
+            if each:  # this chain's activations are freed before the next chain's forward
+                loss.backward()
+                loss = loss.detach()
+            losses.append(loss)
         stacked = torch.stack(losses)
-        # one backward pass for all chains: their graphs are disjoint, so the gradient of the
-        # sum is each chain's own gradient
-        stacked.sum().backward()
+        if not each:
+            # one backward pass for all chains: their graphs are disjoint, so the gradient of
+            # the sum is each chain's own gradient
+            stacked.sum().backward()
         return gbuf[:chains].float(), stacked.detach().float()
 
     def _chain_batches(self, batch: list[Tensor], shared: bool, chains: int) -> list[Any]:
@@ -502,7 +532,8 @@ class SamplingTarget:
         return per_chain
 
     def gradient_seconds(self) -> float:
-        """Wall time of one chain's gradient on one minibatch at w* (best of two; cached).
+        """Wall time of one chain's gradient on one minibatch at w* (best of two, or the first
+        when it takes ``_PROBE_ONCE_SECONDS`` or more; cached).
 
         Used only to decide whether running the chains in parallel pays (never affects results).
         """
@@ -517,6 +548,8 @@ class SamplingTarget:
                         fn(self._anchor_parts, *batch)
                         self._sync()
                         best = min(best, time.perf_counter() - t0)
+                        if best >= _PROBE_ONCE_SECONDS:  # long enough to trust: one is enough
+                            break
             except InvalidInputError:
                 raise
             except Exception:  # noqa: BLE001 - a loss torch.func cannot trace: use the estimate
@@ -983,7 +1016,8 @@ def run_chains(target: SamplingTarget, *, num_chains: int, num_steps: int, step_
                sampler_kwargs: Mapping[str, Any] | None = None,
                acceptance_steps: Collection[int] = (), compile: bool | str | None = None,
                expected_calls: int | None = None, chain_ids: Sequence[int] | None = None,
-               restore_rng: bool = True) -> Iterator[tuple[int, Any, StepInfo]]:
+               restore_rng: bool = True, reuse_buffers: bool = False
+               ) -> Iterator[tuple[int, Any, StepInfo]]:
     """Advance ``num_chains`` chains from w* together in this thread and yield ``(step, state, info)``.
 
     ``state`` is the sampler state *after* the step, with ``params`` of shape ``(C, D)``;
@@ -1018,6 +1052,11 @@ def run_chains(target: SamplingTarget, *, num_chains: int, num_steps: int, step_
         chain_ids: run only these chains of the ``num_chains`` (their seeds, noise and
             minibatches are those they have in the full run); ``state`` then has one row each.
         restore_rng: save and restore the global RNG state around the run.
+        reuse_buffers: SGLD in loop mode (eager, float32) moves the chains in place in the
+            buffer the model copies read (no per-step copy and no fresh ``(C, D)``
+            temporaries; same numbers): ``state.params`` and ``info.sampler_info`` are then
+            buffers that the next step overwrites, except the last step's ``state.params``
+            (a copy). :func:`sample_chains` uses it.
     """
     if compile is not None:
         _compiled.check_compile_option(compile)
@@ -1052,6 +1091,11 @@ def run_chains(target: SamplingTarget, *, num_chains: int, num_steps: int, step_
         if lean:
             yield from _run_lean(target, streams, rows, num_steps, check, step_size=step_size,
                                  localization=localization, nbeta=nbeta)
+            return
+        if (reuse_buffers and fast is None and sampler == "sgld" and not kwargs
+                and target.mode == "loop" and {s.dtype for s in target.slots} == {torch.float32}):
+            yield from _run_in_place(target, streams, rows, num_steps, check,
+                                     step_size=step_size, localization=localization, nbeta=nbeta)
             return
         state = kernel.init(target.anchor.expand(rows, -1), target.anchor, target.mask,
                             **init_kwargs)
@@ -1092,6 +1136,56 @@ def run_chains(target: SamplingTarget, *, num_chains: int, num_steps: int, step_
     finally:
         if saved is not None:
             _restore_rng(saved)
+
+
+def _run_in_place(target: SamplingTarget, streams: _Streams, rows: int, num_steps: int,
+                  check: set[int], *, step_size: float, localization: float, nbeta: float
+                  ) -> Iterator[tuple[int, Any, StepInfo]]:
+    """SGLD in loop mode with the chains moved in place in the model copies' buffer.
+
+    The same operations as :func:`devinterp.sgmcmc.sgld.step` (so the same numbers), written
+    into buffers made once per run: the drift and the scaled noise, and the new parameters
+    into the rows of ``target._work`` that the model copies read, so the next gradient needs
+    no copy of the parameters (:meth:`SamplingTarget._grad_loop` copies a buffer onto itself:
+    a no-op). A checked step keeps a copy of the parameters before the move.
+    """
+    target._ensure_copies(rows)
+    work = target._work
+    assert work is not None
+    anchor, mask = target.anchor, target.mask
+    params = work[:rows]
+    with torch.no_grad():
+        params.copy_(anchor.expand(rows, -1))
+    drift, scaled = torch.empty_like(params), torch.empty_like(params)
+    sq, half = math.sqrt(step_size), -step_size / 2
+    state = sgld.SGLDState(params, anchor, mask)
+    step = 0
+    while step < num_steps:
+        count = min(streams.chunk, num_steps - step)
+        noise = streams.next_chunk(count)
+        for k in range(count):
+            batch = streams.batch(k)
+            grads, loss = target.grad_and_loss(params, batch, target.full_batch)
+            with torch.no_grad():
+                # sgld.drift and sgld.step, into the run's buffers
+                torch.sub(params, anchor, out=drift).mul_(localization).add_(grads, alpha=nbeta)
+                if mask is not None:
+                    drift.mul_(mask)
+                torch.mul(noise[:, k], sq, out=scaled)
+                if mask is not None:
+                    scaled.mul_(mask)
+                corr = discretisation_correction(params, anchor, drift, step_size=step_size,
+                                                 localization=localization)
+                old = state._replace(params=params.clone()) if step in check else None
+                params.add_(drift, alpha=half).add_(scaled)
+            info = sgld.SGLDInfo(drift, noise[:, k])
+            acc = None
+            if old is not None:
+                acc = _acceptance(target, old, state, info, loss, batch, target.full_batch,
+                                  step_size=step_size, localization=localization, nbeta=nbeta)
+            out = state if step + 1 < num_steps else state._replace(params=params.clone())
+            yield step, out, StepInfo(loss, info, acc, corr)
+            step += 1
 
 
 def _run_lean(target: SamplingTarget, streams: _Streams, rows: int, num_steps: int,
@@ -1219,6 +1313,43 @@ def _masked_drift(ps: Tensor, gs: Tensor, anchor: Tensor, mask: Tensor | None, n
     return diff
 
 
+class _SavedBytes:
+    """Counts the bytes autograd saves for the backward pass (``saved_tensors_hooks``), except
+    those of the parameters (views of ``work``)."""
+
+    def __init__(self, work: Tensor):
+        self.work = work.untyped_storage().data_ptr()
+        self.total = 0
+
+    def pack(self, t: Tensor) -> Tensor:
+        try:
+            ptr = t.untyped_storage().data_ptr()
+        except (RuntimeError, NotImplementedError):  # e.g. a sparse tensor: no storage
+            ptr = None
+        if ptr != self.work:
+            self.total += t.numel() * t.element_size()
+        return t
+
+    @staticmethod
+    def unpack(t: Tensor) -> Tensor:
+        return t
+
+    @contextlib.contextmanager
+    def hooks(self) -> Iterator[None]:
+        """Count while the context runs (nothing is counted where saved-tensor hooks are
+        disabled: the chains then share one backward pass)."""
+        ctx = torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
+        try:
+            ctx.__enter__()
+        except RuntimeError:
+            yield
+            return
+        try:
+            yield
+        finally:
+            ctx.__exit__(None, None, None)
+
+
 class _LeanMove(NamedTuple):
     """What the lean path's hooks need for one chain's step."""
 
@@ -1334,7 +1465,7 @@ def sample_chains(target: SamplingTarget, *, num_chains: int = 4, num_steps: int
     run_kwargs = dict(num_chains=num_chains, step_size=step_size, localization=localization,
                       nbeta=nbeta, sampler=sampler, seed=seed, sampler_kwargs=sampler_kwargs,
                       acceptance_steps=acceptance_steps, compile=compile,
-                      expected_calls=expected_calls)
+                      expected_calls=expected_calls, reuse_buffers=True)
     t0 = time.perf_counter()
     lean = not sampler_kwargs and target.uses_lean(sampler)  # workers never compile
     chunks = _parallel.iter_chunks(run_chains, target, run_plan, num_steps=num_steps,
