@@ -40,8 +40,9 @@ class SyntheticCurve:
         widths: True logistic widths in log-step units.
         amplitudes: True signed amplitudes in noise sd.
         noise_sd: Noise sd in the units of ``values``.
-        noise: ``"gaussian"`` or ``"student_t"``.
+        noise: ``"gaussian"``, ``"student_t"`` or ``"laplace"``.
         drift: The drift family.
+        clean: The noise-free values (drift plus transitions, same scale and offset as ``values``).
     """
 
     steps: np.ndarray
@@ -52,6 +53,7 @@ class SyntheticCurve:
     noise_sd: float
     noise: str
     drift: str
+    clean: np.ndarray | None = None
 
 
 def log_steps(rng: np.random.Generator, n_points: int, start: float, stop: float,
@@ -145,10 +147,11 @@ def synthetic_curve(
         eps = rng.standard_t(df, n_points) / math.sqrt(df / (df - 2))
     else:  # laplace, unit sd
         eps = rng.laplace(0.0, 1.0 / math.sqrt(2.0), n_points)
+    clean = y.copy()
     y += eps
     scale, shift = 10 ** rng.uniform(-2, 2), rng.normal(0, 5)
     return SyntheticCurve(
-        steps=steps, values=shift + scale * y,
+        steps=steps, values=shift + scale * y, clean=shift + scale * clean,
         midpoints=tuple(float(np.exp(c) - 1.0) for c in centers),
         widths=tuple(float(w) for w in widths), amplitudes=tuple(float(a) for a in amps),
         noise_sd=float(scale), noise=noise, drift=drift,
@@ -198,6 +201,26 @@ class Score:
 def hit_tolerance(width: float) -> float:
     """A flag hits a true transition when ``|log(flag+1) - log(mid+1)| <= log(1.5) + width``."""
     return math.log(1.5) + width
+
+
+def clean_move(curve: SyntheticCurve, k: int) -> float:
+    """How far the noise-free curve moves across true transition ``k``, as a fraction of its range.
+
+    The move is read like :func:`~devinterp.analyses.transitions.online.relative_move` reads a
+    flag's: between the samples bracketing the transition's 10-90% span, signed so that a move the
+    transition's way is positive. A transition whose drift cancels it across its own span (a
+    plateau in a drifting curve) moves less than the detector's ``min_change`` (0.1 of the range):
+    a flag there would be a "tiny" flag by the real-run rule, so the detector does not report it.
+    """
+    from devinterp.analyses.transitions.detect import bracket
+
+    x = np.log(curve.steps + 1.0)
+    c = math.log(curve.midpoints[k] + 1.0)
+    half = math.log(9.0) * curve.widths[k]
+    i, j = bracket(x, c - half, c + half)
+    span = float(np.ptp(curve.clean))
+    sign = math.copysign(1.0, curve.amplitudes[k])  # the scale factor is positive
+    return float((curve.clean[j] - curve.clean[i]) * sign / span) if span > 0 else 0.0
 
 
 def match_detail(curve: SyntheticCurve, flagged_steps) -> tuple[tuple[bool, ...], int]:
