@@ -50,6 +50,7 @@ from devinterp.errors import (
 
 if TYPE_CHECKING:
     from devinterp.analyses.calibration import Calibration
+    from devinterp.analyses.relaxation import RelaxationCheck
 
 #: Warn when more than this fraction of draws lies below L_n(w*).
 BELOW_INIT_WARN = 0.3
@@ -101,6 +102,11 @@ class LLCDiagnostics:
         acceptance_per_chain: the same per chain.
         trend_z: second-half minus first-half mean of the draws, in standard errors.
         seconds: wall time of the sampling loop.
+        relaxation_deficit: the fraction of its equilibrium λ̂ is predicted to miss because
+            low-curvature directions have not relaxed within the chains (from the Hessian
+            spectrum at w*, :mod:`devinterp.analyses.relaxation`); NaN when not checked (models
+            with more than ``relaxation.MAX_PARAMS`` sampled weights, samplers other than SGLD,
+            or no room in the budget).
     """
 
     rhat: float
@@ -111,6 +117,7 @@ class LLCDiagnostics:
     acceptance_per_chain: tuple[float, ...]
     trend_z: float
     seconds: float
+    relaxation_deficit: float = float("nan")
 
 
 @dataclass(frozen=True)
@@ -139,6 +146,8 @@ class LLCResult:
         uncorrected: the plain estimate ``nβ·(mean draw loss − L_n(w*))`` (equal to ``mean``
             when no correction was applied).
         correction_trace: ``(chains, draws)`` per-step corrections, or None (read-only).
+        relaxation: the slow-direction check behind ``diagnostics.relaxation_deficit``
+            (:class:`~devinterp.analyses.relaxation.RelaxationCheck`), or None.
     """
 
     mean: float
@@ -156,6 +165,7 @@ class LLCResult:
     correction: float = 0.0
     uncorrected: float = float("nan")
     correction_trace: np.ndarray | None = field(default=None, repr=False, compare=False)
+    relaxation: RelaxationCheck | None = field(default=None, repr=False, compare=False)
 
     def llc_trace(self) -> np.ndarray:
         """Running estimate ``nβ·(mean of draws up to t − L_n(w*))`` per chain, ``(C, draws)``
@@ -182,6 +192,7 @@ class LLCResult:
             "llc/trend_z": d.trend_z,
             "llc/num_warnings": float(len(self.warnings)),
             "llc/correction": self.correction,
+            "llc/relaxation_deficit": d.relaxation_deficit,
         }
 
 
@@ -333,6 +344,8 @@ def estimate_llc(model: nn.Module | SamplingTarget, data: Any = None, loss_fn: L
         meter.add(_init_loss_cost(target))
     reused = calibration is not None
     with meter:
+        # first, so that the calibration fills what the budget leaves after it
+        eigenvalues = _relaxation_spectrum(target, sampler, budget, meter)
         if calibration is None and auto:
             from devinterp.analyses.calibration import calibrate
 
@@ -397,10 +410,44 @@ def estimate_llc(model: nn.Module | SamplingTarget, data: Any = None, loss_fn: L
                        seconds=traces.seconds,
                        corrections=traces.corrections if correct else None)
     result = replace(result, cost=meter.used)
+    if eigenvalues is not None:
+        result = _with_relaxation(result, eigenvalues, spent_before)
     if (num_chains, num_burnin, num_draws) != tuple(wanted):
         result = replace(result, warnings=result.warnings + (_budget_warning(
             result, budget, wanted, spent_before, len(checks), calibration),))
     return _finish(result, calibration, reused=reused)
+
+
+def _relaxation_spectrum(target: SamplingTarget, sampler: str, budget: int | None,
+                         meter: Meter) -> np.ndarray | None:
+    """Eigenvalues of ∇²L_n(w*) for the slow-direction check, when the model is small enough
+    and the spectrum fits in the budget (its cost is spent before the chains are planned)."""
+    from devinterp.analyses import relaxation
+
+    cost = relaxation.spectrum_cost(target)
+    if (sampler != "sgld" or target.num_selected > relaxation.MAX_PARAMS
+            or (budget is not None and cost > relaxation.MAX_BUDGET_SHARE * budget)):
+        return None
+    eigenvalues = relaxation.hessian_eigenvalues(target)
+    meter.add(cost)
+    return eigenvalues if len(eigenvalues) else None
+
+
+def _with_relaxation(result: LLCResult, eigenvalues: np.ndarray, spent: int) -> LLCResult:
+    """Attach the slow-direction check and warn when the draws are predicted to read low."""
+    from devinterp.analyses import relaxation
+
+    c = result.config
+    check = relaxation.check_relaxation(eigenvalues, nbeta=c.nbeta, step_size=c.step_size,
+                                        localization=c.localization, num_burnin=c.num_burnin,
+                                        num_draws=c.num_draws, cost=relaxation.spectrum_cost_of(
+                                            len(eigenvalues)))
+    warnings = result.warnings
+    if check.deficit > relaxation.DEFICIT_WARN:
+        warnings = warnings + (check.message(c.num_chains, c.num_burnin, c.num_draws, spent,
+                                             c.step_size),)
+    return replace(result, relaxation=check, warnings=warnings,
+                   diagnostics=replace(result.diagnostics, relaxation_deficit=check.deficit))
 
 
 def _init_loss_cost(target: SamplingTarget) -> int:
