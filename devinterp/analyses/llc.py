@@ -178,9 +178,10 @@ class LLCResult:
         return out
 
     def scalars(self) -> dict[str, float]:
-        """Flat ``{"llc/...": value}`` for loggers."""
+        """Flat ``{"llc/...": value}`` for loggers (``llc/relaxation_deficit`` only when the
+        slow-direction check ran)."""
         d = self.diagnostics
-        return {
+        out = {
             "llc/mean": self.mean,
             "llc/std": self.std,
             "llc/stderr": self.stderr,
@@ -192,8 +193,10 @@ class LLCResult:
             "llc/trend_z": d.trend_z,
             "llc/num_warnings": float(len(self.warnings)),
             "llc/correction": self.correction,
-            "llc/relaxation_deficit": d.relaxation_deficit,
         }
+        if math.isfinite(d.relaxation_deficit):  # only small models are checked
+            out["llc/relaxation_deficit"] = d.relaxation_deficit
+        return out
 
 
 def _acceptance_steps(num_burnin: int, num_draws: int, checks: int | None) -> list[int]:
