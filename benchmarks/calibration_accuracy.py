@@ -80,7 +80,8 @@ def run_one(problem, seed: int, budget: int | None = 5000) -> dict:
             "seconds": total, "warnings": res.warnings,
             "deficit": res.diagnostics.relaxation_deficit,
             "slow": res.relaxation is not None and any(
-                "slow direction" in w for w in res.warnings),
+                "have not relaxed" in w for w in res.warnings),
+            "replanned": any(w.startswith("re-planned") for w in res.warnings),
             "quadratic": float("nan") if res.relaxation is None else res.relaxation.equilibrium}
 
 
@@ -89,6 +90,7 @@ def _relax(r: dict) -> str:
     if r["deficit"] != r["deficit"]:  # NaN: not checked (too many weights)
         return "-"
     return (f"deficit {r['deficit']:.0%} (quadratic λ {r['quadratic']:.1f})"
+            f"{' RE-PLANNED (1 longer chain)' if r['replanned'] else ''}"
             f"{' SLOW-DIRECTIONS WARNING' if r['slow'] else ''}")
 
 

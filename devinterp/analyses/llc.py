@@ -371,6 +371,15 @@ def estimate_llc(model: nn.Module | SamplingTarget, data: Any = None, loss_fn: L
         step_size, localization = chosen["step_size"], chosen["localization"]
         nbeta = chosen.get("nbeta")
         nbeta = default_nbeta(target.n) if nbeta is None else nbeta
+        replanned = None
+        if (eigenvalues is not None and auto and not reused and calibration is not None
+                and calibration.ok
+                and all(v is None for v in (given["num_chains"], given["num_burnin"],
+                                            given["num_draws"], given["localization"]))):
+            replanned = _replan(eigenvalues, calibration, nbeta, step_size, localization,
+                                num_chains, num_burnin, num_draws)
+            if replanned is not None:
+                num_chains, num_burnin, num_draws, step_size, _ = replanned
         checks = _acceptance_steps(num_burnin, num_draws, num_acceptance_checks)
         meter.plan(meter.used + num_chains * (num_burnin + num_draws + len(checks)))
         why = ("calibrated" if calibration is not None and not reused else
@@ -415,6 +424,8 @@ def estimate_llc(model: nn.Module | SamplingTarget, data: Any = None, loss_fn: L
     result = replace(result, cost=meter.used)
     if eigenvalues is not None:
         result = _with_relaxation(result, eigenvalues, spent_before)
+    if replanned is not None:
+        result = replace(result, warnings=result.warnings + (replanned[4],))
     if (num_chains, num_burnin, num_draws) != tuple(wanted):
         result = replace(result, warnings=result.warnings + (_budget_warning(
             result, budget, wanted, spent_before, len(checks), calibration),))
@@ -434,6 +445,18 @@ def _relaxation_spectrum(target: SamplingTarget, sampler: str, budget: int | Non
     eigenvalues = relaxation.hessian_eigenvalues(target)
     meter.add(cost)
     return eigenvalues if len(eigenvalues) else None
+
+
+def _replan(eigenvalues: np.ndarray, calibration: Calibration, nbeta: float, step_size: float,
+            localization: float, num_chains: int, num_burnin: int, num_draws: int):
+    """One longer chain (at up to ε·h_max = 1) when the calibrated split is too slow."""
+    from devinterp.analyses import relaxation
+
+    curvature = getattr(calibration, "curvature", 0.0) or 0.0
+    top = 1.0 / curvature if curvature > 0 else step_size
+    return relaxation.replan(eigenvalues, nbeta=nbeta, step_size=step_size,
+                             localization=localization, num_chains=num_chains,
+                             num_burnin=num_burnin, num_draws=num_draws, max_step_size=top)
 
 
 def _with_relaxation(result: LLCResult, eigenvalues: np.ndarray, spent: int) -> LLCResult:

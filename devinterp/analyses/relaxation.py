@@ -147,3 +147,41 @@ def _round_up(x: float) -> int:
         return 0
     mag = 10 ** max(int(math.floor(math.log10(x))) - 1, 0)
     return int(math.ceil(x / mag) * mag)
+
+
+#: A re-plan must predict at most this fraction of the planned deficit to be used.
+REPLAN_GAIN = 0.8
+
+
+def replan(eigenvalues: np.ndarray, *, nbeta: float, step_size: float, localization: float,
+           num_chains: int, num_burnin: int, num_draws: int, max_step_size: float
+           ) -> tuple[int, int, int, float, str] | None:
+    """The same number of steps split for slow directions, when the planned split is too slow.
+
+    When the planned chains are predicted to miss more than :data:`DEFICIT_WARN` of the
+    equilibrium, try one chain with every step (half burn-in) at ``step_size`` and at up to
+    twice it (capped at ``max_step_size``; the step-size correction removes the first-order
+    bias of the larger step). Returns ``(chains, burn-in, draws, step size, note)`` for the
+    candidate with the smallest predicted deficit when it is at most :data:`REPLAN_GAIN` of the
+    planned one, else None.
+    """
+    h = np.clip(np.asarray(eigenvalues, dtype=np.float64) * nbeta, 0.0, None)
+    planned, _ = diag.relaxation_deficit(h, step_size, localization, num_burnin, num_draws)
+    if planned <= DEFICIT_WARN:
+        return None
+    total = num_chains * (num_burnin + num_draws)
+    burn = total // 2
+    best = None
+    for eps in sorted({step_size, min(2 * step_size, max(max_step_size, step_size))}):
+        deficit, _ = diag.relaxation_deficit(h, eps, localization, burn, total - burn)
+        if best is None or deficit < best[0]:
+            best = (deficit, eps)
+    deficit, eps = best
+    if deficit > REPLAN_GAIN * planned:
+        return None
+    note = (f"re-planned for slow directions: the {total:,} steps as 1 chain × ({burn} burn-in + "
+            f"{total - burn} draws) at step_size={eps:.3g} (planned: {num_chains} × "
+            f"({num_burnin} + {num_draws}) at {step_size:.3g}); the predicted relaxation deficit "
+            f"falls from {planned:.0%} to {deficit:.0%}. One chain gives no R-hat and a "
+            "within-chain stderr only")
+    return 1, burn, total - burn, float(eps), note
