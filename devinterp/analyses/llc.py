@@ -347,8 +347,9 @@ def estimate_llc(model: nn.Module | SamplingTarget, data: Any = None, loss_fn: L
         meter.add(_init_loss_cost(target))
     reused = calibration is not None
     with meter:
-        # first, so that the calibration fills what the budget leaves after it
-        eigenvalues = _relaxation_spectrum(target, sampler, budget, meter)
+        # before the calibration (its pilots' share of the budget is unchanged), which then
+        # fills what the budget leaves after both; the spectrum's cost is counted after it
+        eigenvalues, spectrum_cost = _relaxation_spectrum(target, sampler, budget)
         if calibration is None and auto:
             from devinterp.analyses.calibration import calibrate
 
@@ -356,7 +357,9 @@ def estimate_llc(model: nn.Module | SamplingTarget, data: Any = None, loss_fn: L
                                     nbeta=nbeta, sampler=sampler, sampler_kwargs=sampler_kwargs,
                                     num_chains=num_chains, seed=seed,
                                     compile=compile, expected_calls=expected_calls,
-                                    budget=budget, progress=progress, _meter=meter)
+                                    budget=budget, progress=progress, _meter=meter,
+                                    _reserve=spectrum_cost)
+        meter.add(spectrum_cost)
         chosen = dict(_DEFAULTS) if calibration is None else calibration.estimate_kwargs()
         given = {"num_chains": num_chains, "num_draws": num_draws, "num_burnin": num_burnin,
                  "localization": localization, "nbeta": nbeta,
@@ -432,19 +435,18 @@ def estimate_llc(model: nn.Module | SamplingTarget, data: Any = None, loss_fn: L
     return _finish(result, calibration, reused=reused)
 
 
-def _relaxation_spectrum(target: SamplingTarget, sampler: str, budget: int | None,
-                         meter: Meter) -> np.ndarray | None:
-    """Eigenvalues of ∇²L_n(w*) for the slow-direction check, when the model is small enough
-    and the spectrum fits in the budget (its cost is spent before the chains are planned)."""
+def _relaxation_spectrum(target: SamplingTarget, sampler: str, budget: int | None
+                         ) -> tuple[np.ndarray | None, int]:
+    """Eigenvalues of ∇²L_n(w*) for the slow-direction check and their cost in model
+    evaluations, when the model is small enough and the spectrum fits in the budget."""
     from devinterp.analyses import relaxation
 
     cost = relaxation.spectrum_cost(target)
     if (sampler != "sgld" or target.num_selected > relaxation.MAX_PARAMS
             or (budget is not None and cost > relaxation.MAX_BUDGET_SHARE * budget)):
-        return None
+        return None, 0
     eigenvalues = relaxation.hessian_eigenvalues(target)
-    meter.add(cost)
-    return eigenvalues if len(eigenvalues) else None
+    return (eigenvalues if len(eigenvalues) else None), cost
 
 
 def _replan(eigenvalues: np.ndarray, calibration: Calibration, nbeta: float, step_size: float,
