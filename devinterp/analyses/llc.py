@@ -374,6 +374,7 @@ def estimate_llc(model: nn.Module | SamplingTarget, data: Any = None, loss_fn: L
         step_size, localization = chosen["step_size"], chosen["localization"]
         nbeta = chosen.get("nbeta")
         nbeta = default_nbeta(target.n) if nbeta is None else nbeta
+        cut = (num_chains, num_burnin, num_draws) != tuple(wanted)  # by the budget
         replanned = None
         if (eigenvalues is not None and auto and not reused and calibration is not None
                 and calibration.ok
@@ -389,6 +390,8 @@ def estimate_llc(model: nn.Module | SamplingTarget, data: Any = None, loss_fn: L
                "from the calibration given" if reused else "given")
         if not auto:
             why = "given"
+        if replanned is not None:
+            why += ", re-planned as one longer chain for slow directions"
         meter.say(f"estimate_llc: {num_chains} chains × ({num_burnin} burn-in + {num_draws} "
                   f"draws) steps, step_size={step_size:.3g} ({why}), localization="
                   f"{localization:g}, nbeta={nbeta:.4g}, batch {target.batch_size} of n="
@@ -429,7 +432,7 @@ def estimate_llc(model: nn.Module | SamplingTarget, data: Any = None, loss_fn: L
         result = _with_relaxation(result, eigenvalues, spent_before)
     if replanned is not None:
         result = replace(result, warnings=result.warnings + (replanned[4],))
-    if (num_chains, num_burnin, num_draws) != tuple(wanted):
+    if cut:
         result = replace(result, warnings=result.warnings + (_budget_warning(
             result, budget, wanted, spent_before, len(checks), calibration),))
     return _finish(result, calibration, reused=reused)
