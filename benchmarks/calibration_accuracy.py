@@ -8,10 +8,13 @@ Families: ``dln`` (small deep linear networks, tens of weights, incl. deep rank-
 3-5, ranks 1-20, λ from ~130 to ~3,900), ``heldout`` (small and large deep linear networks of
 other shapes, never used to choose a default; ``all`` does not include them). Prints one line per network (exact λ, estimate ±
 stderr, relative error, chosen ε·h, chains × (burn-in + draws), model evaluations spent, whether
-the budget bound, wall time) and the median and maximum relative error per family.
+the budget bound, wall time, how many warnings, and the slow-direction check of networks with
+at most ``relaxation.MAX_PARAMS`` weights: the predicted relaxation deficit of the draws, the
+quadratic equilibrium Σ½h/(h+γ) at w*, and whether it warned) and the median and maximum
+relative error per family.
 
     OMP_NUM_THREADS=1 python benchmarks/calibration_accuracy.py [--seed 0] [--family dln|rrr|large|all]
-        [--budget 5000] [--only 3] [--burnin-fraction 0]
+        [--budget 5000] [--only 3] [--max-params 1000] [--burnin-fraction 0]
 
 The goals (issue 13): small DLNs max 25%; larger DLNs median 10% and max 20%.
 """
@@ -74,7 +77,21 @@ def run_one(problem, seed: int, budget: int | None = 5000) -> dict:
             "eps_h": cal.step_size * cal.curvature, "chains": cfg.num_chains,
             "num_burnin": cfg.num_burnin, "num_draws": cfg.num_draws, "cost": res.cost,
             "bound": any("budget" in w for w in res.warnings), "ok": cal.ok,
-            "seconds": total, "warnings": res.warnings}
+            "seconds": total, "warnings": res.warnings,
+            "deficit": res.diagnostics.relaxation_deficit,
+            "slow": res.relaxation is not None and any(
+                "have not relaxed" in w for w in res.warnings),
+            "replanned": any(w.startswith("re-planned") for w in res.warnings),
+            "quadratic": float("nan") if res.relaxation is None else res.relaxation.equilibrium}
+
+
+def _relax(r: dict) -> str:
+    """The slow-direction check: predicted deficit, the quadratic equilibrium, whether it warned."""
+    if r["deficit"] != r["deficit"]:  # NaN: not checked (too many weights)
+        return "-"
+    return (f"deficit {r['deficit']:.0%} (quadratic λ {r['quadratic']:.1f})"
+            f"{' RE-PLANNED (1 longer chain)' if r['replanned'] else ''}"
+            f"{' SLOW-DIRECTIONS WARNING' if r['slow'] else ''}")
 
 
 def main() -> None:
@@ -85,6 +102,8 @@ def main() -> None:
     ap.add_argument("--only", type=int, default=0, help="the first ONLY networks of the family")
     ap.add_argument("--match", default="", help="only networks whose description contains this "
                     "(e.g. 'widths=[4, 4, 4, 4, 4, 4]')")
+    ap.add_argument("--max-params", type=int, default=0,
+                    help="only networks with at most this many weights (0: all)")
     ap.add_argument("--burnin-fraction", type=float, default=None,
                     help="override calibration.BURNIN_FRACTION (0: the lengths before it)")
     args = ap.parse_args()
@@ -99,6 +118,8 @@ def main() -> None:
         probs = probs[:args.only]
     if args.match:
         probs = [p for p in probs if args.match in p.description]
+    if args.max_params:
+        probs = [p for p in probs if p.num_params <= args.max_params]
     for p in probs:
         r = run_one(p, args.seed, args.budget or None)
         rows.append(r)
@@ -106,7 +127,8 @@ def main() -> None:
               f"{r['stderr']:6.1f}  rel {r['rel']:+6.1%}  ε·h={r['eps_h']:.3g} "
               f"{r['chains']}×({r['num_burnin']}+{r['num_draws']})  evals {r['cost']}"
               f"{' (budget bound)' if r['bound'] else ''}{'' if r['ok'] else ' FALLBACK'}  "
-              f"{r['seconds']:.0f} s  warnings {len(r['warnings'])}", flush=True)
+              f"{r['seconds']:.0f} s  warnings {len(r['warnings'])}  relax "
+              f"{_relax(r)}", flush=True)
     goals = {"DLN small": (None, 0.25), "RRR": (None, 0.25), "DLN large": (0.10, 0.20)}
     for fam in ("DLN small", "RRR", "DLN large"):
         errs = [abs(r["rel"]) for r in rows if r["family"] == fam]

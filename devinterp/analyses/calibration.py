@@ -586,7 +586,8 @@ def calibrate(model: nn.Module | SamplingTarget, data: Any = None, loss_fn: Loss
               device: str | torch.device | None = None,
               vectorize: bool | str = "auto", compile: bool | str = "auto",
               expected_calls: int = 1, budget: int | None = DEFAULT_BUDGET,
-              progress: bool | None = None, _meter: Meter | None = None) -> Calibration:
+              progress: bool | None = None, _meter: Meter | None = None,
+              _reserve: int = 0) -> Calibration:
     """Choose step size, localization, burn-in and draws for ``estimate_llc`` from pilot chains.
 
     See the module docstring and ``docs/calibration.md`` for the criteria.
@@ -821,7 +822,7 @@ def calibrate(model: nn.Module | SamplingTarget, data: Any = None, loss_fn: Loss
         # default unless told), so its lengths fill at most the default one
         fill_to = budget if not own_meter else min(budget, DEFAULT_BUDGET)
         num_chains_est, num_burnin, num_draws, fill = _fill_budget(
-            num_chains, num_burnin, num_draws, fill_to - meter.used,
+            num_chains, num_burnin, num_draws, fill_to - meter.used - _reserve,
             max_burnin=max_burnin, max_draws=max_draws)
         if fill:
             extra += "; " + fill

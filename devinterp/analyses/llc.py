@@ -50,6 +50,7 @@ from devinterp.errors import (
 
 if TYPE_CHECKING:
     from devinterp.analyses.calibration import Calibration
+    from devinterp.analyses.relaxation import RelaxationCheck
 
 #: Warn when more than this fraction of draws lies below L_n(w*).
 BELOW_INIT_WARN = 0.3
@@ -101,6 +102,11 @@ class LLCDiagnostics:
         acceptance_per_chain: the same per chain.
         trend_z: second-half minus first-half mean of the draws, in standard errors.
         seconds: wall time of the sampling loop.
+        relaxation_deficit: the fraction of its equilibrium λ̂ is predicted to miss because
+            low-curvature directions have not relaxed within the chains (from the Hessian
+            spectrum at w*, :mod:`devinterp.analyses.relaxation`); NaN when not checked (models
+            with more than ``relaxation.MAX_PARAMS`` sampled weights, samplers other than SGLD,
+            or no room in the budget).
     """
 
     rhat: float
@@ -111,6 +117,7 @@ class LLCDiagnostics:
     acceptance_per_chain: tuple[float, ...]
     trend_z: float
     seconds: float
+    relaxation_deficit: float = float("nan")
 
 
 @dataclass(frozen=True)
@@ -139,6 +146,8 @@ class LLCResult:
         uncorrected: the plain estimate ``nβ·(mean draw loss − L_n(w*))`` (equal to ``mean``
             when no correction was applied).
         correction_trace: ``(chains, draws)`` per-step corrections, or None (read-only).
+        relaxation: the slow-direction check behind ``diagnostics.relaxation_deficit``
+            (:class:`~devinterp.analyses.relaxation.RelaxationCheck`), or None.
     """
 
     mean: float
@@ -156,6 +165,7 @@ class LLCResult:
     correction: float = 0.0
     uncorrected: float = float("nan")
     correction_trace: np.ndarray | None = field(default=None, repr=False, compare=False)
+    relaxation: RelaxationCheck | None = field(default=None, repr=False, compare=False)
 
     def llc_trace(self) -> np.ndarray:
         """Running estimate ``nβ·(mean of draws up to t − L_n(w*))`` per chain, ``(C, draws)``
@@ -168,9 +178,10 @@ class LLCResult:
         return out
 
     def scalars(self) -> dict[str, float]:
-        """Flat ``{"llc/...": value}`` for loggers."""
+        """Flat ``{"llc/...": value}`` for loggers (``llc/relaxation_deficit`` only when the
+        slow-direction check ran)."""
         d = self.diagnostics
-        return {
+        out = {
             "llc/mean": self.mean,
             "llc/std": self.std,
             "llc/stderr": self.stderr,
@@ -183,6 +194,9 @@ class LLCResult:
             "llc/num_warnings": float(len(self.warnings)),
             "llc/correction": self.correction,
         }
+        if math.isfinite(d.relaxation_deficit):  # only small models are checked
+            out["llc/relaxation_deficit"] = d.relaxation_deficit
+        return out
 
 
 def _acceptance_steps(num_burnin: int, num_draws: int, checks: int | None) -> list[int]:
@@ -333,6 +347,9 @@ def estimate_llc(model: nn.Module | SamplingTarget, data: Any = None, loss_fn: L
         meter.add(_init_loss_cost(target))
     reused = calibration is not None
     with meter:
+        # before the calibration (its pilots' share of the budget is unchanged), which then
+        # fills what the budget leaves after both; the spectrum's cost is counted after it
+        eigenvalues, spectrum_cost = _relaxation_spectrum(target, sampler, budget)
         if calibration is None and auto:
             from devinterp.analyses.calibration import calibrate
 
@@ -340,7 +357,9 @@ def estimate_llc(model: nn.Module | SamplingTarget, data: Any = None, loss_fn: L
                                     nbeta=nbeta, sampler=sampler, sampler_kwargs=sampler_kwargs,
                                     num_chains=num_chains, seed=seed,
                                     compile=compile, expected_calls=expected_calls,
-                                    budget=budget, progress=progress, _meter=meter)
+                                    budget=budget, progress=progress, _meter=meter,
+                                    _reserve=spectrum_cost)
+        meter.add(spectrum_cost)
         chosen = dict(_DEFAULTS) if calibration is None else calibration.estimate_kwargs()
         given = {"num_chains": num_chains, "num_draws": num_draws, "num_burnin": num_burnin,
                  "localization": localization, "nbeta": nbeta,
@@ -355,12 +374,24 @@ def estimate_llc(model: nn.Module | SamplingTarget, data: Any = None, loss_fn: L
         step_size, localization = chosen["step_size"], chosen["localization"]
         nbeta = chosen.get("nbeta")
         nbeta = default_nbeta(target.n) if nbeta is None else nbeta
+        cut = (num_chains, num_burnin, num_draws) != tuple(wanted)  # by the budget
+        replanned = None
+        if (eigenvalues is not None and auto and not reused and calibration is not None
+                and calibration.ok
+                and all(v is None for v in (given["num_chains"], given["num_burnin"],
+                                            given["num_draws"], given["localization"]))):
+            replanned = _replan(eigenvalues, calibration, nbeta, step_size, localization,
+                                num_chains, num_burnin, num_draws)
+            if replanned is not None:
+                num_chains, num_burnin, num_draws, step_size, _ = replanned
         checks = _acceptance_steps(num_burnin, num_draws, num_acceptance_checks)
         meter.plan(meter.used + num_chains * (num_burnin + num_draws + len(checks)))
         why = ("calibrated" if calibration is not None and not reused else
                "from the calibration given" if reused else "given")
         if not auto:
             why = "given"
+        if replanned is not None:
+            why += ", re-planned as one longer chain for slow directions"
         meter.say(f"estimate_llc: {num_chains} chains × ({num_burnin} burn-in + {num_draws} "
                   f"draws) steps, step_size={step_size:.3g} ({why}), localization="
                   f"{localization:g}, nbeta={nbeta:.4g}, batch {target.batch_size} of n="
@@ -397,10 +428,57 @@ def estimate_llc(model: nn.Module | SamplingTarget, data: Any = None, loss_fn: L
                        seconds=traces.seconds,
                        corrections=traces.corrections if correct else None)
     result = replace(result, cost=meter.used)
-    if (num_chains, num_burnin, num_draws) != tuple(wanted):
+    if eigenvalues is not None:
+        result = _with_relaxation(result, eigenvalues, spent_before)
+    if replanned is not None:
+        result = replace(result, warnings=result.warnings + (replanned[4],))
+    if cut:
         result = replace(result, warnings=result.warnings + (_budget_warning(
             result, budget, wanted, spent_before, len(checks), calibration),))
     return _finish(result, calibration, reused=reused)
+
+
+def _relaxation_spectrum(target: SamplingTarget, sampler: str, budget: int | None
+                         ) -> tuple[np.ndarray | None, int]:
+    """Eigenvalues of ∇²L_n(w*) for the slow-direction check and their cost in model
+    evaluations, when the model is small enough and the spectrum fits in the budget."""
+    from devinterp.analyses import relaxation
+
+    cost = relaxation.spectrum_cost(target)
+    if (sampler != "sgld" or target.num_selected > relaxation.MAX_PARAMS
+            or (budget is not None and cost > relaxation.MAX_BUDGET_SHARE * budget)):
+        return None, 0
+    eigenvalues = relaxation.hessian_eigenvalues(target)
+    return (eigenvalues if len(eigenvalues) else None), cost
+
+
+def _replan(eigenvalues: np.ndarray, calibration: Calibration, nbeta: float, step_size: float,
+            localization: float, num_chains: int, num_burnin: int, num_draws: int):
+    """One longer chain (at up to ε·h_max = 1) when the calibrated split is too slow."""
+    from devinterp.analyses import relaxation
+
+    curvature = getattr(calibration, "curvature", 0.0) or 0.0
+    top = 1.0 / curvature if curvature > 0 else step_size
+    return relaxation.replan(eigenvalues, nbeta=nbeta, step_size=step_size,
+                             localization=localization, num_chains=num_chains,
+                             num_burnin=num_burnin, num_draws=num_draws, max_step_size=top)
+
+
+def _with_relaxation(result: LLCResult, eigenvalues: np.ndarray, spent: int) -> LLCResult:
+    """Attach the slow-direction check and warn when the draws are predicted to read low."""
+    from devinterp.analyses import relaxation
+
+    c = result.config
+    check = relaxation.check_relaxation(eigenvalues, nbeta=c.nbeta, step_size=c.step_size,
+                                        localization=c.localization, num_burnin=c.num_burnin,
+                                        num_draws=c.num_draws, cost=relaxation.spectrum_cost_of(
+                                            len(eigenvalues)))
+    warnings = result.warnings
+    if check.deficit > relaxation.DEFICIT_WARN:
+        warnings = warnings + (check.message(c.num_chains, c.num_burnin, c.num_draws, spent,
+                                             c.step_size),)
+    return replace(result, relaxation=check, warnings=warnings,
+                   diagnostics=replace(result.diagnostics, relaxation_deficit=check.deficit))
 
 
 def _init_loss_cost(target: SamplingTarget) -> int:

@@ -1,0 +1,187 @@
+"""Will the chains relax? The curvature spectrum of a small model at w*, and the check built on it.
+
+SGLD's step size is set by the *largest* curvature ``h_max`` of ``U = nβ·L_n + γ/2‖w − w*‖²``
+(stability: ``ε·h_max < 4``; the calibration takes ``ε·h_max`` = 0.5). A direction of curvature
+``h`` relaxes in ``~1/(ε(h + γ))`` steps, i.e. ``~h_max/(h + γ)`` steps at that ε. When the
+spectrum spans three or four decades (a deep network at an ill-conditioned teacher), the
+low-curvature directions that still count towards λ (``h ≳ γ``) need tens of thousands of steps:
+chains within the default budget stop before they relax and λ̂ reads low, however the budget
+is split. Nothing in the loss trace shows it within such a budget (the slow rise is smaller
+than its noise), so the check reads the spectrum instead: for a model of at most
+:data:`MAX_PARAMS` sampled weights the Hessian is built from ``D`` finite-difference
+Hessian-vector products (``2·D`` model evaluations on ``num_samples`` samples), and
+:func:`devinterp.analyses.diagnostics.relaxation_deficit` predicts the fraction of the quadratic
+equilibrium the draws miss. See docs/calibration.md, "Slow directions".
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from devinterp.analyses import diagnostics as diag
+from devinterp.analyses.sampling import SamplingTarget
+
+#: Build the spectrum only for models with at most this many sampled weights.
+MAX_PARAMS = 256
+#: ... and only when it costs at most this fraction of the estimate's budget.
+MAX_BUDGET_SHARE = 0.12
+#: Warn when the draws are predicted to miss more than this fraction of the equilibrium λ̂.
+DEFICIT_WARN = 0.2
+#: The deficit the suggested budget aims for.
+DEFICIT_AIM = 0.05
+
+
+def spectrum_cost(target: SamplingTarget) -> int:
+    """Model evaluations :func:`hessian_eigenvalues` spends on ``target``."""
+    return spectrum_cost_of(int(target.num_selected))
+
+
+def spectrum_cost_of(num_params: int) -> int:
+    """Model evaluations of the spectrum of ``num_params`` sampled weights (two per column)."""
+    return 2 * int(num_params)
+
+
+def hessian_eigenvalues(target: SamplingTarget, *, num_samples: int = 512) -> np.ndarray:
+    """Eigenvalues of ``∇²L_n(w*)`` over the sampled weights (ascending, float64).
+
+    Column ``i`` is the central difference of the gradient along the unit vector ``e_i``, on the
+    first ``num_samples`` samples; the matrix is symmetrized before the eigen-decomposition.
+    """
+    mode = target.mode
+    target.decide_mode(2)
+    try:
+        return _eigenvalues(target, num_samples)
+    finally:
+        target.mode = mode  # the chains decide their own mode for their own number of rows
+
+
+def _eigenvalues(target: SamplingTarget, num_samples: int) -> np.ndarray:
+    batch = [t[:num_samples] for t in target.leaves]
+    anchor = target.anchor
+    if target.mask is not None:
+        coords = torch.nonzero(target.mask > 0).flatten()
+    else:
+        coords = torch.arange(target.dim, device=anchor.device)
+    scale = float(anchor.pow(2).mean().sqrt()) if target.dim else 1.0
+    delta = 1e-3 * max(scale, 1e-2)
+    cols = []
+    for start in range(0, len(coords), 2):
+        idx = coords[start:start + 2]
+        v = torch.zeros(len(idx), target.dim, device=anchor.device, dtype=anchor.dtype)
+        v[torch.arange(len(idx)), idx] = 1.0
+        gp, _ = target.grad_and_loss(anchor + delta * v, batch, True)
+        gp = gp.clone()  # the loop mode returns a view of a reused buffer
+        gm, _ = target.grad_and_loss(anchor - delta * v, batch, True)
+        hv = ((gp - gm) / (2 * delta))[:, coords]
+        cols.append(hv.double().cpu())
+    if not cols:
+        return np.zeros(0)
+    hess = torch.cat(cols).numpy()
+    hess = 0.5 * (hess + hess.T)
+    if not np.isfinite(hess).all():
+        return np.zeros(0)
+    return np.linalg.eigvalsh(hess)
+
+
+@dataclass(frozen=True)
+class RelaxationCheck:
+    """The predicted relaxation of the chains' slow directions (quadratic model at w*).
+
+    Attributes:
+        deficit: fraction of the quadratic equilibrium ``Σ ½·h/(h + γ)`` the draws are
+            predicted to miss (:func:`devinterp.analyses.diagnostics.relaxation_deficit`).
+        equilibrium: that equilibrium, ``Σ ½·h/(h + γ)`` over the eigenvalues h of
+            ``nβ·∇²L_n(w*)`` (the Laplace value of λ̂; the true λ of a singular model may differ).
+        slow: directions counting ≥ 0.1 towards it that reach < 90% of their equilibrium.
+        slow_curvatures: the smallest and largest ``nβ·μ`` among them ((nan, nan) when none).
+        steps_needed: chain length (half burn-in) that brings ``deficit`` to
+            :data:`DEFICIT_AIM` at the same step size.
+        cost: model evaluations spent on the spectrum.
+    """
+
+    deficit: float
+    equilibrium: float
+    slow: int
+    slow_curvatures: tuple[float, float]
+    steps_needed: int
+    cost: int
+
+    def message(self, num_chains: int, num_burnin: int, num_draws: int, spent: int,
+                step_size: float) -> str:
+        """The warning text: what is slow, how much λ̂ misses, what budget would do."""
+        lo, hi = self.slow_curvatures
+        total = num_burnin + num_draws
+        needed = spent + num_chains * self.steps_needed
+        band = "" if not math.isfinite(lo) else f" (curvature nβ·μ from {lo:.3g} to {hi:.3g})"
+        return (f"{self.slow} slow direction(s){band} have not relaxed: at step_size="
+                f"{step_size:.3g} they need up to {self.steps_needed:,} steps per chain, the "
+                f"chains ran {total:,}; λ̂ is predicted to read ~{self.deficit:.0%} below its "
+                f"equilibrium (quadratic model at w*: {self.equilibrium:.3g}). The curvature "
+                f"spectrum at w* is ill-conditioned; more chains do not help, longer ones do: "
+                f"budget={_round_up(needed):,} ({num_chains} × {self.steps_needed:,} steps) is "
+                f"predicted to bring it within {DEFICIT_AIM:.0%}")
+
+
+def check_relaxation(eigenvalues: np.ndarray, *, nbeta: float, step_size: float,
+                     localization: float, num_burnin: int, num_draws: int,
+                     cost: int = 0) -> RelaxationCheck:
+    """Predict how far the draws are from equilibrium from the spectrum of ``∇²L_n(w*)``."""
+    h = np.clip(np.asarray(eigenvalues, dtype=np.float64) * nbeta, 0.0, None)
+    deficit, eq = diag.relaxation_deficit(h, step_size, localization, num_burnin, num_draws)
+    frac = diag.relaxed_fractions(h, step_size, localization, num_burnin, num_draws)
+    weight = 0.5 * h / (h + localization)
+    slow = (frac < 0.9) & (weight >= 0.1)
+    curv = (float(h[slow].min()), float(h[slow].max())) if slow.any() else (math.nan, math.nan)
+    need = diag.steps_to_relax(h, step_size, localization, tolerance=DEFICIT_AIM)
+    return RelaxationCheck(deficit=deficit, equilibrium=eq, slow=int(slow.sum()),
+                           slow_curvatures=curv, steps_needed=int(need), cost=int(cost))
+
+
+def _round_up(x: float) -> int:
+    """Round up to two significant digits (a budget to suggest)."""
+    if x <= 0:
+        return 0
+    mag = 10 ** max(int(math.floor(math.log10(x))) - 1, 0)
+    return int(math.ceil(x / mag) * mag)
+
+
+#: A re-plan must predict at most this fraction of the planned deficit to be used.
+REPLAN_GAIN = 0.8
+
+
+def replan(eigenvalues: np.ndarray, *, nbeta: float, step_size: float, localization: float,
+           num_chains: int, num_burnin: int, num_draws: int, max_step_size: float
+           ) -> tuple[int, int, int, float, str] | None:
+    """The same number of steps split for slow directions, when the planned split is too slow.
+
+    When the planned chains are predicted to miss more than :data:`DEFICIT_WARN` of the
+    equilibrium, try one chain with every step (half burn-in) at ``step_size`` and at up to
+    twice it (capped at ``max_step_size``; the step-size correction removes the first-order
+    bias of the larger step). Returns ``(chains, burn-in, draws, step size, note)`` for the
+    candidate with the smallest predicted deficit when it is at most :data:`REPLAN_GAIN` of the
+    planned one, else None.
+    """
+    h = np.clip(np.asarray(eigenvalues, dtype=np.float64) * nbeta, 0.0, None)
+    planned, _ = diag.relaxation_deficit(h, step_size, localization, num_burnin, num_draws)
+    if planned <= DEFICIT_WARN:
+        return None
+    total = num_chains * (num_burnin + num_draws)
+    burn = total // 2
+    best = None
+    for eps in sorted({step_size, min(2 * step_size, max(max_step_size, step_size))}):
+        deficit, _ = diag.relaxation_deficit(h, eps, localization, burn, total - burn)
+        if best is None or deficit < best[0]:
+            best = (deficit, eps)
+    deficit, eps = best
+    if deficit > REPLAN_GAIN * planned:
+        return None
+    note = (f"re-planned for slow directions: the {total:,} steps as 1 chain × ({burn} burn-in + "
+            f"{total - burn} draws) at step_size={eps:.3g} (planned: {num_chains} × "
+            f"({num_burnin} + {num_draws}) at {step_size:.3g}); the predicted relaxation deficit "
+            f"falls from {planned:.0%} to {deficit:.0%}. One chain gives no R-hat and a "
+            "within-chain stderr only")
+    return 1, burn, total - burn, float(eps), note
