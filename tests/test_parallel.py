@@ -333,8 +333,10 @@ def test_check_gate_runs_a_check_alone(processes):
     # shared counters (fork-inherited, also fine for threads): steps in progress, the most
     # seen at once, checks that saw a step in progress
     inside, most, bad = ctx.Value("i", 0), ctx.Value("i", 0), ctx.Value("i", 0)
+    start = ctx.Barrier(3)  # all workers begin together: a loaded machine starts them late
 
     def body(w: int) -> None:
+        start.wait(timeout=60)
         for k in range(30):
             if (k + w) % 7 == 0:
                 with gate.check():
