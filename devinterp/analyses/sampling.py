@@ -999,6 +999,17 @@ class _Streams:
             torch.index_select(t, 0, row, out=buf)
         return self.batch_views
 
+    def steps(self, num_steps: int) -> Iterator[tuple[int, Tensor | None, list[Tensor]]]:
+        """``(step, its noise (C, D) or None, its minibatch)`` for steps ``0 .. num_steps - 1``,
+        drawn ahead chunk by chunk (:meth:`next_chunk`; the draws depend on the chunking)."""
+        step = 0
+        while step < num_steps:
+            count = min(self.chunk, num_steps - step)
+            noise = self.next_chunk(count)
+            for k in range(count):
+                yield step, None if noise is None else noise[:, k], self.batch(k)
+                step += 1
+
 
 def _check_sampler(sampler: str) -> Any:
     if sampler not in SAMPLERS:
@@ -1099,40 +1110,33 @@ def run_chains(target: SamplingTarget, *, num_chains: int, num_steps: int, step_
             return
         state = kernel.init(target.anchor.expand(rows, -1), target.anchor, target.mask,
                             **init_kwargs)
-        step = 0
-        while step < num_steps:
-            count = min(streams.chunk, num_steps - step)
-            noise = streams.next_chunk(count)
-            for k in range(count):
-                batch = streams.batch(k)
-                if fast is not None:
-                    try:
-                        params, loss, drift = fast(state.params, noise[:, k], batch)
-                    except InvalidInputError:
-                        raise
-                    except Exception as exc:  # noqa: BLE001 - never fail an estimate on compile
-                        _compiled.mark_failed(fast, exc)
-                        fast = None
-                        target.last_compiled = False
-                if fast is not None:
-                    new_state = state._replace(params=params)
-                    info = sgld.SGLDInfo(drift, noise[:, k])
-                else:
-                    grads, loss = target.grad_and_loss(state.params, batch, shared)
-                    new_state, info = kernel.step(streams.noise_gens, state, grads,
-                                                  step_size=step_size, localization=localization,
-                                                  nbeta=nbeta, noise=noise[:, k], **kwargs)
-                acc = None
-                if step in check:
-                    acc = _acceptance(target, state, new_state, info, loss, batch, shared,
-                                      step_size=step_size, localization=localization,
-                                      nbeta=nbeta)
-                corr = (discretisation_correction(state.params, target.anchor, info.drift,
-                                                  step_size=step_size, localization=localization)
-                        if sampler == "sgld" else None)
-                yield step, new_state, StepInfo(loss, info, acc, corr)
-                state = new_state
-                step += 1
+        for step, noise, batch in streams.steps(num_steps):
+            if fast is not None:
+                try:
+                    params, loss, drift = fast(state.params, noise, batch)
+                except InvalidInputError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - never fail an estimate on compile
+                    _compiled.mark_failed(fast, exc)
+                    fast = None
+                    target.last_compiled = False
+            if fast is not None:
+                new_state = state._replace(params=params)
+                info = sgld.SGLDInfo(drift, noise)
+            else:
+                grads, loss = target.grad_and_loss(state.params, batch, shared)
+                new_state, info = kernel.step(streams.noise_gens, state, grads,
+                                              step_size=step_size, localization=localization,
+                                              nbeta=nbeta, noise=noise, **kwargs)
+            acc = None
+            if step in check:
+                acc = _acceptance(target, state, new_state, info, loss, batch, shared,
+                                  step_size=step_size, localization=localization, nbeta=nbeta)
+            corr = (discretisation_correction(state.params, target.anchor, info.drift,
+                                              step_size=step_size, localization=localization)
+                    if sampler == "sgld" else None)
+            yield step, new_state, StepInfo(loss, info, acc, corr)
+            state = new_state
     finally:
         if saved is not None:
             _restore_rng(saved)
@@ -1159,33 +1163,27 @@ def _run_in_place(target: SamplingTarget, streams: _Streams, rows: int, num_step
     drift, scaled = torch.empty_like(params), torch.empty_like(params)
     sq, half = math.sqrt(step_size), -step_size / 2
     state = sgld.SGLDState(params, anchor, mask)
-    step = 0
-    while step < num_steps:
-        count = min(streams.chunk, num_steps - step)
-        noise = streams.next_chunk(count)
-        for k in range(count):
-            batch = streams.batch(k)
-            grads, loss = target.grad_and_loss(params, batch, target.full_batch)
-            with torch.no_grad():
-                # sgld.drift and sgld.step, into the run's buffers
-                torch.sub(params, anchor, out=drift).mul_(localization).add_(grads, alpha=nbeta)
-                if mask is not None:
-                    drift.mul_(mask)
-                torch.mul(noise[:, k], sq, out=scaled)
-                if mask is not None:
-                    scaled.mul_(mask)
-                corr = discretisation_correction(params, anchor, drift, step_size=step_size,
-                                                 localization=localization)
-                old = state._replace(params=params.clone()) if step in check else None
-                params.add_(drift, alpha=half).add_(scaled)
-            info = sgld.SGLDInfo(drift, noise[:, k])
-            acc = None
-            if old is not None:
-                acc = _acceptance(target, old, state, info, loss, batch, target.full_batch,
-                                  step_size=step_size, localization=localization, nbeta=nbeta)
-            out = state if step + 1 < num_steps else state._replace(params=params.clone())
-            yield step, out, StepInfo(loss, info, acc, corr)
-            step += 1
+    for step, noise, batch in streams.steps(num_steps):
+        grads, loss = target.grad_and_loss(params, batch, target.full_batch)
+        with torch.no_grad():
+            # sgld.drift and sgld.step, into the run's buffers
+            torch.sub(params, anchor, out=drift).mul_(localization).add_(grads, alpha=nbeta)
+            if mask is not None:
+                drift.mul_(mask)
+            torch.mul(noise, sq, out=scaled)
+            if mask is not None:
+                scaled.mul_(mask)
+            corr = discretisation_correction(params, anchor, drift, step_size=step_size,
+                                             localization=localization)
+            old = state._replace(params=params.clone()) if step in check else None
+            params.add_(drift, alpha=half).add_(scaled)
+        info = sgld.SGLDInfo(drift, noise)
+        acc = None
+        if old is not None:
+            acc = _acceptance(target, old, state, info, loss, batch, target.full_batch,
+                              step_size=step_size, localization=localization, nbeta=nbeta)
+        out = state if step + 1 < num_steps else state._replace(params=params.clone())
+        yield step, out, StepInfo(loss, info, acc, corr)
 
 
 def _run_lean(target: SamplingTarget, streams: _Streams, rows: int, num_steps: int,
@@ -1199,17 +1197,11 @@ def _run_lean(target: SamplingTarget, streams: _Streams, rows: int, num_steps: i
             work[:rows, s.offset:s.offset + s.numel].copy_(a.expand(rows, -1))
     # no flat w* on this path (it would cost another D): ``anchor`` is None
     state = sgld.SGLDState(work[:rows], None, target.mask)
-    step = 0
-    while step < num_steps:
-        count = min(streams.chunk, num_steps - step)
-        streams.next_chunk(count)
-        for k in range(count):
-            loss, acc = target.lean_step(rows, streams.batch(k), target.full_batch,
-                                         streams.noise_gens, step_size=step_size,
-                                         localization=localization, nbeta=nbeta,
-                                         check=step in check)
-            yield step, state, StepInfo(loss, None, acc)
-            step += 1
+    for step, _, batch in streams.steps(num_steps):
+        loss, acc = target.lean_step(rows, batch, target.full_batch, streams.noise_gens,
+                                     step_size=step_size, localization=localization,
+                                     nbeta=nbeta, check=step in check)
+        yield step, state, StepInfo(loss, None, acc)
 
 
 def _save_rng(target: SamplingTarget) -> tuple[Tensor, list[tuple[int, Tensor]]]:
