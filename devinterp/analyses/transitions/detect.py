@@ -433,6 +433,15 @@ def _detect(series: Series, *, baseline_degree, window, window_widths, min_windo
     found: list[Transition] = []
     excluded: list[tuple[float, float, float, bool]] = []  # (c, w, local gap, accepted)
     drift: list[tuple[float, float]] = []  # (c, w) of broad shapes recognised as drift
+
+    def set_aside(cand: _Candidate, broad: bool) -> None:
+        """A candidate not reported: a broad one is drift (narrower transitions there remain
+        possible), any other blocks its zone (:func:`_zone`)."""
+        if broad:
+            drift.append((cand.c, cand.w))
+        else:
+            excluded.append((cand.c, cand.w, _gap_at(x, cand.c), False))
+
     for _ in range(4 * max_transitions):
         if len(found) >= max_transitions:
             break
@@ -448,16 +457,13 @@ def _detect(series: Series, *, baseline_degree, window, window_widths, min_windo
         if w > max_width:  # own (c, w) passes every test (a broad transition over drift)
             broad = cand.w >= widths[-1]
             if broad and w > _BROAD_SLACK * max_width:  # clearly wider when free: drift
-                drift.append((cand.c, cand.w))  # narrower transitions there remain possible
+                set_aside(cand, broad)
                 continue
             c, w = cand.c, cand.w
         if c - _COMPLETE * w < x[lo] or c + _COMPLETE * w > x[hi - 1]:
             c, w = cand.c, cand.w
         if not x[lo] + _COMPLETE * w <= c <= x[hi - 1] - _COMPLETE * w:  # not inside its own window
-            if broad:
-                drift.append((cand.c, cand.w))
-            else:
-                excluded.append((cand.c, cand.w, _gap_at(x, cand.c), False))
+            set_aside(cand, broad)
             continue
         # the refined (c, w); else the grid's, when the fitted curve itself moves by the minimum
         # change across it (the refinement can slide to a narrower, smaller local fit)
@@ -469,10 +475,7 @@ def _detect(series: Series, *, baseline_degree, window, window_widths, min_windo
                     and abs(fit.move) >= need_move):
                 break
         else:
-            if broad:  # narrower transitions there remain possible
-                drift.append((cand.c, cand.w))
-            else:
-                excluded.append((cand.c, cand.w, _gap_at(x, cand.c), False))
+            set_aside(cand, broad)
             continue
         amp, dev, mag, noise_c, half, gap = fit.amp, fit.dev, fit.mag, fit.noise, fit.half, fit.gap
         found.append(Transition(
