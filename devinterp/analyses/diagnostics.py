@@ -100,12 +100,16 @@ def relaxed_fractions(curvatures: np.ndarray, step_size: float, localization: fl
 
 
 def relaxation_deficit(curvatures: np.ndarray, step_size: float, localization: float,
-                       num_burnin: int, num_draws: int) -> tuple[float, float]:
+                       num_burnin: int, num_draws: int, weights: np.ndarray | None = None
+                       ) -> tuple[float, float]:
     """How far below its equilibrium the draws' λ̂ is predicted to read, from the spectrum.
 
     Args:
         curvatures: eigenvalues of ``nβ·∇²L_n(w*)`` (negative ones count as 0).
         step_size, localization, num_burnin, num_draws: the chains' settings.
+        weights: how many directions each curvature stands for (a quadrature of the spectral
+            density, e.g. :func:`devinterp.analyses.relaxation.lanczos_spectrum`); 1 each
+            when None.
 
     Returns:
         ``(deficit, equilibrium)``: the quadratic (Laplace) equilibrium
@@ -115,6 +119,8 @@ def relaxation_deficit(curvatures: np.ndarray, step_size: float, localization: f
     """
     h = np.clip(np.asarray(curvatures, dtype=np.float64), 0.0, None)
     weight = 0.5 * h / (h + localization)
+    if weights is not None:
+        weight = weight * np.asarray(weights, dtype=np.float64)
     eq = float(weight.sum())
     if eq <= 0:
         return 0.0, 0.0
@@ -124,12 +130,13 @@ def relaxation_deficit(curvatures: np.ndarray, step_size: float, localization: f
 
 def steps_to_relax(curvatures: np.ndarray, step_size: float, localization: float, *,
                    tolerance: float = 0.05, burnin_fraction: float = 0.5,
-                   max_steps: int = 10_000_000) -> int:
+                   max_steps: int = 10_000_000, weights: np.ndarray | None = None) -> int:
     """Chain length (burn-in + draws, burn-in ``burnin_fraction`` of it) whose predicted
     :func:`relaxation_deficit` is at most ``tolerance`` (``max_steps`` when none is)."""
     def deficit(total: int) -> float:
         burn = int(total * burnin_fraction)
-        return relaxation_deficit(curvatures, step_size, localization, burn, total - burn)[0]
+        return relaxation_deficit(curvatures, step_size, localization, burn, total - burn,
+                                  weights)[0]
 
     lo, hi = 1, 2
     while deficit(hi) > tolerance:

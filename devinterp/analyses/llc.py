@@ -349,7 +349,8 @@ def estimate_llc(model: nn.Module | SamplingTarget, data: Any = None, loss_fn: L
     with meter:
         # before the calibration (its pilots' share of the budget is unchanged), which then
         # fills what the budget leaves after both; the spectrum's cost is counted after it
-        eigenvalues, spectrum_cost = _relaxation_spectrum(target, sampler, budget)
+        eigenvalues, spectrum_weights, spectrum_cost = _relaxation_spectrum(target, sampler,
+                                                                            budget, seed)
         if calibration is None and auto:
             from devinterp.analyses.calibration import calibrate
 
@@ -381,7 +382,7 @@ def estimate_llc(model: nn.Module | SamplingTarget, data: Any = None, loss_fn: L
                 and all(v is None for v in (given["num_chains"], given["num_burnin"],
                                             given["num_draws"], given["localization"]))):
             replanned = _replan(eigenvalues, calibration, nbeta, step_size, localization,
-                                num_chains, num_burnin, num_draws)
+                                num_chains, num_burnin, num_draws, spectrum_weights)
             if replanned is not None:
                 num_chains, num_burnin, num_draws, step_size, _ = replanned
         checks = _acceptance_steps(num_burnin, num_draws, num_acceptance_checks)
@@ -429,7 +430,7 @@ def estimate_llc(model: nn.Module | SamplingTarget, data: Any = None, loss_fn: L
                        corrections=traces.corrections if correct else None)
     result = replace(result, cost=meter.used)
     if eigenvalues is not None:
-        result = _with_relaxation(result, eigenvalues, spent_before)
+        result = _with_relaxation(result, eigenvalues, spent_before, spectrum_weights)
     if replanned is not None:
         result = replace(result, warnings=result.warnings + (replanned[4],))
     if cut:
@@ -438,22 +439,27 @@ def estimate_llc(model: nn.Module | SamplingTarget, data: Any = None, loss_fn: L
     return _finish(result, calibration, reused=reused)
 
 
-def _relaxation_spectrum(target: SamplingTarget, sampler: str, budget: int | None
-                         ) -> tuple[np.ndarray | None, int]:
-    """Eigenvalues of ∇²L_n(w*) for the slow-direction check and their cost in model
-    evaluations, when the model is small enough and the spectrum fits in the budget."""
+def _relaxation_spectrum(target: SamplingTarget, sampler: str, budget: int | None, seed: int
+                         ) -> tuple[np.ndarray | None, np.ndarray | None, int]:
+    """The spectrum of ∇²L_n(w*) for the slow-direction check — ``(eigenvalues, None, cost)``
+    for small models, ``(Lanczos nodes, their weights, cost)`` for larger ones — when the model
+    is not too large and the spectrum fits in the budget; cost in model evaluations."""
     from devinterp.analyses import relaxation
 
     cost = relaxation.spectrum_cost(target)
-    if (sampler != "sgld" or target.num_selected > relaxation.MAX_PARAMS
+    if (sampler != "sgld" or target.num_selected > relaxation.LANCZOS_MAX_PARAMS
             or (budget is not None and cost > relaxation.MAX_BUDGET_SHARE * budget)):
-        return None, 0
+        return None, None, 0
+    if target.num_selected > relaxation.MAX_PARAMS:
+        nodes, weights = relaxation.lanczos_spectrum(target, seed=seed)
+        return (nodes, weights, cost) if len(nodes) else (None, None, cost)
     eigenvalues = relaxation.hessian_eigenvalues(target)
-    return (eigenvalues if len(eigenvalues) else None), cost
+    return (eigenvalues if len(eigenvalues) else None), None, cost
 
 
 def _replan(eigenvalues: np.ndarray, calibration: Calibration, nbeta: float, step_size: float,
-            localization: float, num_chains: int, num_burnin: int, num_draws: int):
+            localization: float, num_chains: int, num_burnin: int, num_draws: int,
+            weights: np.ndarray | None = None):
     """One longer chain (at up to ε·h_max = 1) when the calibrated split is too slow."""
     from devinterp.analyses import relaxation
 
@@ -461,10 +467,12 @@ def _replan(eigenvalues: np.ndarray, calibration: Calibration, nbeta: float, ste
     top = 1.0 / curvature if curvature > 0 else step_size
     return relaxation.replan(eigenvalues, nbeta=nbeta, step_size=step_size,
                              localization=localization, num_chains=num_chains,
-                             num_burnin=num_burnin, num_draws=num_draws, max_step_size=top)
+                             num_burnin=num_burnin, num_draws=num_draws, max_step_size=top,
+                             weights=weights)
 
 
-def _with_relaxation(result: LLCResult, eigenvalues: np.ndarray, spent: int) -> LLCResult:
+def _with_relaxation(result: LLCResult, eigenvalues: np.ndarray, spent: int,
+                     weights: np.ndarray | None = None) -> LLCResult:
     """Attach the slow-direction check and warn when the draws are predicted to read low."""
     from devinterp.analyses import relaxation
 
@@ -472,7 +480,7 @@ def _with_relaxation(result: LLCResult, eigenvalues: np.ndarray, spent: int) -> 
     check = relaxation.check_relaxation(eigenvalues, nbeta=c.nbeta, step_size=c.step_size,
                                         localization=c.localization, num_burnin=c.num_burnin,
                                         num_draws=c.num_draws, cost=relaxation.spectrum_cost_of(
-                                            len(eigenvalues)))
+                                            c.num_params), weights=weights)
     warnings = result.warnings
     if check.deficit > relaxation.DEFICIT_WARN:
         warnings = warnings + (check.message(c.num_chains, c.num_burnin, c.num_draws, spent,

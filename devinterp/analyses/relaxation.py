@@ -11,7 +11,11 @@ than its noise), so the check reads the spectrum instead: for a model of at most
 :data:`MAX_PARAMS` sampled weights the Hessian is built from ``D`` finite-difference
 Hessian-vector products (``2·D`` model evaluations on ``num_samples`` samples), and
 :func:`devinterp.analyses.diagnostics.relaxation_deficit` predicts the fraction of the quadratic
-equilibrium the draws miss. See docs/calibration.md, "Slow directions".
+equilibrium the draws miss. Larger models (up to :data:`LANCZOS_MAX_PARAMS` sampled weights) get
+the same check from a matrix-free estimate of the spectral density: :func:`lanczos_spectrum`
+(stochastic Lanczos quadrature, :data:`LANCZOS_STEPS` finite-difference Hessian-vector products
+from one random probe, ``2·LANCZOS_STEPS`` model evaluations whatever the size). See
+docs/calibration.md, "Slow directions".
 """
 
 from __future__ import annotations
@@ -35,14 +39,89 @@ DEFICIT_WARN = 0.2
 DEFICIT_AIM = 0.05
 
 
+#: Lanczos steps of the matrix-free spectrum of models with more than :data:`MAX_PARAMS`
+#: sampled weights (two model evaluations each). The Gauss quadrature must resolve the mass of
+#: the flat (null) directions at 0 from the slow ones just above it: on deep linear networks
+#: 40 steps put a node of the null mass at h ~ 50 and read the deficit twice too high, 100
+#: steps read it within ~10% of the full spectrum's (docs/calibration.md, "Slow directions").
+LANCZOS_STEPS = 100
+#: ... up to this many sampled weights (the Krylov basis, LANCZOS_STEPS × weights floats, is kept
+#: for full re-orthogonalization).
+LANCZOS_MAX_PARAMS = 200_000
+
+
 def spectrum_cost(target: SamplingTarget) -> int:
-    """Model evaluations :func:`hessian_eigenvalues` spends on ``target``."""
+    """Model evaluations the spectrum of ``target`` costs (:func:`hessian_eigenvalues` up to
+    :data:`MAX_PARAMS` sampled weights, :func:`lanczos_spectrum` above)."""
     return spectrum_cost_of(int(target.num_selected))
 
 
 def spectrum_cost_of(num_params: int) -> int:
-    """Model evaluations of the spectrum of ``num_params`` sampled weights (two per column)."""
+    """Model evaluations of the spectrum of ``num_params`` sampled weights (two per column of
+    the full Hessian up to :data:`MAX_PARAMS`, two per Lanczos step above)."""
+    if num_params > MAX_PARAMS:
+        return 2 * min(LANCZOS_STEPS, int(num_params))
     return 2 * int(num_params)
+
+
+def lanczos_spectrum(target: SamplingTarget, *, num_steps: int = LANCZOS_STEPS, seed: int = 0,
+                     num_samples: int = 512) -> tuple[np.ndarray, np.ndarray]:
+    """Matrix-free spectral density of ``∇²L_n(w*)`` over the sampled weights.
+
+    Stochastic Lanczos quadrature with one Rademacher probe: ``num_steps`` Lanczos steps (full
+    re-orthogonalization, float64) on central-difference Hessian-vector products of the gradient
+    on the first ``num_samples`` samples. Returns ``(nodes, weights)``: the Ritz values (ascending)
+    and ``D·τ²`` (the squared first components of the Ritz vectors times the number of sampled
+    weights ``D``), so that ``Σ weights·f(nodes) ≈ tr f(∇²L_n)``. ``2·num_steps`` model
+    evaluations; empty arrays when a product is not finite.
+    """
+    mode = target.mode
+    target.decide_mode(2)
+    try:
+        return _lanczos(target, min(int(num_steps), int(target.num_selected)), seed, num_samples)
+    finally:
+        target.mode = mode
+
+
+def _lanczos(target: SamplingTarget, steps: int, seed: int, num_samples: int
+             ) -> tuple[np.ndarray, np.ndarray]:
+    batch = [t[:num_samples] for t in target.leaves]
+    anchor = target.anchor
+    if target.mask is not None:
+        coords = torch.nonzero(target.mask > 0).flatten()
+    else:
+        coords = torch.arange(target.dim, device=anchor.device)
+    size = len(coords)
+    if size == 0 or steps <= 0:
+        return np.zeros(0), np.zeros(0)
+    scale = float(anchor.pow(2).mean().sqrt()) if target.dim else 1.0
+    delta = 1e-3 * max(scale, 1e-2) * math.sqrt(size)  # a unit vector spreads over D weights
+    gen = np.random.default_rng(seed)
+    basis = np.zeros((steps + 1, size))
+    basis[0] = gen.choice([-1.0, 1.0], size) / math.sqrt(size)
+    alpha, beta = np.zeros(steps), np.zeros(steps)
+    done = steps
+    for j in range(steps):
+        v = torch.zeros(2, target.dim, device=anchor.device, dtype=anchor.dtype)
+        q = torch.as_tensor(basis[j], device=anchor.device, dtype=anchor.dtype)
+        v[0, coords] = q
+        v[1, coords] = -q
+        g, _ = target.grad_and_loss(anchor + delta * v, batch, True)
+        hv = ((g[0] - g[1]) / (2 * delta))[coords].double().cpu().numpy()
+        if not np.isfinite(hv).all():
+            return np.zeros(0), np.zeros(0)
+        alpha[j] = hv @ basis[j]
+        for _ in range(2):  # full re-orthogonalization, twice
+            hv -= basis[:j + 1].T @ (basis[:j + 1] @ hv)
+        beta[j] = np.linalg.norm(hv)
+        if beta[j] <= 1e-10 * max(abs(alpha[:j + 1]).max(), 1e-30):
+            done = j + 1
+            break
+        basis[j + 1] = hv / beta[j]
+    off = beta[:done - 1]
+    tri = np.diag(alpha[:done]) + np.diag(off, 1) + np.diag(off, -1)
+    nodes, vecs = np.linalg.eigh(tri)
+    return nodes, size * vecs[0] ** 2
 
 
 def hessian_eigenvalues(target: SamplingTarget, *, num_samples: int = 512) -> np.ndarray:
@@ -128,16 +207,21 @@ class RelaxationCheck:
 
 def check_relaxation(eigenvalues: np.ndarray, *, nbeta: float, step_size: float,
                      localization: float, num_burnin: int, num_draws: int,
-                     cost: int = 0) -> RelaxationCheck:
-    """Predict how far the draws are from equilibrium from the spectrum of ``∇²L_n(w*)``."""
+                     cost: int = 0, weights: np.ndarray | None = None) -> RelaxationCheck:
+    """Predict how far the draws are from equilibrium from the spectrum of ``∇²L_n(w*)``
+    (its eigenvalues, or quadrature nodes with ``weights`` from :func:`lanczos_spectrum`)."""
     h = np.clip(np.asarray(eigenvalues, dtype=np.float64) * nbeta, 0.0, None)
-    deficit, eq = diag.relaxation_deficit(h, step_size, localization, num_burnin, num_draws)
+    deficit, eq = diag.relaxation_deficit(h, step_size, localization, num_burnin, num_draws,
+                                          weights)
     frac = diag.relaxed_fractions(h, step_size, localization, num_burnin, num_draws)
     weight = 0.5 * h / (h + localization)
     slow = (frac < 0.9) & (weight >= 0.1)
+    count = np.ones_like(h) if weights is None else np.asarray(weights, dtype=np.float64)
     curv = (float(h[slow].min()), float(h[slow].max())) if slow.any() else (math.nan, math.nan)
-    need = diag.steps_to_relax(h, step_size, localization, tolerance=DEFICIT_AIM)
-    return RelaxationCheck(deficit=deficit, equilibrium=eq, slow=int(slow.sum()),
+    need = diag.steps_to_relax(h, step_size, localization, tolerance=DEFICIT_AIM,
+                               weights=weights)
+    return RelaxationCheck(deficit=deficit, equilibrium=eq,
+                           slow=int(round(float(count[slow].sum()))),
                            slow_curvatures=curv, steps_needed=int(need), cost=int(cost))
 
 
@@ -154,8 +238,8 @@ REPLAN_GAIN = 0.8
 
 
 def replan(eigenvalues: np.ndarray, *, nbeta: float, step_size: float, localization: float,
-           num_chains: int, num_burnin: int, num_draws: int, max_step_size: float
-           ) -> tuple[int, int, int, float, str] | None:
+           num_chains: int, num_burnin: int, num_draws: int, max_step_size: float,
+           weights: np.ndarray | None = None) -> tuple[int, int, int, float, str] | None:
     """The same number of steps split for slow directions, when the planned split is too slow.
 
     When the planned chains are predicted to miss more than :data:`DEFICIT_WARN` of the
@@ -166,14 +250,15 @@ def replan(eigenvalues: np.ndarray, *, nbeta: float, step_size: float, localizat
     planned one, else None.
     """
     h = np.clip(np.asarray(eigenvalues, dtype=np.float64) * nbeta, 0.0, None)
-    planned, _ = diag.relaxation_deficit(h, step_size, localization, num_burnin, num_draws)
+    planned, _ = diag.relaxation_deficit(h, step_size, localization, num_burnin, num_draws,
+                                         weights)
     if planned <= DEFICIT_WARN:
         return None
     total = num_chains * (num_burnin + num_draws)
     burn = total // 2
     best = None
     for eps in sorted({step_size, min(2 * step_size, max(max_step_size, step_size))}):
-        deficit, _ = diag.relaxation_deficit(h, eps, localization, burn, total - burn)
+        deficit, _ = diag.relaxation_deficit(h, eps, localization, burn, total - burn, weights)
         if best is None or deficit < best[0]:
             best = (deficit, eps)
     deficit, eps = best
