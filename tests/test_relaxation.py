@@ -73,6 +73,44 @@ def test_hessian_eigenvalues_of_a_linear_regression():
     assert relaxation.spectrum_cost(target) == 8
 
 
+def _dln_target(widths, rank, seed):
+    p = make_dln_problem(widths, rank, 10_000, seed, noise_std=0.0)
+    return prepare_target(p.model, p.data, p.loss_fn), len(p.data[0]) / math.log(len(p.data[0]))
+
+
+@pytest.mark.parametrize("widths,rank,seed", [([12, 16, 16, 12], 2, 5), ([10] * 5, 1, 7)])
+def test_lanczos_spectrum_reads_the_full_spectrum(widths, rank, seed):
+    """The matrix-free quadrature (one probe, 100 steps on 640-832 weights) against the full
+    Hessian of deep linear networks: the largest curvature, the Laplace equilibrium and the
+    relaxation deficit the check and the re-plan use."""
+    target, nbeta = _dln_target(widths, rank, seed)
+    ev = relaxation.hessian_eigenvalues(target) * nbeta
+    nodes, weights = relaxation.lanczos_spectrum(target, seed=seed)
+    nodes = nodes * nbeta
+    assert len(nodes) == relaxation.LANCZOS_STEPS and weights.sum() == pytest.approx(len(ev))
+    assert nodes.max() == pytest.approx(ev.max(), rel=0.02)
+    eps = 0.5 / (ev.max() + 1)
+    for burn, draws in ((200, 200), (950, 950), (4000, 4000)):
+        exact, eq = diag.relaxation_deficit(ev, eps, 1.0, burn, draws)
+        approx, eq_l = diag.relaxation_deficit(nodes, eps, 1.0, burn, draws, weights)
+        assert eq_l == pytest.approx(eq, rel=0.2), (eq_l, eq)
+        assert abs(approx - exact) <= 0.05 + 0.2 * exact, (burn, approx, exact)
+
+
+def test_weights_count_directions():
+    h = np.array([1e4, 3.0, 5.0, 0.0])
+    eps = 0.5 / 1e4
+    w = np.array([2.0, 3.0, 1.0, 4.0])
+    rep = np.repeat(h, w.astype(int))
+    assert diag.relaxation_deficit(h, eps, 1.0, 500, 500, w) == pytest.approx(
+        diag.relaxation_deficit(rep, eps, 1.0, 500, 500))
+    a = relaxation.check_relaxation(h, nbeta=1.0, step_size=eps, localization=1.0,
+                                    num_burnin=500, num_draws=500, weights=w)
+    b = relaxation.check_relaxation(rep, nbeta=1.0, step_size=eps, localization=1.0,
+                                    num_burnin=500, num_draws=500)
+    assert (a.slow, a.steps_needed) == (b.slow, b.steps_needed) and a.slow == 4
+
+
 def test_slow_direction_warning_on_an_ill_conditioned_quadratic():
     # curvatures nβ·μ ≈ 1.9e5 (×2) and ≈ 4.8 (×3): at ε·h_max = 0.5 the weak directions relax
     # in ~1/(ε(4.8 + γ)) ≈ 66,000 steps, the chains run 600
@@ -106,11 +144,20 @@ def test_no_slow_direction_warning_on_a_well_conditioned_quadratic():
     assert not any("have not relaxed" in w for w in res.warnings), res.warnings
 
 
-def test_no_spectrum_for_larger_models_or_without_room_in_the_budget():
+def test_no_spectrum_for_very_large_models_or_without_room_in_the_budget(monkeypatch):
     model, data, _ = _regression([1.0] * (relaxation.MAX_PARAMS + 1), n=500)
+    monkeypatch.setattr(relaxation, "LANCZOS_MAX_PARAMS", relaxation.MAX_PARAMS)
     res = estimate_llc(model, data, _mse, step_size=1e-4, num_chains=1, num_burnin=5,
                        num_draws=20, seed=0, progress=False)
     assert res.relaxation is None and math.isnan(res.diagnostics.relaxation_deficit)
+    without = res.cost
+    monkeypatch.undo()
+    # above MAX_PARAMS (and up to LANCZOS_MAX_PARAMS): the Lanczos spectrum, 200 evaluations
+    res = estimate_llc(model, data, _mse, step_size=1e-4, num_chains=1, num_burnin=5,
+                       num_draws=20, seed=0, progress=False)
+    assert res.relaxation is not None and res.relaxation.cost == 2 * relaxation.LANCZOS_STEPS
+    assert math.isfinite(res.diagnostics.relaxation_deficit)
+    assert res.cost == without + 2 * relaxation.LANCZOS_STEPS  # counted in the budget
     model, data, _ = _regression([1.0] * 40, n=500)
     res = estimate_llc(model, data, _mse, step_size=1e-4, num_chains=1, num_burnin=5,
                        num_draws=20, seed=0, progress=False, budget=200)

@@ -948,6 +948,24 @@ def _choose(rows: list[PilotRow], *, min_acceptance: float, max_below: float,
     return None, "; ".join(fails[-3:]) if fails else "empty grid"
 
 
+def only_plateau_missing(calibration: Calibration, *, min_acceptance: float = 0.8,
+                         max_below: float = 0.3, drift_tol: float = 0.15) -> bool:
+    """Whether a fallback calibration's step size met every criterion but the plateau.
+
+    That is the signature of slow directions: the pilots' λ̂ still rises when they end (it
+    grows with the Langevin time ε·steps they cover), so none sees a plateau, while the step
+    size itself is sound. ``estimate_llc`` lets the slow-direction check re-plan such a
+    calibration like a successful one (docs/calibration.md, "Slow directions").
+    """
+    if calibration.ok:
+        return False
+    rows = [r for r in calibration.table if r.step_size == calibration.step_size
+            and r.localization == calibration.localization]
+    return bool(rows) and not rows[0].plateau and _failures(
+        replace(rows[0], plateau=True), min_acceptance=min_acceptance, max_below=max_below,
+        drift_tol=drift_tol) == []
+
+
 def _failures(row: PilotRow, *, min_acceptance: float, max_below: float,
               drift_tol: float) -> list[str]:
     if row.diverged:

@@ -378,7 +378,7 @@ def estimate_llc(model: nn.Module | SamplingTarget, data: Any = None, loss_fn: L
         cut = (num_chains, num_burnin, num_draws) != tuple(wanted)  # by the budget
         replanned = None
         if (eigenvalues is not None and auto and not reused and calibration is not None
-                and calibration.ok
+                and (calibration.ok or _only_plateau_missing(calibration))
                 and all(v is None for v in (given["num_chains"], given["num_burnin"],
                                             given["num_draws"], given["localization"]))):
             replanned = _replan(eigenvalues, calibration, nbeta, step_size, localization,
@@ -455,6 +455,14 @@ def _relaxation_spectrum(target: SamplingTarget, sampler: str, budget: int | Non
         return (nodes, weights, cost) if len(nodes) else (None, None, cost)
     eigenvalues = relaxation.hessian_eigenvalues(target)
     return (eigenvalues if len(eigenvalues) else None), None, cost
+
+
+def _only_plateau_missing(calibration: Calibration) -> bool:
+    """A fallback whose step size met every criterion but the plateau (slow directions: the
+    spectrum check may re-plan it as it would a successful calibration)."""
+    from devinterp.analyses.calibration import only_plateau_missing
+
+    return only_plateau_missing(calibration)
 
 
 def _replan(eigenvalues: np.ndarray, calibration: Calibration, nbeta: float, step_size: float,
