@@ -12,6 +12,7 @@ equilibrium 1/(h + γ). docs/calibration.md, "Slow directions", was measured wit
     OMP_NUM_THREADS=1 python benchmarks/slow_directions.py --widths 4,4,4,4,4,4 --rank 1 --seed 0 \
         --eps-h 0.5 --steps 50000 --chains 8              # ~10 min on one core
     ... --eps-h 1 --steps 30000 --chains 8 --mala         # stopped after 21,000 steps
+    ... --widths 20,20,20,20,20,20 --rank 2 --seed 1 --lanczos 40,100   # matrix-free spectrum
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ import time
 import torch
 
 from devinterp.analyses import diagnostics as diag
+from devinterp.analyses import relaxation
+from devinterp.analyses.sampling import prepare_target
 from devinterp.analyses.theory import make_dln_problem
 
 
@@ -38,6 +41,9 @@ def main() -> None:
     ap.add_argument("--gamma", type=float, default=1.0)
     ap.add_argument("--windows", type=int, default=10)
     ap.add_argument("--mala", action="store_true")
+    ap.add_argument("--lanczos", default="",
+                    help="comma-separated Lanczos step counts: read the same predictions from "
+                         "relaxation.lanczos_spectrum (what estimate_llc uses above 256 weights)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     widths = [int(w) for w in args.widths.split(",")]
@@ -85,6 +91,22 @@ def main() -> None:
               f" (λ̂ ≈ {laplace * (1 - d):.2f})")
     print(f"  steps per chain for a 5% deficit at ε·h = {args.eps_h}: "
           f"{diag.steps_to_relax(h, eps, gamma):,}")
+    for k in [int(s) for s in args.lanczos.split(",") if s]:
+        torch.set_default_dtype(torch.float32)
+        target = prepare_target(p.model, p.data, p.loss_fn)
+        for probe in range(3):
+            nodes, weights = relaxation.lanczos_spectrum(target, num_steps=k, seed=probe)
+            nodes = nodes * nb
+            eq_l = float((weights * 0.5 * nodes.clip(0) / (nodes.clip(0) + gamma)).sum())
+            reads = []
+            for c, total, eh in ((2, 1900, 0.5), (1, 3800, 1.0)):
+                e = eh / hmax
+                d, _ = diag.relaxation_deficit(nodes, e, gamma, total // 2, total - total // 2,
+                                               weights)
+                reads.append(f"{c} × {total} at ε·h = {eh}: {d:.1%}")
+            print(f"  Lanczos {k} steps ({2 * k} evaluations), probe seed {probe}: top "
+                  f"{nodes.max():.4g}, Laplace {eq_l:.1f}; deficit " + ", ".join(reads))
+        torch.set_default_dtype(torch.float64)
     if not args.steps:
         return
     gen = torch.Generator().manual_seed(args.seed)
