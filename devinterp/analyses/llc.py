@@ -104,9 +104,10 @@ class LLCDiagnostics:
         seconds: wall time of the sampling loop.
         relaxation_deficit: the fraction of its equilibrium λ̂ is predicted to miss because
             low-curvature directions have not relaxed within the chains (from the Hessian
-            spectrum at w*, :mod:`devinterp.analyses.relaxation`); NaN when not checked (models
-            with more than ``relaxation.MAX_PARAMS`` sampled weights, samplers other than SGLD,
-            or no room in the budget).
+            spectrum at w*, :mod:`devinterp.analyses.relaxation`: the full spectrum up to
+            ``relaxation.MAX_PARAMS`` sampled weights, a Lanczos estimate above); NaN when not
+            checked (more than ``relaxation.LANCZOS_MAX_PARAMS`` sampled weights, samplers
+            other than SGLD, or no room in the budget).
     """
 
     rhat: float
@@ -194,7 +195,7 @@ class LLCResult:
             "llc/num_warnings": float(len(self.warnings)),
             "llc/correction": self.correction,
         }
-        if math.isfinite(d.relaxation_deficit):  # only small models are checked
+        if math.isfinite(d.relaxation_deficit):  # only checked models
             out["llc/relaxation_deficit"] = d.relaxation_deficit
         return out
 
