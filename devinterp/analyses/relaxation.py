@@ -45,9 +45,10 @@ DEFICIT_AIM = 0.05
 #: 40 steps put a node of the null mass at h ~ 50 and read the deficit twice too high, 100
 #: steps read it within ~10% of the full spectrum's (docs/calibration.md, "Slow directions").
 LANCZOS_STEPS = 100
-#: ... up to this many sampled weights (the Krylov basis, LANCZOS_STEPS × weights floats, is kept
-#: for full re-orthogonalization).
-LANCZOS_MAX_PARAMS = 200_000
+#: ... up to this many sampled weights: the Krylov basis (LANCZOS_STEPS + 1 float64 vectors,
+#: ≤ 53 MB here) is kept for full re-orthogonalization, and above this size it would exceed
+#: the estimator's memory bound of (chains + 2) × the parameters many times over.
+LANCZOS_MAX_PARAMS = 65_536
 
 
 def spectrum_cost(target: SamplingTarget) -> int:
