@@ -8,8 +8,9 @@ Families: ``dln`` (small deep linear networks, tens of weights, incl. deep rank-
 3-5, ranks 1-20, λ from ~130 to ~3,900), ``heldout`` (small and large deep linear networks of
 other shapes, never used to choose a default; ``all`` does not include them). Prints one line per network (exact λ, estimate ±
 stderr, relative error, chosen ε·h, chains × (burn-in + draws), model evaluations spent, whether
-the budget bound, wall time, how many warnings, and the slow-direction check of networks with
-at most ``relaxation.MAX_PARAMS`` weights: the predicted relaxation deficit of the draws, the
+the budget bound, wall time, how many warnings, and the slow-direction check (the full Hessian
+spectrum up to ``relaxation.MAX_PARAMS`` weights, the Lanczos estimate above, up to
+``relaxation.LANCZOS_MAX_PARAMS``): the predicted relaxation deficit of the draws, the
 quadratic equilibrium Σ½h/(h+γ) at w*, and whether it warned) and the median and maximum
 relative error per family.
 
@@ -87,7 +88,7 @@ def run_one(problem, seed: int, budget: int | None = 5000) -> dict:
 
 def _relax(r: dict) -> str:
     """The slow-direction check: predicted deficit, the quadratic equilibrium, whether it warned."""
-    if r["deficit"] != r["deficit"]:  # NaN: not checked (too many weights)
+    if r["deficit"] != r["deficit"]:  # NaN: not checked (too many weights, or no budget room)
         return "-"
     return (f"deficit {r['deficit']:.0%} (quadratic λ {r['quadratic']:.1f})"
             f"{' RE-PLANNED (1 longer chain)' if r['replanned'] else ''}"
