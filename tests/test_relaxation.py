@@ -250,3 +250,23 @@ def test_larger_networks_within_the_goal_with_the_lanczos_check(seed):
         print(f"{p.description}: λ̂={res.mean:.1f} λ={p.llc} rel={errs[-1]:.1%} "
               f"deficit={res.diagnostics.relaxation_deficit:.0%}")
     assert statistics.median(errs) <= 0.10 and max(errs) <= 0.20, errs
+
+
+def test_only_a_plateau_only_fallback_may_be_re_planned():
+    from dataclasses import replace
+
+    from devinterp.analyses.calibration import Calibration, PilotRow, only_plateau_missing
+
+    row = PilotRow(step_size=1e-5, localization=1.0, llc=90.0, stderr=4.0, burnin=150,
+                   plateau=False, acceptance=0.93, frac_below=0.0, drift=-0.08,
+                   drift_stderr=0.07, tau_int=24.0, diverged=False, diverged_step=-1, seconds=1.0)
+    cal = Calibration(step_size=1e-5, localization=1.0, nbeta=1000.0, num_burnin=400,
+                      num_draws=1200, num_chains=2, batch_size=512, sampler="sgld", n=10_000,
+                      init_loss=0.0, curvature=5e4, ok=False, reason="fallback",
+                      table=(row, replace(row, step_size=5e-6)))
+    assert only_plateau_missing(cal)  # slow directions: λ̂ still rising, the step size sound
+    assert not only_plateau_missing(replace(cal, ok=True))
+    low = replace(cal, table=(replace(row, acceptance=0.5),))
+    assert not only_plateau_missing(low)  # the step size failed a criterion of its own
+    assert not only_plateau_missing(replace(cal, table=(replace(row, frac_below=0.5),)))
+    assert not only_plateau_missing(replace(cal, table=(replace(row, step_size=2e-5),)))
