@@ -1451,39 +1451,67 @@ def sample_chains(target: SamplingTarget, *, num_chains: int = 4, num_steps: int
     threshold = divergence_threshold(target, nbeta)
     trace = torch.empty(num_chains, num_steps, device=target.device)
     ctrace = None  # the discretisation corrections, when the run reports them
-    acc_rows, acc_steps = [], []
-    diverged = None
+    accepted: dict[int, Tensor] = {}  # step -> (C,) acceptance
+    diverged = None  # (step, chain) of the first divergence: the earliest step, then chain
     final = None
     run_kwargs = dict(num_chains=num_chains, step_size=step_size, localization=localization,
                       nbeta=nbeta, sampler=sampler, seed=seed, sampler_kwargs=sampler_kwargs,
                       acceptance_steps=acceptance_steps, compile=compile,
                       expected_calls=expected_calls, reuse_buffers=True)
     t0 = time.perf_counter()
-    lean = not sampler_kwargs and target.uses_lean(sampler)  # workers never compile
+    # the lean path runs each worker's chains one after the other (one chain state per worker)
+    lean = (not sampler_kwargs and target.uses_lean(sampler)
+            and (run_plan.backend != "inline" or _compiled.compiled_step(
+                target, num_chains, target.full_batch, num_steps=num_steps, sampler=sampler,
+                step_size=step_size, localization=localization, nbeta=nbeta,
+                compile=target.compile if compile is None else compile,
+                expected_calls=target.expected_calls if expected_calls is None
+                else expected_calls) is None))
+    limit = _parallel.StepLimit(num_steps, processes=run_plan.backend == "process")
     chunks = _parallel.iter_chunks(run_chains, target, run_plan, num_steps=num_steps,
-                                   chunk=check_every, run_kwargs=run_kwargs,
-                                   shared_params=lean and run_plan.backend != "inline")
+                                   chunk=check_every, run_kwargs=run_kwargs, lean=lean,
+                                   limit=limit)
+    done = np.zeros(num_chains, dtype=np.int64)  # steps recorded per chain
     try:
         for part in chunks:
-            trace[:, part.start:part.stop] = part.losses
+            rows = (slice(None) if part.chains is None
+                    else torch.as_tensor(part.chains, device=trace.device))
+            ids = list(range(num_chains)) if part.chains is None else list(part.chains)
+            trace[rows, part.start:part.stop] = part.losses.to(trace.device)
             if part.corrections is not None:
                 if ctrace is None:
                     ctrace = torch.full_like(trace, float("nan"))
-                ctrace[:, part.start:part.stop] = part.corrections
+                ctrace[rows, part.start:part.stop] = part.corrections.to(trace.device)
             for step, acc in part.acceptance:
-                acc_rows.append(acc)
-                acc_steps.append(step)
-            final = part.final_params
+                if step not in accepted:
+                    accepted[step] = torch.full((num_chains,), float("nan"),
+                                                device=trace.device)
+                accepted[step][rows] = acc.to(trace.device)
+            if part.final_params is not None:
+                final = part.final_params
             if on_progress is not None:  # one evaluation per chain per step and per check
-                on_progress(num_chains * (part.stop - part.start + len(part.acceptance)))
-            diverged = _first_bad(trace[:, part.start:part.stop], threshold)
+                on_progress(len(ids) * (part.stop - part.start + len(part.acceptance)))
+            done[ids] = part.stop
+            bad = _first_bad(trace[rows, part.start:part.stop], threshold)
+            if bad is not None:
+                here = (bad[1] + part.start, ids[bad[0]])
+                if diverged is None or here < diverged:
+                    diverged = here
+                    # every chain must reach this step (one may diverge earlier); no more
+                    limit.lower(here[0] + 1)
             if diverged is not None:
-                diverged = (diverged[0], diverged[1] + part.start)
-                break
+                if (done >= diverged[0] + 1).all():
+                    break
+                continue
             if progress is not None:
-                progress(part.stop, num_steps)
+                progress(int(done.sum()) // num_chains, num_steps)
     finally:
         chunks.close()
+    if diverged is not None:
+        diverged = (diverged[1], diverged[0])  # (chain, step)
+        final = None
+    acc_steps = sorted(accepted)
+    acc_rows = [accepted[s] for s in acc_steps]
     seconds = time.perf_counter() - t0
     if diverged is not None:
         chain, at = diverged
