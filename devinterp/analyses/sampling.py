@@ -74,6 +74,10 @@ PER_CHAIN_BACKWARD_MIN_BYTES = 4 << 20
 #: A gradient probe (:meth:`SamplingTarget.gradient_seconds`) that takes this long is not
 #: repeated (the probe decides only whether parallel workers pay: an order of magnitude).
 _PROBE_ONCE_SECONDS = 0.02
+#: A gradient costs about this many forward passes (forward + backward ≈ 3 forwards): the
+#: estimate :meth:`SamplingTarget.gradient_seconds` makes from the timed evaluation of L(w*)
+#: for targets of the lean path's size, instead of timing a gradient.
+_GRADIENT_FORWARDS = 3.0
 
 
 # --------------------------------------------------------------------------------------------
@@ -397,11 +401,19 @@ class SamplingTarget:
         """``L_n(w*)`` over the full data in chunks, and the spread of minibatch losses."""
         chunk = min(self.batch_size, self.eval_batch_size)
         total, losses, sizes = 0.0, [], []
+        #: seconds per sample of the fastest forward pass (the first is a warm-up when more
+        #: than one is made); for :meth:`gradient_seconds`
+        self._forward_seconds = None
         with torch.random.fork_rng(devices=self._rng_devices()):
             for start in range(0, self.n, chunk):
                 part = [t[start:start + chunk] for t in self.leaves]
+                t0 = time.perf_counter()
                 with torch.no_grad():
                     value = float(self._loss_parts(self._anchor_parts, *part))
+                per_sample = (time.perf_counter() - t0) / len(part[0])
+                if (start == chunk or self.n <= chunk) or (
+                        start > chunk and per_sample < self._forward_seconds):
+                    self._forward_seconds = per_sample
                 if not math.isfinite(value):
                     raise InvalidInputError(
                         f"the loss at the given weights is not finite ({value}) on samples "
@@ -536,7 +548,15 @@ class SamplingTarget:
         when it takes ``_PROBE_ONCE_SECONDS`` or more; cached).
 
         Used only to decide whether running the chains in parallel pays (never affects results).
+        From ``LEAN_MIN_DIM`` sampled coordinates on, no gradient is taken: ``_GRADIENT_FORWARDS``
+        × the fastest forward pass of the evaluation of ``L_n(w*)`` (per sample of a minibatch),
+        timed when the target was prepared. A gradient through ``torch.func`` there cost ~5
+        chain steps and left ~1.7× the parameters of heap behind (a 10M-parameter transformer,
+        ``benchmarks/llc_memory.py``, config ``lean-auto``).
         """
+        if (self._grad_seconds is None and self.dim >= LEAN_MIN_DIM
+                and getattr(self, "_forward_seconds", None) is not None):
+            self._grad_seconds = _GRADIENT_FORWARDS * self._forward_seconds * self.batch_size
         if self._grad_seconds is None:
             batch = [t[:self.batch_size] for t in self.leaves]
             fn = torch.func.grad(self._loss_parts)
