@@ -141,15 +141,18 @@ def test_chains_one_after_the_other_equal_the_chains_together(monkeypatch, worke
         target = prepare_target(model, data, _loss, batch_size=batch, params=params)
         kw = dict(step_size=2e-3, localization=3.0, nbeta=20.0, seed=11)
         ref_losses, ref_acc = _lockstep(target, 5, 23, acceptance_steps=[0, 7, 22], **kw)
-        seen = []
+        seen, done = [], []
         out = sample_chains(target, num_chains=5, num_steps=23, check_every=6,
                             acceptance_steps=[0, 7, 22], workers=workers, backend=backend,
-                            on_progress=seen.append, **kw)
+                            on_progress=seen.append,
+                            progress=lambda steps, total: done.append((steps, total)), **kw)
         assert out.workers == workers and out.final_params is None
         np.testing.assert_array_equal(out.losses, ref_losses)
         np.testing.assert_array_equal(out.acceptance, ref_acc)
         assert out.acceptance_steps == (0, 7, 22) and 0 < ref_acc.min() <= ref_acc.max() <= 1
         assert sum(seen) == 5 * (23 + 3)  # evaluations: chain-steps and checks
+        # progress: chain-steps over chains, one report per chunk of one chain, up to the end
+        assert len(done) == 5 * 4 and done == sorted(done) and done[-1] == (23, 23)
     # one chain alone ends where it ends among the others (masked entries never move)
     target = prepare_target(model, data, _loss, batch_size=8, params=mask)
     ends = []

@@ -5,7 +5,10 @@ own generators (seeded from ``SeedSequence(seed).spawn(C)[c]``), so a group of c
 another core or device yields exactly the numbers it yields in the full run. This module splits
 the chains into contiguous groups, runs each group with
 :func:`devinterp.analyses.sampling.run_chains` (passed in, so that this module does not import
-the sampling module) and merges the groups' reports, chunk by chunk, in chain order.
+the sampling module) and merges the groups' reports, chunk by chunk, in chain order. On the
+lean path (large models) each worker runs its chains one after the other in one chain state
+instead (:func:`group_chunks` with ``one_by_one``), so the memory does not grow with the chains,
+and its chunks come one chain at a time.
 
 Backends:
 
@@ -220,10 +223,11 @@ def plan(target: Any, *, num_chains: int, estimated_seconds: float | Callable[[]
             would cost more than it saves).
         workers: ``"auto"``: on CPU, ``min(C, core_budget())`` workers when the run is
             estimated at ``MIN_PARALLEL_SECONDS`` or more, else 1 (on the lean path a second
-            worker adds its activations and heap holes: 5.9–6.3× the parameters of extra
-            memory for 4 chains of a 10M-parameter transformer on 2 threads against 5.8–5.9×
-            with one, 6.5–7.3× on 2 processes, ``benchmarks/llc_memory.py``; pass
-            ``workers=1`` where memory binds); on one GPU, 1 (the chains
+            worker adds its chain state, activations and heap holes: 4.1–4.4× the parameters
+            of extra memory for 4 chains of a 10M-parameter transformer on 2 threads against
+            2.9× with one, 4.9× on 2 processes, whatever the number of chains,
+            ``benchmarks/llc_memory.py``; pass ``workers=1`` where memory binds most); on one
+            GPU, 1 (the chains
             are batched); with ``devices``, one per device. An int forces that many (1: sequential).
         devices: several devices to spread the chains over (one group each, threads).
         backend: ``"process"`` or ``"thread"``; None: threads.
@@ -506,9 +510,9 @@ class CheckGate:
     the allocator's holes: ~0.8× the parameters per worker on a 10M-parameter transformer,
     ``benchmarks/llc_memory.py``). A chain step of any worker enters :meth:`step`; a check
     enters :meth:`check`, which waits until the steps in progress are done, keeps new ones out
-    and first gives the freed heap back to the system (``malloc_trim``), so that the run's
-    peak is the sequential run's: the chains, one check buffer and one worker's working
-    memory. Checks are a few steps of a run; results do not depend on the order in which the
+    and first gives the freed heap back to the system (``malloc_trim``), so that a check adds
+    to the workers' chain states one check buffer and one worker's working memory, as in a
+    sequential run. Checks are a few steps of a run; results do not depend on the order in which the
     workers' independent chains take their turns.
 
     Args:

@@ -56,10 +56,12 @@ _MODE_CACHE: dict[tuple, str] = {}
 #: backward and update in turn, in place, each parameter tensor updated as soon as its gradient
 #: has been accumulated (a post-accumulate-grad hook) and its gradient freed, so no ``(D,)``
 #: gradient buffer exists; a MALA acceptance check uses one ``(D,)`` buffer made for it (in a
-#: parallel run the check runs alone: :class:`devinterp.analyses.parallel.CheckGate`). The
-#: extra memory is the chains (C × D) plus at most one D, instead of several (C, D)
-#: temporaries per step. Below it the chains share
-#: one backward pass (less autograd overhead).
+#: parallel run the check runs alone: :class:`devinterp.analyses.parallel.CheckGate`).
+#: :func:`sample_chains` runs each worker's chains one after the other in one chain state
+#: (:func:`devinterp.analyses.parallel.group_chunks`), so the extra memory is one D per
+#: worker plus at most one D for a check, whatever the number of chains, instead of several
+#: (C, D) temporaries per step. Below it the chains share one backward pass (less autograd
+#: overhead).
 LEAN_MIN_DIM = 1 << 20
 #: When one chain's forward pass saves at least this many bytes of activations for its backward
 #: pass (measured once per target, on the first step), the loop mode (below ``LEAN_MIN_DIM``)
@@ -1272,7 +1274,10 @@ class ChainTraces:
         seconds: wall time of the sampling loop.
         mode: ``"vmap"`` or ``"loop"``.
         compiled: whether the steps ran through the compiled SGLD step.
-        final_params: ``(C, D)`` parameters after the last step (None after a divergence).
+        final_params: ``(C, D)`` parameters after the last step (None after a divergence, and
+            on the lean path: its chains run one after the other in one reused chain state per
+            worker, and keeping every chain's end point would cost the C × D it saves; use
+            :func:`run_chains` with ``chain_ids`` for a chain's parameters).
         workers: how many workers ran the chains (1: this thread).
         backend: ``"inline"``, ``"thread"`` or ``"process"``.
         corrections: ``(C, T)`` discretisation corrections ``ε/8·∇(nβL)·∇U`` per step
@@ -1428,6 +1433,10 @@ def sample_chains(target: SamplingTarget, *, num_chains: int = 4, num_steps: int
 
     The chains run on every core by default (:mod:`devinterp.analyses.parallel`); the traces
     are the same numbers whichever way they are split (with the same intra-op threads per chain).
+    On the lean path (:data:`LEAN_MIN_DIM`) each worker runs its chains one after the other
+    (one chain state per worker), with the same traces as the chains run together; a
+    divergence is still reported at the earliest step (then the lowest chain): the chains
+    after a diverged one run up to its step only.
 
     Args:
         target: from :func:`prepare_target`.
@@ -1443,8 +1452,9 @@ def sample_chains(target: SamplingTarget, *, num_chains: int = 4, num_steps: int
             that many; 1 runs the chains in this thread.
         devices: spread the chains over these devices (e.g. ``["cuda:0", "cuda:1"]``).
         backend: ``"process"`` or ``"thread"`` for CPU workers; None: threads.
-        progress: called as ``progress(steps_done, num_steps)`` after every ``check_every``
-            steps of every chain.
+        progress: called as ``progress(steps_done, num_steps)`` after every chunk of
+            ``check_every`` steps (of every chain, or of one chain on the lean path), with
+            ``steps_done`` the chain-steps done over the number of chains (rounded down).
         on_progress: called now and then with the number of model evaluations (one per chain
             per step, one more per chain per acceptance check) done since its last call (e.g.
             :meth:`devinterp.analyses.progress.Meter.add`).
