@@ -145,7 +145,7 @@ def test_chains_one_after_the_other_equal_the_chains_together(monkeypatch, worke
         out = sample_chains(target, num_chains=5, num_steps=23, check_every=6,
                             acceptance_steps=[0, 7, 22], workers=workers, backend=backend,
                             on_progress=seen.append,
-                            progress=lambda steps, total: done.append((steps, total)), **kw)
+                            progress=lambda *a, done=done: done.append(a), **kw)
         assert out.workers == workers and out.final_params is None
         np.testing.assert_array_equal(out.losses, ref_losses)
         np.testing.assert_array_equal(out.acceptance, ref_acc)
