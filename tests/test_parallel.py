@@ -56,6 +56,9 @@ def test_parallel_chains_equal_the_sequential_run(path, backend, request):
         np.testing.assert_array_equal(out.losses, ref.losses)
         np.testing.assert_array_equal(out.acceptance, ref.acceptance)
         assert out.acceptance_steps == ref.acceptance_steps == (2, 30, 42)
+        if path == "lean":  # chains one after the other: their end points are not kept
+            assert out.final_params is None and ref.final_params is None
+            continue
         assert torch.equal(out.final_params, ref.final_params)
         assert (ref.final_params != target.anchor).any()
         if params is not None:  # unselected entries never move
@@ -248,7 +251,8 @@ def test_cuda_lean_path(lean):
     model, data = _problem()
     target = prepare_target(model, data, _loss, batch_size=32, device="cuda", vectorize=False)
     tr = sample_chains(target, num_chains=3, num_steps=20, step_size=1e-3, acceptance_steps=[5])
-    assert np.isfinite(tr.losses).all() and tr.final_params.device.type == "cuda"
+    assert np.isfinite(tr.losses).all() and tr.acceptance.shape == (1, 3)
+    assert tr.final_params is None  # the lean path keeps no (C, D) of end points
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2,

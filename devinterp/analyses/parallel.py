@@ -5,7 +5,10 @@ own generators (seeded from ``SeedSequence(seed).spawn(C)[c]``), so a group of c
 another core or device yields exactly the numbers it yields in the full run. This module splits
 the chains into contiguous groups, runs each group with
 :func:`devinterp.analyses.sampling.run_chains` (passed in, so that this module does not import
-the sampling module) and merges the groups' reports, chunk by chunk, in chain order.
+the sampling module) and merges the groups' reports, chunk by chunk, in chain order. On the
+lean path (large models) each worker runs its chains one after the other in one chain state
+instead (:func:`group_chunks` with ``one_by_one``), so the memory does not grow with the chains,
+and its chunks come one chain at a time.
 
 Backends:
 
@@ -91,6 +94,8 @@ class ChainChunk:
         losses: ``(C, stop - start)`` minibatch losses on the target's device.
         acceptance: ``(step, (C,) acceptance)`` for the checked steps in the chunk.
         final_params: ``(C, D)`` parameters after the last step, on the last chunk only.
+        chains: the chains (indices in the run) whose rows the chunk holds, or None: every
+            chain (a merged chunk of a run that advances its chains together).
     """
 
     start: int
@@ -100,6 +105,42 @@ class ChainChunk:
     final_params: Tensor | None = None
     #: ``(C, stop - start)`` discretisation corrections (``StepInfo.correction``), or None.
     corrections: Tensor | None = None
+    chains: tuple[int, ...] | None = None
+
+
+class StepLimit:
+    """How many steps every chain must still run (lowered when a chain diverges, so that a run
+    whose chains go one after the other stops each later chain there, and the diverged chain at
+    its next chunk). Written by the consumer only; shared memory for forked workers.
+
+    Args:
+        num_steps: the run's steps (the limit until lowered).
+        processes: the workers are forked processes.
+    """
+
+    def __init__(self, num_steps: int, *, processes: bool = False):
+        if processes:
+            import multiprocessing as mp
+
+            self._value: Any = mp.get_context("fork").RawValue("q", int(num_steps))
+        else:
+            self._value = _Box(int(num_steps))
+
+    def __call__(self) -> int:
+        return int(self._value.value)
+
+    def lower(self, steps: int) -> None:
+        if steps < self._value.value:
+            self._value.value = int(steps)
+
+
+@dataclass
+class _Box:
+    value: int
+
+
+#: What a worker sends when its group of chains is done.
+_DONE = "done"
 
 
 @dataclass(frozen=True)
@@ -182,10 +223,11 @@ def plan(target: Any, *, num_chains: int, estimated_seconds: float | Callable[[]
             would cost more than it saves).
         workers: ``"auto"``: on CPU, ``min(C, core_budget())`` workers when the run is
             estimated at ``MIN_PARALLEL_SECONDS`` or more, else 1 (on the lean path a second
-            worker adds its activations and heap holes: 5.9–6.3× the parameters of extra
-            memory for 4 chains of a 10M-parameter transformer on 2 threads against 5.8–5.9×
-            with one, 6.5–7.3× on 2 processes, ``benchmarks/llc_memory.py``; pass
-            ``workers=1`` where memory binds); on one GPU, 1 (the chains
+            worker adds its chain state, activations and heap holes: 4.1–4.4× the parameters
+            of extra memory for 4 chains of a 10M-parameter transformer on 2 threads against
+            2.9× with one, 4.9× on 2 processes, whatever the number of chains,
+            ``benchmarks/llc_memory.py``; pass ``workers=1`` where memory binds most); on one
+            GPU, 1 (the chains
             are batched); with ``devices``, one per device. An int forces that many (1: sequential).
         devices: several devices to spread the chains over (one group each, threads).
         backend: ``"process"`` or ``"thread"``; None: threads.
@@ -243,8 +285,45 @@ RunFn = Callable[..., Iterator[tuple[int, Any, Any]]]
 
 
 def group_chunks(run: RunFn, target: Any, ids: Sequence[int], num_steps: int, chunk: int,
-                 run_kwargs: dict[str, Any]) -> Iterator[ChainChunk]:
-    """Run one group of chains in this thread, as a :class:`ChainChunk` every ``chunk`` steps."""
+                 run_kwargs: dict[str, Any], *, one_by_one: bool = False,
+                 limit: Callable[[], int] | None = None) -> Iterator[ChainChunk]:
+    """Run one group of chains in this thread, as a :class:`ChainChunk` every ``chunk`` steps.
+
+    ``one_by_one`` (the lean path): the chains run one after the other, each to its end, in
+    one chain state (reset to w* at each chain's start), instead of all together: chain ``c``
+    draws the same numbers either way (its own generators), so the traces are the same, and
+    only one chain's parameters exist at a time. Each chunk then holds one chain
+    (``ChainChunk.chains``) and no final parameters; a chain stops at the first chunk boundary
+    at or after ``limit()`` steps (a diverged chain's run is cut there).
+    """
+    if not one_by_one:
+        yield from _chunks(run, target, ids, num_steps, chunk, run_kwargs)
+        return
+    restore = run_kwargs.get("restore_rng", True)
+    saved = None
+    if restore:  # one save for the group (each chain's run would otherwise restore it)
+        saved = (torch.get_rng_state(), [(d, torch.cuda.get_rng_state(d))
+                                         for d in {target.device} if d.type == "cuda"])
+    # the compile rule would see one chain (a run of one chain at a time is never compiled:
+    # the lean path is eager)
+    kwargs = dict(run_kwargs, restore_rng=False, compile=False)
+    try:
+        for c in ids:
+            for part in _chunks(run, target, [c], num_steps, chunk, kwargs, keep_final=False,
+                                limit=limit):
+                yield replace(part, chains=(c,))
+    finally:
+        target.release_buffers()  # the chain state and the model copy
+        if saved is not None:
+            torch.set_rng_state(saved[0])
+            for d, state in saved[1]:
+                torch.cuda.set_rng_state(state, d)
+
+
+def _chunks(run: RunFn, target: Any, ids: Sequence[int], num_steps: int, chunk: int,
+            run_kwargs: dict[str, Any], *, keep_final: bool = True,
+            limit: Callable[[], int] | None = None) -> Iterator[ChainChunk]:
+    """The chains ``ids`` advanced together, a chunk every ``chunk`` steps."""
     buf = torch.empty(len(ids), min(chunk, num_steps), device=target.device)
     acc: list[tuple[int, Tensor]] = []
     cbuf = None  # the discretisation corrections, when the run reports them
@@ -261,7 +340,7 @@ def group_chunks(run: RunFn, target: Any, ids: Sequence[int], num_steps: int, ch
                 acc.append((step, info.acceptance.detach().clone()))
             if step + 1 - start == buf.shape[1] or step + 1 == num_steps:
                 final = None
-                if step + 1 == num_steps:
+                if step + 1 == num_steps and keep_final:
                     final = state.params
                     work = getattr(target, "_work", None)
                     if work is not None and _shares(final, work):
@@ -271,14 +350,18 @@ def group_chunks(run: RunFn, target: Any, ids: Sequence[int], num_steps: int, ch
                                  else cbuf[:, :step + 1 - start].clone())
                 acc = []
                 start = step + 1
+                if limit is not None and start < num_steps and start >= limit():
+                    return
     finally:
         gen.close()
 
 
 def _run_group(run: RunFn, target: Any, ids: Sequence[int], num_steps: int, chunk: int,
                run_kwargs: dict[str, Any], emit: Callable[[ChainChunk], None],
-               stop: Callable[[], bool]) -> None:
-    gen = group_chunks(run, target, ids, num_steps, chunk, run_kwargs)
+               stop: Callable[[], bool], one_by_one: bool = False,
+               limit: Callable[[], int] | None = None) -> None:
+    gen = group_chunks(run, target, ids, num_steps, chunk, run_kwargs, one_by_one=one_by_one,
+                       limit=limit)
     try:
         for c in gen:
             emit(c)
@@ -311,9 +394,9 @@ def _merge(parts: list[ChainChunk], device: torch.device) -> ChainChunk:
 
 
 def iter_chunks(run: RunFn, target: Any, the_plan: Plan, *, num_steps: int, chunk: int,
-                run_kwargs: dict[str, Any], shared_params: bool = False
-                ) -> Iterator[ChainChunk]:
-    """Run the plan's groups and yield the merged chunks in order (every chain, ``chunk`` steps).
+                run_kwargs: dict[str, Any], lean: bool = False,
+                limit: StepLimit | None = None) -> Iterator[ChainChunk]:
+    """Run the plan's groups and yield their chunks.
 
     Closing the generator stops the workers (threads finish their current step; child
     processes are terminated).
@@ -325,34 +408,30 @@ def iter_chunks(run: RunFn, target: Any, the_plan: Plan, *, num_steps: int, chun
         num_steps: total steps.
         chunk: steps per reported chunk.
         run_kwargs: the other keyword arguments of ``run`` (``num_chains``, ``seed``, ...).
-        shared_params: the run takes the lean path: the chains' parameters live in one
-            ``(C, D)`` buffer made here (in shared memory for processes), each worker writing
-            its rows, so the final parameters come back without a copy or a transfer; a MALA
-            check runs alone (:class:`CheckGate`), so the workers together hold no more than
-            one check buffer and one check's working memory, as a sequential run does.
+        lean: the run takes the lean path: each worker runs its chains one after the other in
+            one chain state (:func:`group_chunks` with ``one_by_one``), so the extra memory is
+            one chain state and one working memory per worker, whatever the number of chains;
+            the chunks come as the workers make them, one chain each (``ChainChunk.chains``),
+            without final parameters. A MALA check runs alone (:class:`CheckGate`), so the
+            workers together hold no more than one check buffer and one check's working memory,
+            as a sequential run does. Otherwise every chunk holds every chain (the groups'
+            chunks merged, in step order).
+        limit: with ``lean``, the steps a chain must still run (:class:`StepLimit`: lowered by
+            the consumer when a chain diverges); created before any worker starts.
     """
-    work = check = None
-    # one buffer for every chain when the workers share a device (several devices: each
-    # replica keeps its own rows on its device and the merge gathers them)
-    if shared_params and the_plan.backend != "inline" and len(set(the_plan.devices)) == 1:
-        work = torch.empty(sum(len(g) for g in the_plan.groups), target.dim,
-                           device=the_plan.devices[0])
-        if the_plan.backend == "process":
-            work.share_memory_()
-        if run_kwargs.get("acceptance_steps"):
-            check = CheckGate(the_plan.workers, processes=the_plan.backend == "process",
-                              trim=the_plan.devices[0].type == "cpu")
+    check = None
+    if lean and the_plan.backend != "inline" and run_kwargs.get("acceptance_steps"):
+        check = CheckGate(the_plan.workers, processes=the_plan.backend == "process",
+                          trim=the_plan.devices[0].type == "cpu")
     if the_plan.backend == "inline":
-        yield from _inline(run, target, the_plan, num_steps, chunk, run_kwargs)
+        yield from group_chunks(run, target, the_plan.groups[0], num_steps, chunk, run_kwargs,
+                                one_by_one=lean, limit=limit)
     elif the_plan.backend == "thread":
-        yield from _threads(run, target, the_plan, num_steps, chunk, run_kwargs, work, check)
+        yield from _threads(run, target, the_plan, num_steps, chunk, run_kwargs, lean, check,
+                            limit)
     else:
-        yield from _processes(run, target, the_plan, num_steps, chunk, run_kwargs, work, check)
-
-
-def _inline(run: RunFn, target: Any, the_plan: Plan, num_steps: int, chunk: int,
-            run_kwargs: dict[str, Any]) -> Iterator[ChainChunk]:
-    yield from group_chunks(run, target, the_plan.groups[0], num_steps, chunk, run_kwargs)
+        yield from _processes(run, target, the_plan, num_steps, chunk, run_kwargs, lean, check,
+                              limit)
 
 
 def _return_free_memory() -> None:
@@ -431,9 +510,9 @@ class CheckGate:
     the allocator's holes: ~0.8× the parameters per worker on a 10M-parameter transformer,
     ``benchmarks/llc_memory.py``). A chain step of any worker enters :meth:`step`; a check
     enters :meth:`check`, which waits until the steps in progress are done, keeps new ones out
-    and first gives the freed heap back to the system (``malloc_trim``), so that the run's
-    peak is the sequential run's: the chains, one check buffer and one worker's working
-    memory. Checks are a few steps of a run; results do not depend on the order in which the
+    and first gives the freed heap back to the system (``malloc_trim``), so that a check adds
+    to the workers' chain states one check buffer and one worker's working memory, as in a
+    sequential run. Checks are a few steps of a run; results do not depend on the order in which the
     workers' independent chains take their turns.
 
     Args:
@@ -481,34 +560,15 @@ class CheckGate:
                     self._room.release()
 
 
-def _rows(the_plan: Plan, g: int) -> slice:
-    start = sum(len(x) for x in the_plan.groups[:g])
-    return slice(start, start + len(the_plan.groups[g]))
-
-
-def _own_rows(work: Tensor, rows: slice) -> Tensor:
-    """Rows of ``work`` as a tensor of their own: same memory, its own autograd version
-    counter (views share their base's, and one worker's in-place updates would then trip the
-    other workers' autograd checks)."""
-    count = rows.stop - rows.start
-    out = torch.empty(0, dtype=work.dtype, device=work.device)
-    out.set_(work.untyped_storage(), work.storage_offset() + rows.start * work.shape[1],
-             (count, work.shape[1]), (work.shape[1], 1))
-    return out
-
-
 def _threads(run: RunFn, target: Any, the_plan: Plan, num_steps: int, chunk: int,
-             run_kwargs: dict[str, Any], work: Tensor | None = None,
-             check: CheckGate | None = None) -> Iterator[ChainChunk]:
+             run_kwargs: dict[str, Any], lean: bool = False, check: CheckGate | None = None,
+             limit: StepLimit | None = None) -> Iterator[ChainChunk]:
     inbox: queue.Queue = queue.Queue()
     stop = threading.Event()
     replicas = [target.replica_for(dev) for dev in the_plan.devices]
-    if work is not None and all(d == work.device for d in the_plan.devices):
-        for g, rep in enumerate(replicas):
-            rep.external_work = _own_rows(work, _rows(the_plan, g))
+    if lean and len(set(the_plan.devices)) == 1:
+        for rep in replicas:
             rep.lean_gate = check
-    else:
-        work = None
 
     def body(g: int) -> None:
         try:
@@ -517,7 +577,8 @@ def _threads(run: RunFn, target: Any, the_plan: Plan, num_steps: int, chunk: int
                 torch.cuda.set_device(dev)
             _run_group(run, replicas[g], the_plan.groups[g], num_steps, chunk,
                        dict(run_kwargs, restore_rng=False), lambda c: inbox.put((g, c)),
-                       stop.is_set)
+                       stop.is_set, lean, limit)
+            inbox.put((g, _DONE))
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer
             inbox.put((g, exc))
 
@@ -530,13 +591,13 @@ def _threads(run: RunFn, target: Any, the_plan: Plan, num_steps: int, chunk: int
     threads = [threading.Thread(target=body, args=(g,), daemon=True,
                                 name=f"devinterp-chains-{g}") for g in range(the_plan.workers)]
     if any(d.type == "cpu" for d in the_plan.devices):
-        if work is not None:  # the lean path: the workers' heap holes would add up
+        if lean:  # the lean path: the workers' heap holes would add up
             share_heap()
         _return_free_memory()
     try:
         for t in threads:
             t.start()
-        yield from _collect(inbox.get, the_plan, target.device, num_steps, work)
+        yield from _collect(inbox.get, the_plan, target.device, num_steps, lean)
     finally:
         stop.set()
         for t in threads:
@@ -549,21 +610,32 @@ def _threads(run: RunFn, target: Any, the_plan: Plan, num_steps: int, chunk: int
 
 
 def _collect(receive: Callable[[], tuple[int, Any]], the_plan: Plan, device: torch.device,
-             num_steps: int, work: Tensor | None = None) -> Iterator[ChainChunk]:
-    """Merge the groups' chunks in order; a worker's exception is raised here."""
+             num_steps: int, one_by_one: bool = False) -> Iterator[ChainChunk]:
+    """The groups' chunks; a worker's exception is raised here.
+
+    ``one_by_one``: each chunk as it comes (one chain each), until every worker is done.
+    Otherwise the groups' chunks of the same steps merged into one, in step order.
+    """
+    if one_by_one:
+        live = set(range(the_plan.workers))
+        while live:
+            g, item = receive()
+            if isinstance(item, BaseException):
+                raise item
+            if isinstance(item, str) and item == _DONE:
+                live.discard(g)
+                continue
+            yield item
+        return
     pending: list[list[ChainChunk]] = [[] for _ in the_plan.groups]
     while True:
         while not all(pending):
             g, item = receive()
             if isinstance(item, BaseException):
                 raise item
-            pending[g].append(item)
-        parts = [p.pop(0) for p in pending]
-        if work is not None:  # the workers wrote their rows of ``work``: nothing to merge
-            parts = [replace(p, final_params=None) for p in parts]
-        merged = _merge(parts, device)
-        if work is not None and merged.stop >= num_steps:
-            merged = replace(merged, final_params=work)
+            if not (isinstance(item, str) and item == _DONE):  # (after its last chunk)
+                pending[g].append(item)
+        merged = _merge([p.pop(0) for p in pending], device)
         yield merged
         if merged.stop >= num_steps:
             return
@@ -574,35 +646,33 @@ def _to_numpy(c: ChainChunk) -> tuple:
     return (c.start, c.stop, c.losses.cpu().numpy(),
             tuple((s, a.cpu().numpy()) for s, a in c.acceptance),
             None if c.final_params is None else c.final_params.detach().cpu().numpy(),
-            None if c.corrections is None else c.corrections.cpu().numpy())
+            None if c.corrections is None else c.corrections.cpu().numpy(), c.chains)
 
 
 def _from_numpy(item: tuple) -> ChainChunk:
-    start, stop, losses, acc, final, corr = item
+    start, stop, losses, acc, final, corr, chains = item
     return ChainChunk(start, stop, torch.from_numpy(losses),
                       tuple((s, torch.from_numpy(a)) for s, a in acc),
                       None if final is None else torch.from_numpy(final),
-                      None if corr is None else torch.from_numpy(corr))
+                      None if corr is None else torch.from_numpy(corr), chains)
 
 
 def _child(run: RunFn, target: Any, ids: Sequence[int], threads: int | None, num_steps: int,
-           chunk: int, run_kwargs: dict[str, Any], conn: Any,
-           work: Tensor | None = None, check: CheckGate | None = None) -> None:
+           chunk: int, run_kwargs: dict[str, Any], conn: Any, lean: bool = False,
+           check: CheckGate | None = None, limit: StepLimit | None = None) -> None:
     try:
         if threads is not None:
             torch.set_num_threads(threads)
-        if work is not None:
-            target.release_buffers()
-            target.external_work = work  # this group's rows of the shared buffer
+        if lean:
+            target.release_buffers()  # (copy-on-write pages of the parent's, if any)
             target.lean_gate = check  # checks run alone
 
         def send(c: ChainChunk) -> None:
-            if work is not None:
-                c = replace(c, final_params=None)  # already in shared memory
             conn.send(("chunk", _to_numpy(c)))
 
         _run_group(run, target, ids, num_steps, chunk, dict(run_kwargs, restore_rng=False),
-                   send, lambda: False)
+                   send, lambda: False, lean, limit)
+        conn.send((_DONE, None))
     except BaseException as exc:  # noqa: BLE001 - reported to the parent
         text = "".join(traceback.format_exception(exc))
         try:
@@ -616,8 +686,9 @@ def _child(run: RunFn, target: Any, ids: Sequence[int], threads: int | None, num
 
 
 def _processes(run: RunFn, target: Any, the_plan: Plan, num_steps: int, chunk: int,
-               run_kwargs: dict[str, Any], work: Tensor | None = None,
-               check: CheckGate | None = None) -> Iterator[ChainChunk]:
+               run_kwargs: dict[str, Any], lean: bool = False,
+               check: CheckGate | None = None, limit: StepLimit | None = None
+               ) -> Iterator[ChainChunk]:
     import multiprocessing as mp
     from multiprocessing.connection import wait
 
@@ -629,9 +700,7 @@ def _processes(run: RunFn, target: Any, the_plan: Plan, num_steps: int, chunk: i
             recv, send = ctx.Pipe(duplex=False)
             proc = ctx.Process(target=_child, name=f"devinterp-chains-{g}", daemon=True,
                                args=(run, target, ids, the_plan.threads, num_steps, chunk,
-                                     run_kwargs, send,
-                                     None if work is None
-                                     else _own_rows(work, _rows(the_plan, g)), check))
+                                     run_kwargs, send, lean, check, limit))
             proc.start()
             send.close()
             procs.append(proc)
@@ -657,12 +726,12 @@ def _processes(run: RunFn, target: Any, the_plan: Plan, num_steps: int, chunk: i
                                 f"with exit code {procs[g].exitcode}")))
                         continue
                     item = _decode(kind, payload, g)
-                    if kind == "error" or item.stop >= num_steps:
+                    if kind in ("error", _DONE):
                         finished.add(g)
                     ready.append((g, item))
             return ready.pop(0)
 
-        yield from _collect(receive, the_plan, target.device, num_steps, work)
+        yield from _collect(receive, the_plan, target.device, num_steps, lean)
     finally:
         for p in procs:
             if p.is_alive():
@@ -676,6 +745,8 @@ def _processes(run: RunFn, target: Any, the_plan: Plan, num_steps: int, chunk: i
 def _decode(kind: str, payload: Any, g: int) -> Any:
     if kind == "chunk":
         return _from_numpy(payload)
+    if kind == _DONE:
+        return _DONE
     name, text, tb, exc = payload
     if exc is not None:
         return exc

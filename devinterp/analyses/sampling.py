@@ -56,10 +56,12 @@ _MODE_CACHE: dict[tuple, str] = {}
 #: backward and update in turn, in place, each parameter tensor updated as soon as its gradient
 #: has been accumulated (a post-accumulate-grad hook) and its gradient freed, so no ``(D,)``
 #: gradient buffer exists; a MALA acceptance check uses one ``(D,)`` buffer made for it (in a
-#: parallel run the check runs alone: :class:`devinterp.analyses.parallel.CheckGate`). The
-#: extra memory is the chains (C × D) plus at most one D, instead of several (C, D)
-#: temporaries per step. Below it the chains share
-#: one backward pass (less autograd overhead).
+#: parallel run the check runs alone: :class:`devinterp.analyses.parallel.CheckGate`).
+#: :func:`sample_chains` runs each worker's chains one after the other in one chain state
+#: (:func:`devinterp.analyses.parallel.group_chunks`), so the extra memory is one D per
+#: worker plus at most one D for a check, whatever the number of chains, instead of several
+#: (C, D) temporaries per step. Below it the chains share one backward pass (less autograd
+#: overhead).
 LEAN_MIN_DIM = 1 << 20
 #: When one chain's forward pass saves at least this many bytes of activations for its backward
 #: pass (measured once per target, on the first step), the loop mode (below ``LEAN_MIN_DIM``)
@@ -74,6 +76,10 @@ PER_CHAIN_BACKWARD_MIN_BYTES = 4 << 20
 #: A gradient probe (:meth:`SamplingTarget.gradient_seconds`) that takes this long is not
 #: repeated (the probe decides only whether parallel workers pay: an order of magnitude).
 _PROBE_ONCE_SECONDS = 0.02
+#: A gradient costs about this many forward passes (forward + backward ≈ 3 forwards): the
+#: estimate :meth:`SamplingTarget.gradient_seconds` makes from the timed evaluation of L(w*)
+#: for targets of the lean path's size, instead of timing a gradient.
+_GRADIENT_FORWARDS = 3.0
 
 
 # --------------------------------------------------------------------------------------------
@@ -397,11 +403,19 @@ class SamplingTarget:
         """``L_n(w*)`` over the full data in chunks, and the spread of minibatch losses."""
         chunk = min(self.batch_size, self.eval_batch_size)
         total, losses, sizes = 0.0, [], []
+        #: seconds per sample of the fastest forward pass (the first is a warm-up when more
+        #: than one is made); for :meth:`gradient_seconds`
+        self._forward_seconds = None
         with torch.random.fork_rng(devices=self._rng_devices()):
             for start in range(0, self.n, chunk):
                 part = [t[start:start + chunk] for t in self.leaves]
+                t0 = time.perf_counter()
                 with torch.no_grad():
                     value = float(self._loss_parts(self._anchor_parts, *part))
+                per_sample = (time.perf_counter() - t0) / len(part[0])
+                if (start == chunk or self.n <= chunk) or (
+                        start > chunk and per_sample < self._forward_seconds):
+                    self._forward_seconds = per_sample
                 if not math.isfinite(value):
                     raise InvalidInputError(
                         f"the loss at the given weights is not finite ({value}) on samples "
@@ -536,7 +550,15 @@ class SamplingTarget:
         when it takes ``_PROBE_ONCE_SECONDS`` or more; cached).
 
         Used only to decide whether running the chains in parallel pays (never affects results).
+        From ``LEAN_MIN_DIM`` sampled coordinates on, no gradient is taken: ``_GRADIENT_FORWARDS``
+        × the fastest forward pass of the evaluation of ``L_n(w*)`` (per sample of a minibatch),
+        timed when the target was prepared. A gradient through ``torch.func`` there cost ~5
+        chain steps and left ~1.7× the parameters of heap behind (a 10M-parameter transformer,
+        ``benchmarks/llc_memory.py``, config ``lean-auto``).
         """
+        if (self._grad_seconds is None and self.dim >= LEAN_MIN_DIM
+                and getattr(self, "_forward_seconds", None) is not None):
+            self._grad_seconds = _GRADIENT_FORWARDS * self._forward_seconds * self.batch_size
         if self._grad_seconds is None:
             batch = [t[:self.batch_size] for t in self.leaves]
             fn = torch.func.grad(self._loss_parts)
@@ -1252,7 +1274,10 @@ class ChainTraces:
         seconds: wall time of the sampling loop.
         mode: ``"vmap"`` or ``"loop"``.
         compiled: whether the steps ran through the compiled SGLD step.
-        final_params: ``(C, D)`` parameters after the last step (None after a divergence).
+        final_params: ``(C, D)`` parameters after the last step (None after a divergence, and
+            on the lean path: its chains run one after the other in one reused chain state per
+            worker, and keeping every chain's end point would cost the C × D it saves; use
+            :func:`run_chains` with ``chain_ids`` for a chain's parameters).
         workers: how many workers ran the chains (1: this thread).
         backend: ``"inline"``, ``"thread"`` or ``"process"``.
         corrections: ``(C, T)`` discretisation corrections ``ε/8·∇(nβL)·∇U`` per step
@@ -1408,6 +1433,10 @@ def sample_chains(target: SamplingTarget, *, num_chains: int = 4, num_steps: int
 
     The chains run on every core by default (:mod:`devinterp.analyses.parallel`); the traces
     are the same numbers whichever way they are split (with the same intra-op threads per chain).
+    On the lean path (:data:`LEAN_MIN_DIM`) each worker runs its chains one after the other
+    (one chain state per worker), with the same traces as the chains run together; a
+    divergence is still reported at the earliest step (then the lowest chain): the chains
+    after a diverged one run up to its step only.
 
     Args:
         target: from :func:`prepare_target`.
@@ -1423,8 +1452,9 @@ def sample_chains(target: SamplingTarget, *, num_chains: int = 4, num_steps: int
             that many; 1 runs the chains in this thread.
         devices: spread the chains over these devices (e.g. ``["cuda:0", "cuda:1"]``).
         backend: ``"process"`` or ``"thread"`` for CPU workers; None: threads.
-        progress: called as ``progress(steps_done, num_steps)`` after every ``check_every``
-            steps of every chain.
+        progress: called as ``progress(steps_done, num_steps)`` after every chunk of
+            ``check_every`` steps (of every chain, or of one chain on the lean path), with
+            ``steps_done`` the chain-steps done over the number of chains (rounded down).
         on_progress: called now and then with the number of model evaluations (one per chain
             per step, one more per chain per acceptance check) done since its last call (e.g.
             :meth:`devinterp.analyses.progress.Meter.add`).
@@ -1451,39 +1481,67 @@ def sample_chains(target: SamplingTarget, *, num_chains: int = 4, num_steps: int
     threshold = divergence_threshold(target, nbeta)
     trace = torch.empty(num_chains, num_steps, device=target.device)
     ctrace = None  # the discretisation corrections, when the run reports them
-    acc_rows, acc_steps = [], []
-    diverged = None
+    accepted: dict[int, Tensor] = {}  # step -> (C,) acceptance
+    diverged = None  # (step, chain) of the first divergence: the earliest step, then chain
     final = None
     run_kwargs = dict(num_chains=num_chains, step_size=step_size, localization=localization,
                       nbeta=nbeta, sampler=sampler, seed=seed, sampler_kwargs=sampler_kwargs,
                       acceptance_steps=acceptance_steps, compile=compile,
                       expected_calls=expected_calls, reuse_buffers=True)
     t0 = time.perf_counter()
-    lean = not sampler_kwargs and target.uses_lean(sampler)  # workers never compile
+    # the lean path runs each worker's chains one after the other (one chain state per worker)
+    lean = (not sampler_kwargs and target.uses_lean(sampler)
+            and (run_plan.backend != "inline" or _compiled.compiled_step(
+                target, num_chains, target.full_batch, num_steps=num_steps, sampler=sampler,
+                step_size=step_size, localization=localization, nbeta=nbeta,
+                compile=target.compile if compile is None else compile,
+                expected_calls=target.expected_calls if expected_calls is None
+                else expected_calls) is None))
+    limit = _parallel.StepLimit(num_steps, processes=run_plan.backend == "process")
     chunks = _parallel.iter_chunks(run_chains, target, run_plan, num_steps=num_steps,
-                                   chunk=check_every, run_kwargs=run_kwargs,
-                                   shared_params=lean and run_plan.backend != "inline")
+                                   chunk=check_every, run_kwargs=run_kwargs, lean=lean,
+                                   limit=limit)
+    done = np.zeros(num_chains, dtype=np.int64)  # steps recorded per chain
     try:
         for part in chunks:
-            trace[:, part.start:part.stop] = part.losses
+            rows = (slice(None) if part.chains is None
+                    else torch.as_tensor(part.chains, device=trace.device))
+            ids = list(range(num_chains)) if part.chains is None else list(part.chains)
+            trace[rows, part.start:part.stop] = part.losses.to(trace.device)
             if part.corrections is not None:
                 if ctrace is None:
                     ctrace = torch.full_like(trace, float("nan"))
-                ctrace[:, part.start:part.stop] = part.corrections
+                ctrace[rows, part.start:part.stop] = part.corrections.to(trace.device)
             for step, acc in part.acceptance:
-                acc_rows.append(acc)
-                acc_steps.append(step)
-            final = part.final_params
+                if step not in accepted:
+                    accepted[step] = torch.full((num_chains,), float("nan"),
+                                                device=trace.device)
+                accepted[step][rows] = acc.to(trace.device)
+            if part.final_params is not None:
+                final = part.final_params
             if on_progress is not None:  # one evaluation per chain per step and per check
-                on_progress(num_chains * (part.stop - part.start + len(part.acceptance)))
-            diverged = _first_bad(trace[:, part.start:part.stop], threshold)
+                on_progress(len(ids) * (part.stop - part.start + len(part.acceptance)))
+            done[ids] = part.stop
+            bad = _first_bad(trace[rows, part.start:part.stop], threshold)
+            if bad is not None:
+                here = (bad[1] + part.start, ids[bad[0]])
+                if diverged is None or here < diverged:
+                    diverged = here
+                    # every chain must reach this step (one may diverge earlier); no more
+                    limit.lower(here[0] + 1)
             if diverged is not None:
-                diverged = (diverged[0], diverged[1] + part.start)
-                break
+                if (done >= diverged[0] + 1).all():
+                    break
+                continue
             if progress is not None:
-                progress(part.stop, num_steps)
+                progress(int(done.sum()) // num_chains, num_steps)
     finally:
         chunks.close()
+    if diverged is not None:
+        diverged = (diverged[1], diverged[0])  # (chain, step)
+        final = None
+    acc_steps = sorted(accepted)
+    acc_rows = [accepted[s] for s in acc_steps]
     seconds = time.perf_counter() - t0
     if diverged is not None:
         chain, at = diverged
