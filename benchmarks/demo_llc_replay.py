@@ -17,7 +17,13 @@ correction applied, the reuse check on: the warnings include "the reused calibra
 longer fit"). With ``--recalibrate`` a snapshot after S whose estimate shows the calibration no
 longer fits is calibrated again and re-estimated, as ``LLCCallback(recalibrate=True)`` does
 (printed as "recalibrated"; below the acceptance band only smaller step sizes are tried,
-``refit_step_sizes``); the count of recalibrations is printed at the end.
+``refit_step_sizes``); the count of recalibrations is printed at the end. The snapshots before
+S (the callback's deferred estimates) get the same treatment: an acceptance below the band there
+is estimated again at the next smaller step size (``refit_step_sizes``, the lengths kept), any
+other misfit calibrated again on that snapshot, and the result serves the later snapshots before S
+only (the one made at S is restored for S and after). And an estimate whose chains are too short (R-hat, ESS, a trend)
+is made again with twice the burn-in and draws within the budget (``max_extensions``; printed as
+"longer").
 
     OMP_NUM_THREADS=1 python benchmarks/demo_llc_replay.py runs/demo/snapshots \\
         --calibrate-at 500 --cal min_acceptance=0.7 --recalibrate
@@ -26,6 +32,7 @@ longer fits is calibrated again and re-estimated, as ``LLCCallback(recalibrate=T
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 import warnings
@@ -57,11 +64,16 @@ def main() -> int:
                          "longer fits a later snapshot (LLCCallback(recalibrate=True))")
     ap.add_argument("--max-recalibrations", type=int, default=3, metavar="N",
                     help="with --recalibrate: at most N (LLCCallback's max_recalibrations)")
+    ap.add_argument("--max-extensions", type=int, default=3, metavar="N",
+                    help="with --recalibrate: at most N estimates made again with longer chains "
+                         "(LLCCallback's max_extensions)")
     ap.add_argument("--quick", action="store_true",
                     help="with --calibrate-at, for a run that recorded no LLC settings: use the "
                          "quick demo's (default: the default demo's)")
     args = ap.parse_args()
     from devinterp.analyses import calibrate, estimate_llc
+    from devinterp.analyses import llc as llc_analysis
+    from devinterp.analyses.budget import DEFAULT_BUDGET
     from devinterp.analyses.calibration import refit_step_sizes, reuse_signs
     from devinterp.demo import InductionLM, demo_config, demo_llc_settings, token_loss
     from devinterp.store import SnapshotStore
@@ -98,7 +110,22 @@ def main() -> int:
               f"{time.perf_counter() - t0:.1f} s", flush=True)
         return c
 
-    state = {"cal": None, "at": None, "recalibrations": 0}
+    state = {"cal": None, "at": None, "recalibrations": 0, "extensions": 0, "main": None}
+
+    def longer(r, cal):
+        """Twice the chain lengths where they were too short (LLCCallback._longer), or None."""
+        d, cfg = r.diagnostics, r.config
+        if not (args.recalibrate and cal is not None and state["extensions"] < args.max_extensions
+                and "num_draws" not in kw and "num_burnin" not in kw):
+            return None
+        if not ((d.rhat == d.rhat and d.rhat > llc_analysis.RHAT_WARN)
+                or d.ess < llc_analysis.ESS_WARN
+                or any(w.startswith("the loss trace is still") for w in r.warnings)):
+            return None
+        budget = kw.get("budget", DEFAULT_BUDGET)
+        if budget is not None and r.cost + cfg.num_chains * (cfg.num_burnin + cfg.num_draws) > budget:
+            return None
+        return {"num_burnin": 2 * cfg.num_burnin, "num_draws": 2 * cfg.num_draws}
 
     def estimate(step: int, fresh: bool = False):
         """The estimate at ``step`` and why it was recalibrated (LLCCallback's rules)."""
@@ -109,17 +136,30 @@ def main() -> int:
         tags = []
         while (args.recalibrate and cal is not None
                and state["recalibrations"] < args.max_recalibrations
-               and (step > state["at"] or step == state["at"] and (fresh or tags))
+               and (step > state["at"] or step == state["at"] and (fresh or tags)
+                    or state["main"] is not None)
                and reuse_signs(r, cal)):
             grid = refit_step_sizes(r, cal, cal_kw.get("step_sizes"))
             if grid is None and step == state["at"]:
                 break  # on the usual grid, this snapshot's calibration would come again
             tags.append("; ".join(reuse_signs(r, cal)) + f", λ̂ {r.mean:.2f}")
-            cal = state["cal"] = new_calibration(step, grid)
+            if grid is not None and state["main"] is not None:  # deferred: the next smaller ε
+                cal = state["cal"] = dataclasses.replace(cal, step_size=grid[0])
+                print(f"step size refit at step {step}: {grid[0]:.3g}", flush=True)
+            else:
+                cal = state["cal"] = new_calibration(step, grid)
             state["at"] = step
             state["recalibrations"] += 1
             store.load_into(module, step)
             r = estimate_llc(module.model, (data,), token_loss, **kw, calibration=cal)
+        more = longer(r, cal)
+        if more is not None:
+            state["extensions"] += 1
+            tags.append(f"longer: R-hat {r.diagnostics.rhat:.2f}, ESS {r.diagnostics.ess:.0f}, "
+                        f"λ̂ {r.mean:.2f}")
+            store.load_into(module, step)
+            r = estimate_llc(module.model, (data,), token_loss, **{**kw, **more},
+                             **({} if cal is None else {"calibration": cal}))
         return r, tags
 
     held = {}
@@ -135,6 +175,12 @@ def main() -> int:
     warned = 0
     for step in steps:
         t0 = time.perf_counter()
+        if state["at"] is not None:  # the snapshots before S: LLCCallback's deferred estimates
+            if step < later[0] and state["main"] is None:
+                state["main"] = (state["cal"], state["at"])
+            elif step >= later[0] and state["main"] is not None:
+                state["cal"], state["at"] = state["main"]
+                state["main"] = None
         r, tags, seconds = held[step] if step in held else (*estimate(step), None)
         seconds = time.perf_counter() - t0 if seconds is None else seconds
         d = r.diagnostics
@@ -146,7 +192,8 @@ def main() -> int:
               + "".join(f"  recalibrated ({t})" for t in tags), flush=True)
     recalibrations = state["recalibrations"]
     print(f"{warned} of {len(steps)} estimates carry warnings"
-          + (f"; {recalibrations} recalibration(s)" if args.recalibrate else ""))
+          + (f"; {recalibrations} recalibration(s), {state['extensions']} longer estimate(s)"
+             if args.recalibrate else ""))
     return 0
 
 

@@ -484,3 +484,170 @@ def test_max_recalibrations_must_be_a_non_negative_int():
     for bad in (-1, 1.5, True, "2"):
         with pytest.raises(InvalidInputError, match="max_recalibrations"):
             LLCCallback(_data(), mse, calibrate=False, max_recalibrations=bad)
+
+
+# --- deferred estimates get the recalibration too; too-short chains are made longer -------------
+class Sharp(nn.Module):
+    """A network with a loss multiplier ``sharp`` (a buffer, so part of every snapshot): at
+    ``sharp = 12`` the same minimum is 12× as curved, so a step size fitted at ``sharp = 1``
+    reads an acceptance below the band there (0.58 at 10×, 0.50 at 15×)."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+        self.register_buffer("sharp", torch.tensor(1.0))
+
+    def forward(self, x):
+        return self.inner(x)
+
+
+class SharpUntil(pl.Callback):
+    """Listed before LLCCallback: the net is sharp (×12) at step 0 only."""
+
+    def on_train_start(self, trainer, pl_module):
+        pl_module.net.sharp.fill_(12.0)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        pl_module.net.sharp.fill_(1.0)
+
+
+def _dln_run(tmp_path, monkeypatch, callbacks_before=(), cal_kwargs=None, **callback_kwargs):
+    """A fit of a deep linear network at its teacher (lr = 0, estimates at 0, 2 and 4), its
+    calibrations and every estimate made (published or not) recorded; returns them with the
+    Python warnings emitted."""
+    import copy
+    import warnings
+
+    calibration = pytest.importorskip("devinterp.analyses.calibration")
+    from devinterp.analyses.theory import make_dln_problem
+
+    p = make_dln_problem([4, 5, 6, 4], 1, 500, seed=0, noise_std=0.0)
+    real_calibrate, real_estimate = calibration.calibrate, llc_module.estimate_llc
+    made, estimates = [], []
+
+    def spy_calibrate(model, *args, **kwargs):
+        kwargs = llc_module._accepted(real_calibrate, kwargs)
+        made.append((float(model.sharp), kwargs.get("step_sizes"), real_calibrate(model, *args,
+                                                                                  **kwargs)))
+        return made[-1][2]
+
+    def spy_estimate(*args, **kwargs):
+        estimates.append(real_estimate(*args, **kwargs))
+        return estimates[-1]
+
+    def loss(model, batch):
+        return model.sharp * p.loss_fn(model.inner, batch)
+
+    monkeypatch.setattr(calibration, "calibrate", spy_calibrate)
+    monkeypatch.setattr(llc_module, "estimate_llc", spy_estimate)
+    callback_kwargs = {"recalibrate": True, "budget": EST_BUDGET, **callback_kwargs}
+    cb = LLCCallback(p.data, loss, at([2, 4]), model_getter=lambda m: m.net, seed=0,
+                     progress=False,
+                     calibrate_kwargs={**dict(num_steps=60, grid_size=3, max_burnin=100,
+                                              max_draws=100, min_burnin=50, min_draws=50,
+                                              budget=CAL_BUDGET), **(cal_kwargs or {})},
+                     **callback_kwargs)
+    module = AtMinimum(Sharp(copy.deepcopy(p.model)), loss)
+    loader = DataLoader(TensorDataset(*p.data), batch_size=100)
+    trainer = pl.Trainer(max_steps=4, callbacks=[*callbacks_before, cb], logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=tmp_path, accelerator="cpu")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(module, loader)
+    return cb, made, estimates, caught, trainer
+
+
+def test_a_deferred_snapshot_the_calibration_does_not_fit_is_recalibrated_on_its_own(tmp_path,
+                                                                                     monkeypatch):
+    cb, made, estimates, caught, trainer = _dln_run(tmp_path, monkeypatch, [SharpUntil()],
+                                                    calibrate_at=2, num_acceptance_checks=16)
+    main = made[0][2]
+    assert made[0][0] == 1.0 and cb.calibrated_at == 2  # calibrated at step 2 (not sharp)
+    # the deferred step 0 (12× sharper) read an acceptance below the band with it ...
+    first0 = estimates[1]
+    assert first0.config.step_size == main.step_size and first0.diagnostics.acceptance < 0.6
+    # ... so it was estimated again at half the step size (its own pilots are not asked: no
+    # calibration on it), halved again while still below the band
+    assert cb.recalibrated_at[0] == 0 and set(cb.recalibrated_at) == {0}
+    assert len(made) == 1 and 1 <= len(cb.recalibrated_at) <= cb.max_recalibrations
+    published = dict(cb.results)
+    assert [s for s, _ in cb.results] == [0, 2, 4]
+    kept0 = published[0]
+    assert kept0.config.step_size == pytest.approx(main.step_size / 2 ** len(cb.recalibrated_at))
+    assert (kept0.config.num_burnin, kept0.config.num_draws) == (main.num_burnin, main.num_draws)
+    assert 0.6 <= kept0.diagnostics.acceptance <= 0.995 and not _reuse_texts(kept0.warnings)
+    assert len(estimates) == 3 + len(cb.recalibrated_at) + len(cb.extended_at)
+    # the calibration made at calibrate_at is restored for its own step and the later ones
+    assert cb.calibration is main and cb.state_dict()["calibration"] == main.to_dict()
+    assert published[2].config.step_size == published[4].config.step_size == main.step_size
+    history = metric_history(trainer)["calibration/step_size"]
+    assert (0, kept0.config.step_size) in history and (2, main.step_size) in history
+    # what is emitted is exactly what is published: the discarded estimate's warnings held back
+    assert _reuse_texts(str(w.message) for w in caught) == _reuse_texts(
+        w for _, r in cb.results for w in r.warnings)
+    assert all(0 < r.cost <= EST_BUDGET for r in estimates)
+
+
+def test_deferred_misfits_are_published_with_their_warning_without_recalibrations_left(
+        tmp_path, monkeypatch):
+    cb, made, estimates, caught, _ = _dln_run(tmp_path, monkeypatch, [SharpUntil()],
+                                              calibrate_at=2, max_recalibrations=0,
+                                              num_acceptance_checks=16)
+    assert len(made) == 1 and cb.recalibrated_at == []
+    kept0 = dict(cb.results)[0]
+    assert kept0.diagnostics.acceptance < 0.6 and _reuse_texts(kept0.warnings)
+    assert len(_reuse_texts(str(w.message) for w in caught)) == 1
+
+
+def test_chains_too_short_for_the_snapshot_are_made_longer_within_the_budget(tmp_path, monkeypatch):
+    from devinterp.analyses import llc as llc_analysis
+
+    # calibrated chains of 10 draws: an effective sample size below ESS_WARN (40) at every step
+    cb, made, estimates, caught, _ = _dln_run(
+        tmp_path, monkeypatch, max_extensions=2,
+        cal_kwargs=dict(min_burnin=5, max_burnin=5, min_draws=10, max_draws=10, target_ess=10))
+    cal = cb.calibration
+    assert (cal.num_burnin, cal.num_draws) == (5, 10) and cb.recalibrated_at == []
+    assert estimates[0].diagnostics.ess < llc_analysis.ESS_WARN
+    # steps 0 and 2 were made again with twice the burn-in and draws (same step size); step 4,
+    # past max_extensions, is published as it is, with its warning
+    assert cb.extended_at == [0, 2] and len(estimates) == 3 + 2
+    lengths = {s: (r.config.num_burnin, r.config.num_draws) for s, r in cb.results}
+    assert lengths == {0: (10, 20), 2: (10, 20), 4: (5, 10)}
+    assert all(r.config.step_size == cal.step_size for _, r in cb.results)
+    assert any(w.startswith("effective sample size") for w in dict(cb.results)[4].warnings)
+    assert all(0 < r.cost <= EST_BUDGET for r in estimates)
+    # counted across a resume
+    restored = LLCCallback(cb.data, cb.loss_fn, recalibrate=True)
+    restored.load_state_dict(cb.state_dict())
+    assert restored.extended_at == [0, 2]
+
+
+def test_longer_chains_only_where_they_fit_the_budget_and_not_for_explicit_lengths(tmp_path,
+                                                                                   monkeypatch):
+    cal_kwargs = dict(min_burnin=5, max_burnin=5, min_draws=10, max_draws=10, target_ess=10)
+    cb, _, estimates, _, _ = _dln_run(tmp_path, monkeypatch, cal_kwargs=cal_kwargs,
+                                      budget=estimates_cost(tmp_path, monkeypatch, cal_kwargs))
+    assert cb.extended_at == [] and len(estimates) == 3
+    monkeypatch.undo()
+    cb, _, estimates, _, _ = _dln_run(tmp_path, monkeypatch, cal_kwargs=cal_kwargs, num_draws=10)
+    assert cb.extended_at == [] and len(estimates) == 3
+    monkeypatch.undo()
+    cb, _, estimates, _, _ = _dln_run(tmp_path, monkeypatch, cal_kwargs=cal_kwargs,
+                                      recalibrate=False)
+    assert cb.extended_at == [] and len(estimates) == 3
+
+
+def estimates_cost(tmp_path, monkeypatch, cal_kwargs):
+    """The cost of one short estimate: a budget with no room for a longer one."""
+    cb, _, estimates, _, _ = _dln_run(tmp_path, monkeypatch, cal_kwargs=cal_kwargs,
+                                      max_extensions=0)
+    monkeypatch.undo()
+    return max(r.cost for r in estimates)
+
+
+def test_max_extensions_must_be_a_non_negative_int():
+    for bad in (-1, 1.5, True, "2"):
+        with pytest.raises(InvalidInputError, match="max_extensions"):
+            LLCCallback(_data(), mse, calibrate=False, max_extensions=bad)

@@ -137,5 +137,7 @@ def test_llc_callback_recalibrates_only_later_snapshots_whose_calibration_no_lon
     cb = LLCCallback(p.data, p.loss_fn, recalibrate=True, progress=False)
     cb.calibration, cb.calibrated_at = tiny, 100
     assert cb._misfit(res, 200) and "acceptance" in cb._misfit(res, 200)
-    assert cb._misfit(res, 50) is None  # a deferred, earlier estimate is not recalibrated
+    assert cb._misfit(res, 50) is None  # an earlier step, outside the deferred estimates: none
+    cb._main = (tiny, 100)  # while the deferred estimates are made (_flush_deferred): they are
+    assert cb._misfit(res, 50) and "acceptance" in cb._misfit(res, 50)
     assert LLCCallback(p.data, p.loss_fn)._misfit(res, 200) is None  # default: once

@@ -14,6 +14,7 @@ then), and reused for every later one (and across a resume, through ``state_dict
 from __future__ import annotations
 
 import copy
+import dataclasses
 import inspect
 import random
 import warnings
@@ -122,6 +123,26 @@ class LLCCallback(pl.Callback):
             an estimate whose calibration no longer fits is published with its warning. A
             snapshot whose new calibration, on smaller step sizes, still gives an acceptance
             below the band is calibrated again (smaller still) while recalibrations are left.
+            The estimates deferred until ``calibrate_at`` get the same treatment, in the
+            direction their diagnostic says: a deferred snapshot whose acceptance is below the
+            band is estimated again at the next smaller step size of
+            :func:`~devinterp.analyses.calibration.refit_step_sizes` (the calibration's chain
+            lengths kept; smaller still while it stays below), judged by the estimate's own
+            acceptance, not by pilots on a network far from a minimum (they read low and
+            shrink the step size far more than needed); any other misfit there is calibrated
+            again on that snapshot. The later deferred snapshots reuse the result; the
+            calibration made at ``calibrate_at`` (or refit there) is restored for its own
+            snapshot and every later one. Each such refit counts towards
+            ``max_recalibrations``.
+        max_extensions: With ``recalibrate=True``: when a kept estimate whose chain lengths
+            came from the calibration shows that its chains are too short for it (split R-hat
+            above ``RHAT_WARN``, an effective sample size below ``ESS_WARN`` or a loss trace
+            still moving during the draws), it is made again with twice the burn-in and twice
+            the draws (same seed, same step size) and that estimate is published instead (the
+            first is discarded with its Python warnings), when the longer one fits the
+            estimate's ``budget``. At most this many times in the run (default 3; counted
+            across a resume; steps in ``extended_at``). A longer estimate that still warns is
+            published with its warnings.
         **estimate_kwargs: Keyword arguments for :func:`estimate_llc` (``num_chains``,
             ``num_draws``, ``num_burnin``, ``step_size``, ``localization``, ``nbeta``,
             ``batch_size``, ``seed``, ``params``, ...). The same ``seed`` is used at every step
@@ -150,6 +171,7 @@ class LLCCallback(pl.Callback):
         calibrate_at: int | None = None,
         recalibrate: bool = False,
         max_recalibrations: int = 3,
+        max_extensions: int = 3,
         **estimate_kwargs: Any,
     ):
         super().__init__()
@@ -178,6 +200,11 @@ class LLCCallback(pl.Callback):
                 or max_recalibrations < 0):
             raise InvalidInputError(
                 f"max_recalibrations must be a non-negative int, got {max_recalibrations!r}"
+            )
+        if (isinstance(max_extensions, bool) or not isinstance(max_extensions, int)
+                or max_extensions < 0):
+            raise InvalidInputError(
+                f"max_extensions must be a non-negative int, got {max_extensions!r}"
             )
         for key in ("model", "data", "loss_fn", "calibration"):
             if key in estimate_kwargs:
@@ -218,6 +245,12 @@ class LLCCallback(pl.Callback):
         self.calibrate_at = calibrate_at
         self.recalibrate = bool(recalibrate)
         self.max_recalibrations = max_recalibrations
+        self.max_extensions = max_extensions
+        #: Steps whose estimate was made again with longer chains (``max_extensions``).
+        self.extended_at: list[int] = []
+        # while the deferred estimates are made: the calibration made at calibrate_at and its
+        # step, restored afterwards (a deferred snapshot may be recalibrated on its own)
+        self._main: tuple[Any, int | None] | None = None
         #: Steps at which a calibration was made again because the previous one no longer fit
         #: (a step twice when its first recalibration still did not fit).
         self.recalibrated_at: list[int] = []
@@ -262,6 +295,7 @@ class LLCCallback(pl.Callback):
             "calibrate": self._calibrate,
             "calibrated_at": self.calibrated_at,
             "recalibrated_at": list(self.recalibrated_at),
+            "extended_at": list(self.extended_at),
             # weights of the estimates deferred until calibrate_at (small models: a copy each)
             "deferred": [(step, dict(weights)) for step, weights in self._deferred],
         }
@@ -270,6 +304,7 @@ class LLCCallback(pl.Callback):
         self._gate.load_state_dict(state_dict)
         self.calibrated_at = state_dict.get("calibrated_at")
         self.recalibrated_at = [int(s) for s in state_dict.get("recalibrated_at", [])]
+        self.extended_at = [int(s) for s in state_dict.get("extended_at", [])]
         self._deferred = [(int(step), dict(weights)) for step, weights in state_dict.get("deferred", [])]
         saved = state_dict.get("calibration")
         if saved is not None:
@@ -309,14 +344,15 @@ class LLCCallback(pl.Callback):
     def _misfit(self, result: LLCResult, step: int, *, again: bool = False) -> str | None:
         """Why the calibration made here no longer fits this estimate's snapshot, or None.
 
-        Only later snapshots than the calibration's are recalibrated: the estimates deferred
-        until ``calibrate_at`` are of a network still far from a minimum, where a calibration
-        is what ``calibrate_at`` is there to avoid (their warnings stay). ``again``: the
-        snapshot the calibration was just made on. At most ``max_recalibrations`` times per fit.
+        Later snapshots than the calibration's, and the deferred ones while they are made
+        (:meth:`_flush_deferred`: a recalibration there is used for the deferred snapshots
+        only). ``again``: the snapshot the calibration was just made on. At most
+        ``max_recalibrations`` times per fit.
         """
         if not (self.recalibrate and self.calibrated_at is not None
                 and self.calibration is not None
-                and (step > self.calibrated_at or again and step == self.calibrated_at)
+                and (step > self.calibrated_at or again and step == self.calibrated_at
+                     or self._main is not None)
                 and len(self.recalibrated_at) < self.max_recalibrations):
             return None
         module = _calibration_module()
@@ -327,6 +363,50 @@ class LLCCallback(pl.Callback):
                     if found else None)
         fn = getattr(module, "reuse_warning", None)
         return fn(result, self.calibration) if fn is not None else None
+
+    def _longer(self, result: LLCResult, kwargs: Mapping[str, Any]) -> dict[str, int] | None:
+        """Twice the burn-in and draws, when ``result``'s chains are too short for it, or None.
+
+        Only with ``recalibrate=True``, chain lengths from a calibration (not given explicitly),
+        extensions left (``max_extensions``) and room in the estimate's ``budget``.
+        """
+        from devinterp.analyses import llc as llc_analysis
+
+        if not (self.recalibrate and self.calibration is not None
+                and "num_draws" not in self.estimate_kwargs
+                and "num_burnin" not in self.estimate_kwargs
+                and len(self.extended_at) < self.max_extensions):
+            return None
+        d, cfg = result.diagnostics, result.config
+        short = ((np.isfinite(d.rhat) and d.rhat > llc_analysis.RHAT_WARN)
+                 or d.ess < llc_analysis.ESS_WARN
+                 or any(w.startswith("the loss trace is still") for w in result.warnings))
+        if not short:
+            return None
+        longer = {"num_burnin": 2 * cfg.num_burnin, "num_draws": 2 * cfg.num_draws}
+        budget = kwargs.get("budget", _default_budget())
+        extra = cfg.num_chains * (cfg.num_burnin + cfg.num_draws)
+        if budget is not None and result.cost + extra > budget:
+            return None
+        return longer
+
+    def _smaller_step(self, trainer: pl.Trainer, step: int, step_size: float, misfit: str,
+                      result: LLCResult) -> None:
+        """The calibration with a smaller ``step_size`` (its lengths kept), for a deferred
+        snapshot whose estimate read an acceptance below the band; the later deferred snapshots
+        reuse it (:meth:`_flush_deferred` restores the calibration made at ``calibrate_at``)."""
+        old = self.calibration.step_size
+        self.calibration = dataclasses.replace(self.calibration, step_size=float(step_size))
+        self.calibrated_at = step
+        self.recalibrated_at.append(step)
+        if hasattr(self.calibration, "scalars"):
+            log_scalars(trainer, self.calibration.scalars(), step)
+        log_text(trainer, CALIBRATION_TAG,
+                 f"step size refit at step {step} (an estimate deferred until calibrate_at="
+                 f"{self.calibrate_at}): {misfit} (the discarded estimate read λ̂ = "
+                 f"{result.mean:.4g}); step_size {old:.3g} -> {step_size:.3g}, the "
+                 "calibration's chain lengths kept, for this snapshot and the deferred ones "
+                 "after it", step=step)
 
     def _calibrate_once(self, trainer: pl.Trainer, replica: nn.Module, step: int,
                         why: str | None = None, step_sizes: list[float] | None = None) -> None:
@@ -376,10 +456,17 @@ class LLCCallback(pl.Callback):
         """Estimate the deferred weights with the calibration, in step order, at their own steps."""
         deferred, self._deferred = sorted(self._deferred, key=lambda item: item[0]), []
         model = self._target_model(pl_module)
-        for step, weights in deferred:
-            replica = self._copy(model, self.eval_mode)
-            replica.load_state_dict(weights)
-            self._guarded(trainer, replica, step)
+        # a deferred snapshot the calibration does not fit is recalibrated on its own weights
+        # (_misfit); that calibration serves the later deferred ones, the main one comes back after
+        self._main = (self.calibration, self.calibrated_at)
+        try:
+            for step, weights in deferred:
+                replica = self._copy(model, self.eval_mode)
+                replica.load_state_dict(weights)
+                self._guarded(trainer, replica, step)
+        finally:
+            self.calibration, self.calibrated_at = self._main
+            self._main = None
 
     def _guarded(self, trainer: pl.Trainer, replica: nn.Module, step: int, *,
                  calibrate_only: bool = False, fresh: bool = False,
@@ -412,6 +499,16 @@ class LLCCallback(pl.Callback):
                             refit(result, self.calibration, self.calibrate_kwargs.get("step_sizes")))
                     if grid is None and step == self.calibrated_at:
                         break  # on the usual grid, this snapshot's calibration would come again
+                    if grid is not None and self._main is not None:
+                        # a deferred snapshot, far from the minimum calibrate_at waits for: its
+                        # own pilots would judge it (they read low, and shrink ε far more than
+                        # needed); the estimate's acceptance does, at the next smaller ε
+                        self._smaller_step(trainer, step, grid[0], misfit, result)
+                        kwargs["calibration"] = self.calibration
+                        result, caught = _held_warnings(estimate_llc, replica, self.data,
+                                                        self.loss_fn, **kwargs)
+                        misfit = self._misfit(result, step, again=True)
+                        continue
                     why = (f"{misfit} (the discarded estimate read λ̂ = {result.mean:.4g})"
                            + ("" if grid is None else
                               f"; the new calibration tries only smaller step sizes, from "
@@ -422,6 +519,11 @@ class LLCCallback(pl.Callback):
                     result, caught = _held_warnings(estimate_llc, replica, self.data,
                                                     self.loss_fn, **kwargs)
                     misfit = self._misfit(result, step, again=True)
+                longer = self._longer(result, kwargs)
+                if longer is not None:  # the chains were too short: discarded with its warnings
+                    self.extended_at.append(step)
+                    result, caught = _held_warnings(estimate_llc, replica, self.data,
+                                                    self.loss_fn, **{**kwargs, **longer})
                 _reemit(caught)
         except ChainDivergedError as exc:
             if self.on_divergence == "raise":
@@ -469,6 +571,12 @@ def _reemit(caught: list[warnings.WarningMessage]) -> None:
     """Emit recorded warnings again, under the filters in force (their own file and line)."""
     for w in caught:
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
+
+
+def _default_budget() -> int | None:
+    """``estimate_llc``'s default ``budget``."""
+    param = inspect.signature(estimate_llc).parameters.get("budget")
+    return None if param is None else param.default
 
 
 def _device(model: nn.Module) -> torch.device:
