@@ -164,6 +164,27 @@ def test_no_spectrum_for_very_large_models_or_without_room_in_the_budget(monkeyp
     assert res.relaxation is None  # 80 evaluations > 12% of 200
 
 
+@pytest.mark.parametrize("batch_size", [7, 64])
+def test_spectrum_cost_counts_minibatch_passes(batch_size):
+    # the spectrum's gradients are on SPECTRUM_SAMPLES samples: with small minibatches each
+    # costs several of the budget's passes, and an estimate skips the check when they exceed
+    # its share of the budget (a 39k-parameter transformer with 16-sample batches would
+    # otherwise spend ~6x its chains' work on it)
+    model, data, x = _regression([1.0, 2.0, 3.0], n=300 + batch_size)
+    target = prepare_target(model, data, _mse, batch_size=batch_size)
+    batches = math.ceil(min(relaxation.SPECTRUM_SAMPLES, len(x)) / batch_size)
+    assert batches > 1 and relaxation.spectrum_cost(target) == 6 * batches
+    assert relaxation.spectrum_cost(prepare_target(model, data, _mse)) == 6  # one batch
+    kw = dict(step_size=1e-4, num_chains=1, num_burnin=5, num_draws=20, seed=0, progress=False,
+              batch_size=batch_size)
+    fits = estimate_llc(model, data, _mse, budget=math.ceil(6 * batches / 0.1), **kw)
+    assert fits.relaxation is not None and fits.relaxation.cost == 6 * batches
+    assert fits.cost >= 6 * batches  # counted in the budget
+    skipped = estimate_llc(model, data, _mse, budget=math.ceil(6 * batches / 0.2), **kw)
+    assert skipped.relaxation is None and math.isnan(skipped.diagnostics.relaxation_deficit)
+    assert skipped.cost <= fits.cost - 6 * batches + 1
+
+
 def test_replan_splits_the_steps_into_one_longer_chain_only_when_slow():
     nbeta = 1000.0
     slow = np.array([24.0, 11.0, 10.0, 0.025, 0.025, 0.004, 0.004, 0.0])  # μ; nβ·μ 24,000 … 4

@@ -431,7 +431,8 @@ def estimate_llc(model: nn.Module | SamplingTarget, data: Any = None, loss_fn: L
                        corrections=traces.corrections if correct else None)
     result = replace(result, cost=meter.used)
     if eigenvalues is not None:
-        result = _with_relaxation(result, eigenvalues, spent_before, spectrum_weights)
+        result = _with_relaxation(result, eigenvalues, spent_before, spectrum_weights,
+                                  spectrum_cost)
     if replanned is not None:
         result = replace(result, warnings=result.warnings + (replanned[4],))
     if cut:
@@ -481,15 +482,14 @@ def _replan(eigenvalues: np.ndarray, calibration: Calibration, nbeta: float, ste
 
 
 def _with_relaxation(result: LLCResult, eigenvalues: np.ndarray, spent: int,
-                     weights: np.ndarray | None = None) -> LLCResult:
+                     weights: np.ndarray | None = None, cost: int = 0) -> LLCResult:
     """Attach the slow-direction check and warn when the draws are predicted to read low."""
     from devinterp.analyses import relaxation
 
     c = result.config
     check = relaxation.check_relaxation(eigenvalues, nbeta=c.nbeta, step_size=c.step_size,
                                         localization=c.localization, num_burnin=c.num_burnin,
-                                        num_draws=c.num_draws, cost=relaxation.spectrum_cost_of(
-                                            c.num_params), weights=weights)
+                                        num_draws=c.num_draws, cost=cost, weights=weights)
     warnings = result.warnings
     if check.deficit > relaxation.DEFICIT_WARN:
         warnings = warnings + (check.message(c.num_chains, c.num_burnin, c.num_draws, spent,

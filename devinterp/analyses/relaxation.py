@@ -51,22 +51,31 @@ LANCZOS_STEPS = 100
 LANCZOS_MAX_PARAMS = 65_536
 
 
+#: Samples the spectrum's gradients are taken on (the first ones of the data).
+SPECTRUM_SAMPLES = 512
+
+
 def spectrum_cost(target: SamplingTarget) -> int:
     """Model evaluations the spectrum of ``target`` costs (:func:`hessian_eigenvalues` up to
-    :data:`MAX_PARAMS` sampled weights, :func:`lanczos_spectrum` above)."""
-    return spectrum_cost_of(int(target.num_selected))
+    :data:`MAX_PARAMS` sampled weights, :func:`lanczos_spectrum` above), in the budget's unit:
+    one pass on one minibatch. A gradient on :data:`SPECTRUM_SAMPLES` samples costs as many
+    minibatch passes as it holds minibatches (a 16-sample minibatch: 32 of them)."""
+    samples = min(SPECTRUM_SAMPLES, int(target.n))
+    batches = math.ceil(samples / max(min(int(target.batch_size), samples), 1))
+    return spectrum_cost_of(int(target.num_selected), batches)
 
 
-def spectrum_cost_of(num_params: int) -> int:
-    """Model evaluations of the spectrum of ``num_params`` sampled weights (two per column of
-    the full Hessian up to :data:`MAX_PARAMS`, two per Lanczos step above)."""
+def spectrum_cost_of(num_params: int, batches: int = 1) -> int:
+    """Model evaluations of the spectrum of ``num_params`` sampled weights (two gradients per
+    column of the full Hessian up to :data:`MAX_PARAMS`, two per Lanczos step above), each
+    gradient on ``batches`` minibatches' worth of samples."""
     if num_params > MAX_PARAMS:
-        return 2 * min(LANCZOS_STEPS, int(num_params))
-    return 2 * int(num_params)
+        return 2 * min(LANCZOS_STEPS, int(num_params)) * int(batches)
+    return 2 * int(num_params) * int(batches)
 
 
 def lanczos_spectrum(target: SamplingTarget, *, num_steps: int = LANCZOS_STEPS, seed: int = 0,
-                     num_samples: int = 512) -> tuple[np.ndarray, np.ndarray]:
+                     num_samples: int = SPECTRUM_SAMPLES) -> tuple[np.ndarray, np.ndarray]:
     """Matrix-free spectral density of ``∇²L_n(w*)`` over the sampled weights.
 
     Stochastic Lanczos quadrature with one Rademacher probe: ``num_steps`` Lanczos steps (full
@@ -125,7 +134,8 @@ def _lanczos(target: SamplingTarget, steps: int, seed: int, num_samples: int
     return nodes, size * vecs[0] ** 2
 
 
-def hessian_eigenvalues(target: SamplingTarget, *, num_samples: int = 512) -> np.ndarray:
+def hessian_eigenvalues(target: SamplingTarget, *, num_samples: int = SPECTRUM_SAMPLES
+                        ) -> np.ndarray:
     """Eigenvalues of ``∇²L_n(w*)`` over the sampled weights (ascending, float64).
 
     Column ``i`` is the central difference of the gradient along the unit vector ``e_i``, on the
