@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from devinterp.analyses import diagnostics as diag
 from devinterp.analyses.sampling import SamplingTarget
@@ -93,19 +94,27 @@ def lanczos_spectrum(target: SamplingTarget, *, num_steps: int = LANCZOS_STEPS, 
         target.mode = mode
 
 
-def _lanczos(target: SamplingTarget, steps: int, seed: int, num_samples: int
-             ) -> tuple[np.ndarray, np.ndarray]:
+def _probe_setup(target: SamplingTarget, num_samples: int
+                 ) -> tuple[list[Tensor], Tensor, Tensor, float]:
+    """The samples, w*, the sampled coordinates and the finite-difference step of a coordinate
+    (10⁻³ of the weights' RMS) for the Hessian-vector products of both spectra."""
     batch = [t[:num_samples] for t in target.leaves]
     anchor = target.anchor
     if target.mask is not None:
         coords = torch.nonzero(target.mask > 0).flatten()
     else:
         coords = torch.arange(target.dim, device=anchor.device)
+    scale = float(anchor.pow(2).mean().sqrt()) if target.dim else 1.0
+    return batch, anchor, coords, 1e-3 * max(scale, 1e-2)
+
+
+def _lanczos(target: SamplingTarget, steps: int, seed: int, num_samples: int
+             ) -> tuple[np.ndarray, np.ndarray]:
+    batch, anchor, coords, delta = _probe_setup(target, num_samples)
     size = len(coords)
     if size == 0 or steps <= 0:
         return np.zeros(0), np.zeros(0)
-    scale = float(anchor.pow(2).mean().sqrt()) if target.dim else 1.0
-    delta = 1e-3 * max(scale, 1e-2) * math.sqrt(size)  # a unit vector spreads over D weights
+    delta *= math.sqrt(size)  # a unit vector spreads over D weights
     gen = np.random.default_rng(seed)
     basis = np.zeros((steps + 1, size))
     basis[0] = gen.choice([-1.0, 1.0], size) / math.sqrt(size)
@@ -150,14 +159,7 @@ def hessian_eigenvalues(target: SamplingTarget, *, num_samples: int = SPECTRUM_S
 
 
 def _eigenvalues(target: SamplingTarget, num_samples: int) -> np.ndarray:
-    batch = [t[:num_samples] for t in target.leaves]
-    anchor = target.anchor
-    if target.mask is not None:
-        coords = torch.nonzero(target.mask > 0).flatten()
-    else:
-        coords = torch.arange(target.dim, device=anchor.device)
-    scale = float(anchor.pow(2).mean().sqrt()) if target.dim else 1.0
-    delta = 1e-3 * max(scale, 1e-2)
+    batch, anchor, coords, delta = _probe_setup(target, num_samples)
     cols = []
     for start in range(0, len(coords), 2):
         idx = coords[start:start + 2]
