@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from devinterp.analyses.budget import DEFAULT_BUDGET
 from devinterp.analyses.llc import LLCResult, estimate_llc
 from devinterp.callbacks._gate import StepGate
 from devinterp.callbacks._logging import log_scalars, log_text
@@ -384,7 +385,7 @@ class LLCCallback(pl.Callback):
         if not short:
             return None
         longer = {"num_burnin": 2 * cfg.num_burnin, "num_draws": 2 * cfg.num_draws}
-        budget = kwargs.get("budget", _default_budget())
+        budget = kwargs.get("budget", DEFAULT_BUDGET)
         extra = cfg.num_chains * (cfg.num_burnin + cfg.num_draws)
         if budget is not None and result.cost + extra > budget:
             return None
@@ -571,12 +572,6 @@ def _reemit(caught: list[warnings.WarningMessage]) -> None:
     """Emit recorded warnings again, under the filters in force (their own file and line)."""
     for w in caught:
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
-
-
-def _default_budget() -> int | None:
-    """``estimate_llc``'s default ``budget``."""
-    param = inspect.signature(estimate_llc).parameters.get("budget")
-    return None if param is None else param.default
 
 
 def _device(model: nn.Module) -> torch.device:
