@@ -72,9 +72,9 @@ def main() -> int:
                          "quick demo's (default: the default demo's)")
     args = ap.parse_args()
     from devinterp.analyses import calibrate, estimate_llc
-    from devinterp.analyses import llc as llc_analysis
     from devinterp.analyses.budget import DEFAULT_BUDGET
     from devinterp.analyses.calibration import refit_step_sizes, reuse_signs
+    from devinterp.analyses.llc import longer_chains
     from devinterp.demo import InductionLM, demo_config, demo_llc_settings, token_loss
     from devinterp.store import SnapshotStore
 
@@ -114,18 +114,10 @@ def main() -> int:
 
     def longer(r, cal):
         """Twice the chain lengths where they were too short (LLCCallback._longer), or None."""
-        d, cfg = r.diagnostics, r.config
         if not (args.recalibrate and cal is not None and state["extensions"] < args.max_extensions
                 and "num_draws" not in kw and "num_burnin" not in kw):
             return None
-        if not ((d.rhat == d.rhat and d.rhat > llc_analysis.RHAT_WARN)
-                or d.ess < llc_analysis.ESS_WARN
-                or any(w.startswith("the loss trace is still") for w in r.warnings)):
-            return None
-        budget = kw.get("budget", DEFAULT_BUDGET)
-        if budget is not None and r.cost + cfg.num_chains * (cfg.num_burnin + cfg.num_draws) > budget:
-            return None
-        return {"num_burnin": 2 * cfg.num_burnin, "num_draws": 2 * cfg.num_draws}
+        return longer_chains(r, kw.get("budget", DEFAULT_BUDGET))
 
     def estimate(step: int, fresh: bool = False):
         """The estimate at ``step`` and why it was recalibrated (LLCCallback's rules)."""

@@ -64,6 +64,8 @@ TREND_Z_WARN = 4.0
 TREND_REL_WARN = 0.05
 #: Warn when the effective sample size (all chains) is below this.
 ESS_WARN = 40.0
+#: How the trend warning begins (:func:`longer_chains` recognises it).
+TREND_WARNING = "the loss trace is still"
 
 
 @dataclass(frozen=True)
@@ -656,9 +658,23 @@ def _warnings(mean: float, per_chain: np.ndarray, draws: np.ndarray, init_loss: 
     rel = abs(draws[:, -half:].mean() - draws[:, :half].mean()) / excess if excess > 0 else 0.0
     if abs(d.trend_z) > TREND_Z_WARN and rel > TREND_REL_WARN:
         direction = "rising" if d.trend_z > 0 else "falling"
-        out.append(f"the loss trace is still {direction} during the draws (z={d.trend_z:.1f}, "
+        out.append(f"{TREND_WARNING} {direction} during the draws (z={d.trend_z:.1f}, "
                    f"{rel:.0%} of the excess loss): increase num_burnin or step_size")
     if d.ess < ESS_WARN:
         out.append(f"effective sample size {d.ess:.0f} < {ESS_WARN:.0f}: the stderr is "
                    "unreliable; increase num_draws or step_size")
     return out
+
+
+def longer_chains(result: LLCResult, budget: int | None) -> dict[str, int] | None:
+    """Twice ``result``'s burn-in and draws when its own diagnostics say its chains were too
+    short (split R-hat above :data:`RHAT_WARN`, an effective sample size below :data:`ESS_WARN`
+    or the trend warning) and the longer run fits ``budget`` (None: no limit); else None.
+    ``LLCCallback(max_extensions=)`` uses it."""
+    d, cfg = result.diagnostics, result.config
+    short = ((math.isfinite(d.rhat) and d.rhat > RHAT_WARN) or d.ess < ESS_WARN
+             or any(w.startswith(TREND_WARNING) for w in result.warnings))
+    extra = cfg.num_chains * (cfg.num_burnin + cfg.num_draws)
+    if not short or (budget is not None and result.cost + extra > budget):
+        return None
+    return {"num_burnin": 2 * cfg.num_burnin, "num_draws": 2 * cfg.num_draws}

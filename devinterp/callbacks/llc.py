@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from devinterp.analyses.budget import DEFAULT_BUDGET
-from devinterp.analyses.llc import LLCResult, estimate_llc
+from devinterp.analyses.llc import LLCResult, estimate_llc, longer_chains
 from devinterp.callbacks._gate import StepGate
 from devinterp.callbacks._logging import log_scalars, log_text
 from devinterp.errors import ChainDivergedError, InvalidInputError, ScheduleError
@@ -369,27 +369,15 @@ class LLCCallback(pl.Callback):
         """Twice the burn-in and draws, when ``result``'s chains are too short for it, or None.
 
         Only with ``recalibrate=True``, chain lengths from a calibration (not given explicitly),
-        extensions left (``max_extensions``) and room in the estimate's ``budget``.
+        extensions left (``max_extensions``) and room in the estimate's ``budget``
+        (:func:`devinterp.analyses.llc.longer_chains`).
         """
-        from devinterp.analyses import llc as llc_analysis
-
         if not (self.recalibrate and self.calibration is not None
                 and "num_draws" not in self.estimate_kwargs
                 and "num_burnin" not in self.estimate_kwargs
                 and len(self.extended_at) < self.max_extensions):
             return None
-        d, cfg = result.diagnostics, result.config
-        short = ((np.isfinite(d.rhat) and d.rhat > llc_analysis.RHAT_WARN)
-                 or d.ess < llc_analysis.ESS_WARN
-                 or any(w.startswith("the loss trace is still") for w in result.warnings))
-        if not short:
-            return None
-        longer = {"num_burnin": 2 * cfg.num_burnin, "num_draws": 2 * cfg.num_draws}
-        budget = kwargs.get("budget", DEFAULT_BUDGET)
-        extra = cfg.num_chains * (cfg.num_burnin + cfg.num_draws)
-        if budget is not None and result.cost + extra > budget:
-            return None
-        return longer
+        return longer_chains(result, kwargs.get("budget", DEFAULT_BUDGET))
 
     def _smaller_step(self, trainer: pl.Trainer, step: int, step_size: float, misfit: str,
                       result: LLCResult) -> None:
