@@ -882,9 +882,8 @@ def _fallback(table: list[PilotRow], *, min_acceptance: float, max_below: float,
         return None, "every pilot failed badly"
     g_max = max(r.localization for r in sound)
     cands = [r for r in sound if r.localization == g_max]
-    unsettled = [r for r in cands if not r.plateau and _failures(
-        replace(r, plateau=True), min_acceptance=min_acceptance, max_below=max_below,
-        drift_tol=drift_tol) == []]
+    unsettled = [r for r in cands if _only_plateau_failed(
+        r, min_acceptance=min_acceptance, max_below=max_below, drift_tol=drift_tol)]
     if unsettled:
         return (max(unsettled, key=lambda r: r.step_size),
                 "the largest that met every criterion but the plateau (the pilots were too short "
@@ -961,8 +960,15 @@ def only_plateau_missing(calibration: Calibration, *, min_acceptance: float = 0.
         return False
     rows = [r for r in calibration.table if r.step_size == calibration.step_size
             and r.localization == calibration.localization]
-    return bool(rows) and not rows[0].plateau and _failures(
-        replace(rows[0], plateau=True), min_acceptance=min_acceptance, max_below=max_below,
+    return bool(rows) and _only_plateau_failed(rows[0], min_acceptance=min_acceptance,
+                                               max_below=max_below, drift_tol=drift_tol)
+
+
+def _only_plateau_failed(row: PilotRow, *, min_acceptance: float, max_below: float,
+                         drift_tol: float) -> bool:
+    """The pilot met every criterion but the plateau (too short to see one)."""
+    return not row.plateau and _failures(
+        replace(row, plateau=True), min_acceptance=min_acceptance, max_below=max_below,
         drift_tol=drift_tol) == []
 
 

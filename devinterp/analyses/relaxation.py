@@ -20,7 +20,9 @@ docs/calibration.md, "Slow directions".
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -86,10 +88,18 @@ def lanczos_spectrum(target: SamplingTarget, *, num_steps: int = LANCZOS_STEPS, 
     weights ``D``), so that ``Σ weights·f(nodes) ≈ tr f(∇²L_n)``. ``2·num_steps`` model
     evaluations; empty arrays when a product is not finite.
     """
+    with _two_rows(target):
+        return _lanczos(target, min(int(num_steps), int(target.num_selected)), seed, num_samples)
+
+
+@contextlib.contextmanager
+def _two_rows(target: SamplingTarget) -> Iterator[None]:
+    """The target's gradient mode for the probes' two rows (±δ), restored afterwards: the
+    chains decide their own mode for their own number of rows."""
     mode = target.mode
     target.decide_mode(2)
     try:
-        return _lanczos(target, min(int(num_steps), int(target.num_selected)), seed, num_samples)
+        yield
     finally:
         target.mode = mode
 
@@ -150,12 +160,8 @@ def hessian_eigenvalues(target: SamplingTarget, *, num_samples: int = SPECTRUM_S
     Column ``i`` is the central difference of the gradient along the unit vector ``e_i``, on the
     first ``num_samples`` samples; the matrix is symmetrized before the eigen-decomposition.
     """
-    mode = target.mode
-    target.decide_mode(2)
-    try:
+    with _two_rows(target):
         return _eigenvalues(target, num_samples)
-    finally:
-        target.mode = mode  # the chains decide their own mode for their own number of rows
 
 
 def _eigenvalues(target: SamplingTarget, num_samples: int) -> np.ndarray:
