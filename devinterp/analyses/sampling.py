@@ -336,9 +336,6 @@ class SamplingTarget:
         #: bytes one chain's forward pass saves for the backward pass in loop mode (activations;
         #: the parameters excluded), measured on the first step of several chains
         self._saved_bytes: int | None = None
-        #: rows of a buffer owned by the caller (parallel runs) that the lean path uses as its
-        #: chains' parameters, so that the merged result needs no copy
-        self.external_work: Tensor | None = None
         #: the :class:`devinterp.analyses.parallel.CheckGate` of a parallel lean run (a MALA
         #: check runs while the other workers wait between steps), or None
         self.lean_gate: Any = None
@@ -454,18 +451,14 @@ class SamplingTarget:
             raise InvalidInputError("per-chain loop mode needs one dtype for all sampled "
                                     f"parameters, got {sorted(map(str, dtypes))}; use vmap")
         dtype = dtypes.pop()
-        external = self.external_work if lean else None
-        if external is not None and self._work is external:
-            return
-        if (external is None and self._work is not None and self._work.shape[0] >= chains
+        if (self._work is not None and self._work.shape[0] >= chains
                 and self._lean_buffers == lean):
             return
         # free the old buffers first: their memory counts while the new ones are allocated
         self._work = self._gbuf = None
         self._copies, self._lean_params = [], []
         self._lean_buffers = lean
-        self._work = (external if external is not None
-                      else torch.empty(chains, self.dim, dtype=dtype, device=self.device))
+        self._work = torch.empty(chains, self.dim, dtype=dtype, device=self.device)
         if not lean:
             self._gbuf = torch.zeros(chains, self.dim, dtype=dtype, device=self.device)
         sampled = {s.name: s for s in self.slots}
